@@ -1,0 +1,105 @@
+"""Models by name, so a recipe's `[model]` table (name + kwargs) is all it takes to pick one.
+
+Each model registers a builder with `@register(name, options=SomeDataclass, head="fc")`. The options
+dataclass is the model's kwargs: `from_dict` checks keys and types, its `__post_init__` checks
+ranges, so a typo in a recipe is a one-line UserError instead of a TypeError deep in a constructor.
+Names of the form `timm:<name>` go to timm (see models/timm_models.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from common.errors import UserError, did_you_mean
+from common.schema import from_dict
+
+ImageShape = tuple[int, int, int]  # (H, W, C), as in the data manifest
+Builder = Callable[..., nn.Module]  # builder(num_classes, image_shape, options) -> nn.Module
+
+
+@dataclass(frozen=True)
+class _Entry:
+    build: Builder
+    options: type
+    head: str
+
+
+_MODELS: dict[str, _Entry] = {}
+TIMM_PREFIX = "timm:"
+
+
+def register(name: str, *, options: type, head: str) -> Callable[[Builder], Builder]:
+    """Decorator adding a builder `fn(num_classes, image_shape, options)` to the registry under `name`."""
+
+    def add(fn: Builder) -> Builder:
+        if name in _MODELS:
+            raise ValueError(f"model '{name}' is registered twice")
+        _MODELS[name] = _Entry(fn, options, head)
+        return fn
+
+    return add
+
+
+def list_models() -> list[str]:
+    """The registered model names (any timm model is also available as `timm:<name>`)."""
+    return sorted(_MODELS)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _MODELS:
+        raise UserError(f"unknown model '{name}'{did_you_mean(name, _MODELS)}; choose one of "
+                        f"{', '.join(list_models())}, or {TIMM_PREFIX}<name> for any timm model")
+    return _MODELS[name]
+
+
+def _check_image_shape(image_shape: Any) -> ImageShape:
+    if (not isinstance(image_shape, (tuple, list)) or len(image_shape) != 3
+            or not all(isinstance(v, int) and v > 0 for v in image_shape)):
+        raise UserError(f"image shape must be three positive integers (H, W, C), got {image_shape!r}; "
+                        "check the dataset manifest")
+    return tuple(image_shape)
+
+
+def build_model(name: str, *, num_classes: int, image_shape: ImageShape, **kwargs: Any) -> nn.Module:
+    """Build model `name` for `num_classes` classes and (H, W, C) images; kwargs are its options."""
+    if num_classes < 1:
+        raise UserError(f"num_classes must be >= 1, got {num_classes}; check the dataset manifest")
+    shape = _check_image_shape(image_shape)
+    if name.startswith(TIMM_PREFIX):
+        from models.timm_models import build_timm
+
+        return build_timm(name[len(TIMM_PREFIX):], num_classes, shape, kwargs)
+    entry = _entry(name)
+    return entry.build(num_classes, shape, from_dict(entry.options, kwargs, "model"))
+
+
+def head_module_name(name: str) -> str:
+    """Dotted name of model `name`'s classifier head (for `get_submodule`: freezing, its own LR)."""
+    if name.startswith(TIMM_PREFIX):
+        from models.timm_models import timm_head_name
+
+        return timm_head_name(name[len(TIMM_PREFIX):])
+    return _entry(name).head
+
+
+def require_min_side(image_shape: ImageShape, min_side: int, what: str, fix: str) -> None:
+    """Raise UserError at build time when images are too small for `what` (e.g. 4 downsampling stages)."""
+    h, w, _ = image_shape
+    if min(h, w) < min_side:
+        raise UserError(f"{h}x{w} images are too small for {what} (needs at least {min_side}x{min_side}); "
+                        f"{fix}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameter elements."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_summary(model: nn.Module) -> str:
+    """One line for logs: class name, total and trainable parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{type(model).__name__}: {count_parameters(model):,} parameters ({trainable:,} trainable)"

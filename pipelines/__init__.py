@@ -1,0 +1,35 @@
+"""Loaders that feed the training device from converted `.beton` files: one interface, three backends."""
+
+from __future__ import annotations
+
+import importlib
+
+from common.errors import UserError, did_you_mean
+from pipelines.base import Loader, LoaderOptions
+
+BACKENDS = {
+    "tensor": ("pipelines.tensor_loader", "TensorLoader", None),
+    "ffcv": ("pipelines.ffcv_loader", "FfcvLoader", "ffcv"),
+    "dali": ("pipelines.dali_loader", "DaliLoader", "nvidia.dali"),
+}
+
+INSTALL_HINT = {
+    "ffcv": "install it with `pip install ffcv` (needs libopencv-dev and libturbojpeg0-dev)",
+    "dali": "install it with `pip install .[dali-cu13]` (or .[dali-cu12])",
+}
+
+
+def build_loader(backend: str, options: LoaderOptions) -> Loader:
+    """Build the named backend's loader for one split."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown loader '{backend}'{did_you_mean(backend, BACKENDS)}; "
+                        f"choose one of {', '.join(BACKENDS)}")
+    module_name, class_name, package = BACKENDS[backend]
+    if package is not None:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise UserError(f"loader '{backend}' needs the {package} package, which is not installed: "
+                            f"{INSTALL_HINT[backend]}, or use --set loader=tensor") from None
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(options)

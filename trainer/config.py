@@ -1,0 +1,302 @@
+"""The one recipe schema: dataclasses loaded from `recipes/<name>.toml`, overridden by `--set key=value`.
+
+A recipe is a list of phases (seed 000: a head-only warm-up, then a full fine-tune), each with its
+own epochs, trainable modules, optimizer, parameter groups, schedule and early stopping. Everything
+else (data, model, augmentation, loss, precision) is shared by all phases.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from common.errors import UserError, did_you_mean
+from common.schema import check_range, from_dict, to_dict
+from pipelines.augment import AugmentSpec
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # converted dataset folder (holds manifest.json); --data overrides
+    loader: Literal["tensor", "ffcv", "dali"] = "tensor"
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 2
+    val_split: str = ""  # "val" to validate on val.beton (convert with --val-fraction); "" = no validation
+
+    def __post_init__(self) -> None:
+        check_range("data.batch_size", self.batch_size, 1)
+        check_range("data.eval_batch_size", self.eval_batch_size, 1)
+        check_range("data.num_workers", self.num_workers, 0)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "simple_cnn"
+    pretrained: bool | str = False  # True: ImageNet weights via torchvision; a string: a state-dict path
+    args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""  # a run folder or model.safetensors of the teacher; "" = no distillation
+    teacher_model: ModelConfig = field(default_factory=ModelConfig)
+    temperature: float = 4.0
+    alpha: float = 0.5  # weight of the soft (KL) term
+
+    def __post_init__(self) -> None:
+        check_range("loss.distill.temperature", self.temperature, 0, lo_open=True)
+        check_range("loss.distill.alpha", self.alpha, 0, 1)
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        check_range("loss.label_smoothing", self.label_smoothing, 0, 1)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9  # sgd, rmsprop
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    no_decay_norm_bias: bool = False  # the usual exemption of norm weights and biases from decay
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        check_range("optimizer.lr", self.lr, 0, lo_open=True)
+        check_range("optimizer.momentum", self.momentum, 0, 1)
+        check_range("optimizer.weight_decay", self.weight_decay, 0)
+
+
+@dataclass
+class ParamGroupConfig:
+    modules: list[str]  # module name prefixes, e.g. ["fc"]
+    lr: float
+
+    def __post_init__(self) -> None:
+        check_range("param_groups.lr", self.lr, 0, lo_open=True)
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "cosine", "onecycle", "warm_restarts", "step"] = "constant"
+    t_max: int = 0  # cosine: epochs of the half period (0 = the phase's epochs)
+    eta_min: float = 0.0  # cosine, warm_restarts
+    t_0: int = 10  # warm_restarts: epochs of the first cycle
+    t_mult: int = 1  # warm_restarts
+    step_size: int = 30  # step: epochs between decays
+    gamma: float = 0.1  # step
+    pct_start: float = 0.3  # onecycle
+    warmup_epochs: float = 0.0  # linear warm-up from 0 before the schedule (all but onecycle)
+
+    def __post_init__(self) -> None:
+        check_range("schedule.t_max", self.t_max, 0)
+        check_range("schedule.t_0", self.t_0, 1)
+        check_range("schedule.t_mult", self.t_mult, 1)
+        check_range("schedule.step_size", self.step_size, 1)
+        check_range("schedule.pct_start", self.pct_start, 0, 1, lo_open=True)
+        check_range("schedule.warmup_epochs", self.warmup_epochs, 0)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str = ""  # e.g. "val_loss", "val_accuracy"; "" = off
+    patience: int = 10
+    mode: Literal["min", "max"] = "min"
+
+    def __post_init__(self) -> None:
+        check_range("early_stopping.patience", self.patience, 1)
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int
+    name: str = "train"
+    train_modules: list[str] = field(default_factory=list)  # prefixes of trainable modules; [] = all
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, 1)
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    description: str = ""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    loss: LossConfig = field(default_factory=LossConfig)
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig(epochs=1)])
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    channels_last: bool = True
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    grad_clip_norm: float = 0.0  # 0 = off (seed 000: 1.0)
+    grad_clip_value: float = 0.0  # 0 = off (seed 003: 0.1)
+    ema_decay: float = 0.0  # 0 = off; evaluation then uses the EMA weights
+    tta_flip: bool = False  # evaluate on the image and its mirror, averaging logits
+    checkpoint_every_steps: int = 0  # 0 = every epoch only
+    max_steps_per_epoch: int = 0  # 0 = whole epoch; smoke recipes cut epochs short
+    tensorboard: bool = True
+    wandb: bool = False  # used when installed; offline mode without a network
+
+    def __post_init__(self) -> None:
+        if not self.phases:
+            raise UserError("'phases' is empty: a recipe needs at least one [[phases]] table with 'epochs'")
+        check_range("grad_clip_norm", self.grad_clip_norm, 0)
+        check_range("grad_clip_value", self.grad_clip_value, 0)
+        check_range("ema_decay", self.ema_decay, 0, 1)
+        if self.grad_clip_norm and self.grad_clip_value:
+            raise UserError("both grad_clip_norm and grad_clip_value are set: choose one (set the other to 0)")
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(p.epochs for p in self.phases)
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """`c10_finetune` -> recipes/c10_finetune.toml; a path to a .toml file is used as is."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {path}")
+        return path
+    path = RECIPES_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        names = [p.stem for p in RECIPES_DIR.glob("*.toml")]
+        raise UserError(f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)}; "
+                        f"see recipes/ for the list ({len(names)} recipes)")
+    return path
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: TOML/Python literals (1, 0.1, true, [1, 2], "x"), else the raw string."""
+    lowered = text.strip()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return tomllib.loads(f"v = {lowered}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return ast.literal_eval(lowered)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
+    """Dotted paths of every setting of a dataclass (not inside lists), for --set suffix matching."""
+    paths = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        paths.append(path)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            paths += _leaf_paths(type(default), f"{path}.")
+    return paths
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `key=value` to the raw recipe dict (dotted keys; `phases.1.epochs` indexes lists).
+
+    A key that is not a full path but the unique last part of one (`pretrained`) is resolved to it.
+    """
+    if "=" not in assignment:
+        raise UserError(f"bad --set '{assignment}': write key=value, e.g. --set data.batch_size=256")
+    key, value = assignment.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"bad --set '{assignment}': the key is empty")
+    parts = key.split(".")
+    if parts[0] not in {f.name for f in dataclasses.fields(Recipe)}:
+        matches = [p for p in _leaf_paths(Recipe) if p.endswith("." + key)]
+        if len(matches) == 1:
+            parts = matches[0].split(".")
+        elif len(matches) > 1:
+            raise UserError(f"--set key '{key}' is ambiguous: write one of {', '.join(matches)}")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"--set {key}: '{'.'.join(parts[:i])}' has {len(node)} items; "
+                                f"index with 0..{len(node) - 1}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise UserError(f"--set {key}: '{part}' is a value, not a table")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserError(f"--set {key}: index out of range (0..{len(node) - 1})")
+        node[int(last)] = parse_value(value)
+    else:
+        node[last] = parse_value(value)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe. Any mistake is a one-line UserError."""
+    path = recipe_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"recipe {path} is not valid TOML ({exc}); fix the file") from None
+    data.setdefault("name", path.stem)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(Recipe, data)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML text (written into the run folder, reloadable with --recipe)."""
+    return dump_toml(to_dict(recipe))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_toml(data: dict, prefix: str = "") -> str:
+    """Minimal TOML writer for recipe dicts (tables, arrays of tables, scalars, lists)."""
+    scalars, tables, table_lists = [], [], []
+    for key, value in data.items():
+        if isinstance(value, dict) and value and key != "args":
+            tables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            table_lists.append((key, value))
+        elif value is not None:
+            scalars.append(f"{key} = {_toml_value(value)}")
+    out = "\n".join(scalars) + ("\n" if scalars else "")
+    for key, value in tables:
+        out += f"\n[{prefix}{key}]\n" + dump_toml(value, f"{prefix}{key}.")
+    for key, items in table_lists:
+        for item in items:
+            out += f"\n[[{prefix}{key}]]\n" + dump_toml(item, f"{prefix}{key}.")
+    return out
