@@ -74,7 +74,7 @@ def build_model(name: str, *, num_classes: int, image_shape: ImageShape, **kwarg
 
         return build_timm(name[len(TIMM_PREFIX):], num_classes, shape, kwargs)
     entry = _entry(name)
-    return entry.build(num_classes, shape, from_dict(entry.options, kwargs, "model"))
+    return entry.build(num_classes, shape, from_dict(entry.options, kwargs, "model.args"))
 
 
 def head_module_name(name: str) -> str:

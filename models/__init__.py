@@ -1,0 +1,18 @@
+"""Model registry: `build_model(name, num_classes=, image_shape=, **kwargs)` for every trainable net.
+
+Importing the model modules registers them; `timm:<name>` reaches any timm architecture.
+"""
+
+from models import cnn, mlp, resnet  # noqa: F401  (importing registers the models)
+from models.registry import build_model, count_parameters, head_module_name, list_models, model_summary
+from models.resnet import PretrainedReport, load_pretrained
+
+__all__ = [
+    "PretrainedReport",
+    "build_model",
+    "count_parameters",
+    "head_module_name",
+    "list_models",
+    "load_pretrained",
+    "model_summary",
+]
