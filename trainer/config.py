@@ -251,14 +251,35 @@ def apply_override(data: dict, assignment: str) -> None:
         node[last] = parse_value(value)
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe. Any mistake is a one-line UserError."""
+def _read_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    """A recipe file as a dict. `extends = "base"` + `set = ["key=value", ...]` derives one recipe from
+    another (the smoke twins), so a variant states only what differs."""
     path = recipe_path(name_or_path)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"recipe {path} is not valid TOML ({exc}); fix the file") from None
-    data.setdefault("name", path.stem)
+    if "extends" not in data:
+        if "set" in data:
+            raise UserError(f"recipe {path} has 'set' without 'extends'; name the recipe it modifies")
+        return data
+    if data["extends"] in seen:
+        raise UserError(f"recipe {path} extends itself through {' -> '.join(seen)}")
+    extra = set(data) - {"extends", "set", "name", "description"}
+    if extra:
+        raise UserError(f"recipe {path} extends '{data['extends']}' and may only hold extends, set, name and "
+                        f"description; move {', '.join(sorted(extra))} into 'set'")
+    base = _read_raw(data["extends"], (*seen, data["extends"]))
+    for assignment in data.get("set", []):
+        apply_override(base, assignment)
+    base.update({k: data[k] for k in ("name", "description") if k in data})
+    return base
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe. Any mistake is a one-line UserError."""
+    data = _read_raw(name_or_path)
+    data.setdefault("name", recipe_path(name_or_path).stem)
     for assignment in overrides:
         apply_override(data, assignment)
     return from_dict(Recipe, data)

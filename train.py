@@ -1,0 +1,460 @@
+"""Train an image classifier from a recipe: `accelerate launch train.py --recipe c10_finetune`.
+
+One loop, read top to bottom: recipe -> data on the device -> model -> for each phase (own
+trainable modules, optimizer, parameter groups, schedule, early stopping) -> epochs of steps ->
+evaluation, metrics, checkpoints -> test of the best model, reports, exported weights.
+Runs as `python train.py` on one device or under `accelerate launch` / `torchrun` on N processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from common.errors import UserError, run_cli
+from common.schema import to_dict
+from models import build_model, count_parameters, model_summary
+from pipelines import build_loader
+from pipelines.base import LoaderOptions
+from pipelines.dataset import load_manifest
+from trainer import checkpoint
+from trainer.config import PhaseConfig, Recipe, load_recipe, recipe_to_toml
+from trainer.optim import build_optimizer, build_scheduler, param_groups, set_trainable
+from trainer.report import plot_history, write_reports
+from trainer.runlog import MetricsLog, environment, new_run_dir, write_json
+
+LOG_EVERY = 50  # steps between progress-bar loss updates (each one syncs the device)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python train.py --recipe mnist_cnn --data data/mnist\n"
+               "  accelerate launch train.py --recipe c10_finetune --set model.pretrained=false\n"
+               "  python train.py --recipe c10_cnn --set data.batch_size=256 --set phases.0.epochs=5\n"
+               "  python train.py --recipe mnist_cnn --run-dir runs/a --resume auto")
+    parser.add_argument("--recipe", required=True, help="name in recipes/ (e.g. c10_finetune) or a .toml path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field (dotted keys, repeatable): --set data.batch_size=256")
+    parser.add_argument("--data", help="converted dataset folder (holds manifest.json); overrides data.path")
+    parser.add_argument("--loader", choices=["tensor", "ffcv", "dali"], help="overrides data.loader")
+    parser.add_argument("--pretrained", metavar="PATH", help="torchvision-format state dict for model.pretrained")
+    parser.add_argument("--run-dir", help="run folder (default runs/<recipe>-<timestamp>)")
+    parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",
+                        help="continue from the newest good checkpoint of --run-dir (auto) or of PATH")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
+    args = parser.parse_args(argv)
+    if args.data:
+        args.overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.loader:
+        args.overrides.append(f"data.loader={args.loader}")
+    if args.pretrained:
+        args.overrides.append(f"model.pretrained={json.dumps(args.pretrained)}")
+    if args.resume and args.resume != "auto" and args.run_dir:
+        raise UserError("--resume PATH and --run-dir both name a run folder: pass one of them")
+    return args
+
+
+@dataclass
+class Data:
+    manifest: dict
+    train: object
+    val: object | None
+    test: object
+
+
+def build_data(recipe: Recipe, accelerator: Accelerator) -> Data:
+    """The three loaders, each sharded over the processes and producing batches on the device."""
+    if not recipe.data.path:
+        raise UserError("no dataset: pass --data DIR (a folder made by `python -m convert`) or set data.path")
+    manifest = load_manifest(recipe.data.path)
+    if recipe.data.val_split and recipe.data.val_split not in manifest["splits"]:
+        raise UserError(f"the recipe validates on split '{recipe.data.val_split}' but {recipe.data.path} has only "
+                        f"{', '.join(manifest['splits'])}; convert again with --val-fraction 0.1")
+
+    def loader(split: str, train: bool):
+        return build_loader(recipe.data.loader, LoaderOptions(
+            data_dir=Path(recipe.data.path), split=split, train=train, spec=recipe.augment,
+            batch_size=recipe.data.batch_size if train else recipe.data.eval_batch_size,
+            device=accelerator.device, seed=recipe.seed, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, num_workers=recipe.data.num_workers,
+            label_smoothing=recipe.loss.label_smoothing, channels_last=recipe.channels_last))
+
+    val = loader(recipe.data.val_split, False) if recipe.data.val_split else None
+    return Data(manifest, loader("train", True), val, loader("test", False))
+
+
+def model_spec(recipe: Recipe, manifest: dict) -> dict:
+    """What it takes to rebuild the model without the recipe (written beside the exported weights)."""
+    return {"name": recipe.model.name, "args": recipe.model.args, "num_classes": len(manifest["classes"]),
+            "image_shape": manifest["image_shape"], "classes": manifest["classes"]}
+
+
+def make_model(spec: dict, pretrained: bool | str = False) -> nn.Module:
+    kwargs = dict(spec["args"])
+    if pretrained:
+        kwargs["pretrained"] = pretrained
+    return build_model(spec["name"], num_classes=spec["num_classes"], image_shape=tuple(spec["image_shape"]),
+                       **kwargs)
+
+
+def load_teacher(path: str, manifest: dict, device: torch.device) -> nn.Module:
+    """A frozen teacher from a run folder (model.json + model.safetensors) of an earlier run."""
+    folder = Path(path)
+    folder = folder.parent if folder.suffix == ".safetensors" else folder
+    if not (folder / "model.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise UserError(f"teacher {path} has no model.json and model.safetensors; point loss.distill.teacher "
+                        "at the run folder of a finished training run")
+    spec = json.loads((folder / "model.json").read_text())
+    if spec["num_classes"] != len(manifest["classes"]):
+        raise UserError(f"teacher {path} predicts {spec['num_classes']} classes but the data has "
+                        f"{len(manifest['classes'])}; use a teacher trained on this dataset")
+    teacher = make_model(spec)
+    try:
+        teacher.load_state_dict(load_file(folder / "model.safetensors"))
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"teacher weights in {folder} do not fit its model.json ({str(exc).splitlines()[0]}); "
+                        "re-export the teacher run") from None
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def loss_terms(recipe: Recipe, logits: torch.Tensor, targets: torch.Tensor,
+               teacher_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Cross-entropy (hard or soft targets, label smoothing), plus the distillation terms."""
+    if targets.dtype.is_floating_point:  # MixUp/CutMix soft targets already carry the smoothing
+        hard = F.cross_entropy(logits, targets)
+    else:
+        hard = F.cross_entropy(logits, targets, label_smoothing=recipe.loss.label_smoothing)
+    if teacher_logits is None:
+        return {"loss": hard}
+    kd = recipe.loss.distill
+    t = kd.temperature
+    soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
+    return {"loss": kd.alpha * soft + (1 - kd.alpha) * hard, "kd_hard_loss": hard, "kd_soft_loss": soft}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, recipe: Recipe, accelerator: Accelerator,
+             collect: bool = False) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor | None]:
+    """Loss and accuracy over every sample of the split exactly once (sums reduced across ranks)."""
+    model.eval()
+    sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
+    preds, labels = [], []
+    loader.set_epoch(0)
+    for images, targets in loader:
+        with accelerator.autocast():
+            logits = model(images)
+            if recipe.tta_flip:
+                logits = (logits + model(images.flip(3))) / 2
+        logits = logits.float()
+        loss = F.cross_entropy(logits, targets, label_smoothing=recipe.loss.label_smoothing, reduction="sum")
+        pred = logits.argmax(1)
+        sums += torch.stack([loss.double(), (pred == targets).sum().double(), torch.tensor(
+            float(targets.numel()), device=sums.device, dtype=torch.float64)])
+        if collect:
+            preds.append(pred.cpu())
+            labels.append(targets.cpu())
+    sums = accelerator.reduce(sums, reduction="sum")
+    loss_sum, correct, count = sums.tolist()
+    metrics = {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
+    if not collect:
+        return metrics, None, None
+    all_preds = torch.cat(gather_object([torch.cat(preds)]))
+    all_labels = torch.cat(gather_object([torch.cat(labels)]))
+    return metrics, all_preds, all_labels
+
+
+class Stop:
+    """SIGTERM/SIGINT: finish the current step, write a checkpoint, exit non-zero."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prepare_phase(accelerator: Accelerator, model: nn.Module, phase: PhaseConfig, steps_per_epoch: int):
+    """Freeze/unfreeze, build the phase's optimizer and schedule, and (re)wrap for DDP."""
+    model = accelerator.unwrap_model(model)
+    accelerator.free_memory()
+    trainable = set_trainable(model, phase.train_modules)
+    groups = param_groups(model, phase)
+    optimizer = build_optimizer(groups, phase.optimizer)
+    scheduler = build_scheduler(optimizer, phase.schedule, epochs=phase.epochs, steps_per_epoch=steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler, [g["name"] for g in groups], trainable
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir_arg = args.resume if args.resume and args.resume != "auto" else args.run_dir
+    if args.resume == "auto" and not args.run_dir:
+        raise UserError("--resume auto needs --run-dir: the folder of the run to continue")
+    accelerator = Accelerator(mixed_precision=recipe.precision, cpu=args.cpu,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))])
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    set_seed(recipe.seed)
+    main_proc = accelerator.is_main_process
+    if main_proc:  # the model builders report what they did (e.g. which pretrained tensors were loaded)
+        logging.getLogger("models").addHandler(logging.StreamHandler(sys.stdout))
+        logging.getLogger("models").setLevel(logging.INFO)
+
+    data = build_data(recipe, accelerator)
+    spec = model_spec(recipe, data.manifest)
+    model = make_model(spec, recipe.model.pretrained)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.to(accelerator.device)
+    early_metrics = {p.early_stopping.metric for p in recipe.phases if p.early_stopping.metric}
+    known = {f"{s}_{m}" for s in ("train", "test") + (("val",) if data.val else ()) for m in ("loss", "accuracy")}
+    for metric in early_metrics - known:
+        raise UserError(f"early stopping watches '{metric}', which this run does not compute; choose one of "
+                        f"{', '.join(sorted(known))}" + ("" if data.val else " (or set data.val_split=val)"))
+    teacher = load_teacher(recipe.loss.distill.teacher, data.manifest, accelerator.device) \
+        if recipe.loss.distill.teacher else None
+
+    # one batch through the model before any file is written: a shape mismatch fails here, clearly
+    data.test.set_epoch(0)
+    probe = next(iter(data.test))[0][:2]
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+    except RuntimeError as exc:
+        raise UserError(f"model '{recipe.model.name}' cannot take images of shape {tuple(probe.shape[1:])} from "
+                        f"{recipe.data.path} ({str(exc).splitlines()[0]}); choose a model for this data") from None
+
+    run_dir = new_run_dir(run_dir_arg, recipe.name, resume=bool(args.resume))
+    ckpt_root = run_dir / "checkpoints"
+    ema = None
+    if recipe.ema_decay:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+        accelerator.register_for_checkpointing(ema)
+
+    # where to start: a fresh run, or the newest checkpoint that loads
+    progress = {"phase": 0, "epoch": 0, "batch": 0, "global_step": 0, "best": None, "bad_epochs": 0,
+                "sums": [0.0] * 5, "rows": 0, "train_time": 0.0}
+    resumed_from = None
+    steps_per_epoch = len(data.train)
+    if recipe.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, recipe.max_steps_per_epoch)
+    if args.resume:
+        tried = checkpoint.candidates(run_dir)
+        for ckpt in tried:
+            try:
+                candidate = checkpoint.read_progress(ckpt)
+            except (OSError, ValueError):
+                continue
+            phase = recipe.phases[candidate["phase"]]
+            model, optimizer, scheduler, group_names, _ = prepare_phase(accelerator, model, phase, steps_per_epoch)
+            if checkpoint.load(accelerator, ckpt):
+                scheduler.load_state_dict(candidate["scheduler"])
+                progress, resumed_from = candidate, ckpt
+                break
+        if resumed_from is None:
+            raise UserError(f"no usable checkpoint in {run_dir}/checkpoints ({len(tried)} tried); "
+                            "start a new run without --resume")
+    else:
+        (run_dir / "config.toml").write_text(recipe_to_toml(recipe)) if main_proc else None
+    if main_proc:
+        write_json(run_dir / "environment.json", environment(recipe.seed, data.manifest, accelerator.num_processes,
+                                                             str(accelerator.device)))
+        print(f"{model_summary(accelerator.unwrap_model(model))}\nrun folder: {run_dir}"
+              + (f"\nresuming from {resumed_from}" if resumed_from else ""))
+    log = MetricsLog(run_dir, tensorboard=recipe.tensorboard and main_proc, wandb=recipe.wandb and main_proc,
+                     config=to_dict(recipe),
+                     keep_rows=progress["rows"]) if main_proc else None
+    stop = Stop()
+    best_path = run_dir / "best.safetensors"
+    eval_model = lambda: ema.module if ema is not None else model  # noqa: E731
+    train_start = time.perf_counter() - progress["train_time"]
+    epoch_counter = sum(p.epochs for p in recipe.phases[:progress["phase"]]) + progress["epoch"]
+    finished_early = False
+
+    for phase_index in range(progress["phase"], len(recipe.phases)):
+        phase = recipe.phases[phase_index]
+        if resumed_from is None or phase_index != progress["phase"]:
+            model, optimizer, scheduler, group_names, trainable = prepare_phase(
+                accelerator, model, phase, steps_per_epoch)
+            if main_proc:
+                print(f"phase {phase_index + 1}/{len(recipe.phases)} '{phase.name}': {phase.epochs} epochs, "
+                      f"{trainable:,} trainable parameters, groups {', '.join(group_names)}")
+        resumed_from = None
+        start_epoch = progress["epoch"] if phase_index == progress["phase"] else 0
+        for epoch in range(start_epoch, phase.epochs):
+            model.train()
+            start_batch = progress["batch"] if (phase_index, epoch) == (progress["phase"], progress["epoch"]) else 0
+            # running sums on the device: loss, correct, samples, grad norm, kd_soft (read once per epoch)
+            sums = torch.tensor(progress["sums"] if start_batch else [0.0] * 5, device=accelerator.device,
+                                dtype=torch.float64)
+            data.train.set_epoch(epoch_counter, start_batch)
+            epoch_start = time.perf_counter()
+            bar = tqdm(total=steps_per_epoch, initial=start_batch, disable=not main_proc, leave=False,
+                       desc=f"epoch {epoch_counter + 1}/{recipe.total_epochs}")
+            step_in_epoch = start_batch
+            for images, targets in data.train:
+                if step_in_epoch >= steps_per_epoch:
+                    break
+                with accelerator.autocast():
+                    logits = model(images)
+                    with torch.no_grad() if teacher is not None else nullcontext():
+                        teacher_logits = teacher(images) if teacher is not None else None
+                    terms = loss_terms(recipe, logits.float(), targets,
+                                       teacher_logits.float() if teacher_logits is not None else None)
+                accelerator.backward(terms["loss"])
+                params = [p for p in model.parameters() if p.grad is not None]
+                if recipe.grad_clip_value:
+                    accelerator.clip_grad_value_(params, recipe.grad_clip_value)
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                else:
+                    grad_norm = accelerator.clip_grad_norm_(params, recipe.grad_clip_norm or math.inf)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(accelerator.unwrap_model(model))
+                labels = targets.argmax(1) if targets.dtype.is_floating_point else targets
+                sums += torch.stack([terms["loss"].detach().double() * labels.numel(),
+                                     (logits.argmax(1) == labels).sum().double(),
+                                     torch.tensor(float(labels.numel()), device=sums.device, dtype=torch.float64),
+                                     grad_norm.detach().double(),
+                                     terms.get("kd_soft_loss", terms["loss"]).detach().double() * labels.numel()])
+                step_in_epoch += 1
+                progress["global_step"] += 1
+                bar.update(1)
+                if step_in_epoch % LOG_EVERY == 0 or stop.requested:
+                    loss_now = sums[0].item() / max(sums[2].item(), 1)
+                    if not math.isfinite(loss_now):
+                        raise UserError(
+                            f"loss became {loss_now} by step {progress['global_step']} "
+                            f"(lr {scheduler.get_last_lr()[0]:.3g}); lower the learning rate or enable "
+                            f"grad_clip_norm; the last good checkpoint is kept in {ckpt_root}")
+                    bar.set_postfix(loss=f"{loss_now:.4f}")
+                every = recipe.checkpoint_every_steps
+                save_now = every and progress["global_step"] % every == 0
+                if (save_now or stop.requested) and step_in_epoch < steps_per_epoch:
+                    progress.update(phase=phase_index, epoch=epoch, batch=step_in_epoch, sums=sums.tolist(),
+                                    scheduler=scheduler.state_dict(), rows=len(log.rows) if log else 0,
+                                    train_time=time.perf_counter() - train_start)
+                    checkpoint.save(accelerator, ckpt_root, progress)
+                    if stop.requested:
+                        raise UserError(f"stopped by signal at step {progress['global_step']}; checkpoint written "
+                                        f"to {ckpt_root}; continue with --run-dir {run_dir} --resume auto")
+            bar.close()
+            epoch_time = time.perf_counter() - epoch_start
+            sums = accelerator.reduce(sums, reduction="sum")
+            loss_sum, correct, seen, grad_sum, kd_soft = sums.tolist()
+            row = {"epoch": epoch_counter + 1, "phase": phase.name, "train_loss": loss_sum / seen,
+                   "train_accuracy": correct / seen, "grad_norm": grad_sum / accelerator.num_processes
+                   / max(step_in_epoch - start_batch, 1)}
+            if teacher is not None:
+                row["kd_soft_loss"] = kd_soft / seen
+            for name in (["val"] if data.val else []) + ["test"]:
+                metrics, _, _ = evaluate(eval_model(), data.val if name == "val" else data.test, recipe, accelerator)
+                row[f"{name}_loss"], row[f"{name}_accuracy"] = metrics["loss"], metrics["accuracy"]
+            row.update({f"lr_{n}": lr for n, lr in zip(group_names, scheduler.get_last_lr())})
+            row.update(epoch_time_s=epoch_time, images_per_s=seen / epoch_time if start_batch == 0 else "",
+                       peak_mem_mb=peak_memory_mb(accelerator.device))
+            if not math.isfinite(row["train_loss"]):
+                raise UserError(f"training loss is {row['train_loss']} in epoch {row['epoch']}; lower the learning "
+                                f"rate or enable grad_clip_norm; the last good checkpoint is kept in {ckpt_root}")
+            watch = phase.early_stopping
+            improved = False
+            if watch.metric:
+                value, best = row[watch.metric], progress["best"]
+                improved = best is None or (value < best if watch.mode == "min" else value > best)
+                progress.update(best=value, bad_epochs=0) if improved else progress.update(
+                    bad_epochs=progress["bad_epochs"] + 1)
+                if improved and main_proc:
+                    state = {k: v.contiguous() for k, v in accelerator.unwrap_model(eval_model()).state_dict().items()}
+                    save_file(state, str(best_path) + ".tmp")
+                    Path(str(best_path) + ".tmp").replace(best_path)
+            if main_proc:
+                log.log(row)
+                shown = {k: f"{v:.4f}" for k, v in row.items() if k.endswith(("loss", "accuracy"))}
+                print(f"epoch {row['epoch']}/{recipe.total_epochs} {phase.name}: "
+                      + " ".join(f"{k} {v}" for k, v in shown.items()) + f" ({epoch_time:.1f}s)")
+            epoch_counter += 1
+            stop_phase = bool(watch.metric) and progress["bad_epochs"] >= watch.patience
+            done_epoch = epoch + 1
+            next_phase, next_epoch = (phase_index + 1, 0) if stop_phase or done_epoch == phase.epochs \
+                else (phase_index, done_epoch)
+            progress.update(phase=next_phase, epoch=next_epoch, batch=0, sums=[0.0] * 5,
+                            scheduler=scheduler.state_dict(), rows=len(log.rows) if log else 0,
+                            train_time=time.perf_counter() - train_start)
+            if next_phase != phase_index:  # early stopping keeps the best of each phase
+                progress.update(best=None, bad_epochs=0)
+            if next_phase < len(recipe.phases):
+                checkpoint.save(accelerator, ckpt_root, progress)
+            if stop.requested:
+                raise UserError(f"stopped by signal after epoch {row['epoch']}; continue with --run-dir {run_dir} "
+                                "--resume auto")
+            if stop_phase:
+                if main_proc:
+                    print(f"early stopping: {watch.metric} has not improved for {watch.patience} epochs")
+                finished_early = True
+                break
+
+    # test the best model (when early stopping kept one) and export it
+    final = accelerator.unwrap_model(eval_model())
+    if best_path.is_file():
+        final.load_state_dict(load_file(best_path))
+    accelerator.wait_for_everyone()
+    test, preds, labels = evaluate(eval_model(), data.test, recipe, accelerator, collect=True)
+    wall = time.perf_counter() - train_start
+    if main_proc:
+        state = {k: v.contiguous() for k, v in final.state_dict().items()}
+        save_file(state, str(run_dir / "model.safetensors"))
+        write_json(run_dir / "model.json", spec)
+        report = write_reports(run_dir, preds, labels, data.manifest["classes"])
+        plots = plot_history(log.path, run_dir)
+        log.close()
+        images_per_s = [float(r["images_per_s"]) for r in log.rows if r.get("images_per_s") not in ("", None)]
+        summary = {"recipe": recipe.name, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+                   "test_samples": test["count"], "epochs": len(log.rows), "early_stopped": finished_early,
+                   "images_per_s": sum(images_per_s) / len(images_per_s) if images_per_s else None,
+                   "wall_s": wall, "parameters": count_parameters(final), "processes": accelerator.num_processes,
+                   "run_dir": str(run_dir), "plots": [p.name for p in plots]}
+        write_json(run_dir / "summary.json", summary)
+        print(report)
+        print(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
+              f"({test['count']} images)  {summary['images_per_s'] or 0:,.0f} images/s  "
+              f"{wall:.1f}s\nrun folder: {run_dir}")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

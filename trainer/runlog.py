@@ -1,0 +1,120 @@
+"""The run folder: resolved recipe, environment record, metrics.csv, TensorBoard and W&B scalars."""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.errors import UserError
+
+PACKAGES = ("torch", "torchvision", "accelerate", "timm", "numpy", "ffcv", "nvidia-dali-cuda130", "nvidia-dali-cuda120")
+
+
+def new_run_dir(run_dir: str | None, recipe_name: str, resume: bool) -> Path:
+    """The folder for this run. A fresh run never writes into a folder that already holds a run."""
+    path = Path(run_dir) if run_dir else Path("runs") / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run folder {path} is a file; pass --run-dir with a folder path")
+    if not resume and path.is_dir() and any(path.iterdir()):
+        raise UserError(f"run folder {path} already holds a run; continue it with --resume auto, "
+                        "or choose another --run-dir")
+    if resume and not path.is_dir():
+        raise UserError(f"nothing to resume in {path}: the folder does not exist; drop --resume to start a new run")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to run folder {path} ({exc.strerror}); choose a writable --run-dir") from None
+    return path
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def environment(seed: int, manifest: dict, num_processes: int, device: str) -> dict:
+    """What it takes to repeat a run: versions, commit, data checksums, seed, hardware."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {
+        "seed": seed,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": device,
+        "num_processes": num_processes,
+        "packages": versions,
+        "git_commit": git_commit(),
+        "data": {"name": manifest.get("name"), "source_sha256": manifest.get("source", {}).get("sha256"),
+                 "splits": {k: v.get("sha256") for k, v in manifest.get("splits", {}).items()}},
+        "argv": sys.argv,
+    }
+
+
+class MetricsLog:
+    """One row per epoch into metrics.csv (rewritten whole, so columns may grow), TensorBoard and W&B."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, wandb: bool, config: dict, keep_rows: int = 0):
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict] = []
+        if keep_rows and self.path.is_file():
+            with open(self.path, newline="") as f:
+                self.rows = list(csv.DictReader(f))[:keep_rows]
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.wandb = None
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                print("note: wandb is not installed; logging to metrics.csv and TensorBoard only")
+            else:
+                os.environ.setdefault("WANDB_MODE", "offline")
+                self.wandb = wandb_module.init(dir=str(run_dir), config=config, name=run_dir.name)
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.path.with_name("metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
+        if self.tb is not None:
+            for key, value in numbers.items():
+                self.tb.add_scalar(key, value, row["epoch"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["epoch"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
