@@ -100,9 +100,13 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)
-    except UserError as exc:
+    except UserError as exc:  # range checks name the bare field: give it its full dotted key
         msg = str(exc)
-        raise UserError(msg if not prefix or msg.startswith(f"'{prefix}") else f"{prefix}: {msg}") from None
+        for name in fields:
+            if prefix and msg.startswith(f"'{name}'"):
+                msg = f"'{prefix}.{name}'" + msg[len(name) + 2:]
+                break
+        raise UserError(msg) from None
 
 
 def to_dict(obj: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,9 @@ class DataConfig:
     val_split: str = ""  # "val" to validate on val.beton (convert with --val-fraction); "" = no validation
 
     def __post_init__(self) -> None:
-        check_range("data.batch_size", self.batch_size, 1)
-        check_range("data.eval_batch_size", self.eval_batch_size, 1)
-        check_range("data.num_workers", self.num_workers, 0)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("eval_batch_size", self.eval_batch_size, 1)
+        check_range("num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -45,14 +46,13 @@ class ModelConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: str = ""  # a run folder or model.safetensors of the teacher; "" = no distillation
-    teacher_model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: str = ""  # the run folder of a finished teacher run (model.json + model.safetensors); "" = off
     temperature: float = 4.0
     alpha: float = 0.5  # weight of the soft (KL) term
 
     def __post_init__(self) -> None:
-        check_range("loss.distill.temperature", self.temperature, 0, lo_open=True)
-        check_range("loss.distill.alpha", self.alpha, 0, 1)
+        check_range("temperature", self.temperature, 0, lo_open=True)
+        check_range("alpha", self.alpha, 0, 1)
 
 
 @dataclass
@@ -61,7 +61,7 @@ class LossConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
-        check_range("loss.label_smoothing", self.label_smoothing, 0, 1)
+        check_range("label_smoothing", self.label_smoothing, 0, 1)
 
 
 @dataclass
@@ -75,9 +75,9 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
-        check_range("optimizer.lr", self.lr, 0, lo_open=True)
-        check_range("optimizer.momentum", self.momentum, 0, 1)
-        check_range("optimizer.weight_decay", self.weight_decay, 0)
+        check_range("lr", self.lr, 0, lo_open=True)
+        check_range("momentum", self.momentum, 0, 1)
+        check_range("weight_decay", self.weight_decay, 0)
 
 
 @dataclass
@@ -86,7 +86,7 @@ class ParamGroupConfig:
     lr: float
 
     def __post_init__(self) -> None:
-        check_range("param_groups.lr", self.lr, 0, lo_open=True)
+        check_range("lr", self.lr, 0, lo_open=True)
 
 
 @dataclass
@@ -102,12 +102,12 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0  # linear warm-up from 0 before the schedule (all but onecycle)
 
     def __post_init__(self) -> None:
-        check_range("schedule.t_max", self.t_max, 0)
-        check_range("schedule.t_0", self.t_0, 1)
-        check_range("schedule.t_mult", self.t_mult, 1)
-        check_range("schedule.step_size", self.step_size, 1)
-        check_range("schedule.pct_start", self.pct_start, 0, 1, lo_open=True)
-        check_range("schedule.warmup_epochs", self.warmup_epochs, 0)
+        check_range("t_max", self.t_max, 0)
+        check_range("t_0", self.t_0, 1)
+        check_range("t_mult", self.t_mult, 1)
+        check_range("step_size", self.step_size, 1)
+        check_range("pct_start", self.pct_start, 0, 1, lo_open=True)
+        check_range("warmup_epochs", self.warmup_epochs, 0)
 
 
 @dataclass
@@ -117,7 +117,7 @@ class EarlyStoppingConfig:
     mode: Literal["min", "max"] = "min"
 
     def __post_init__(self) -> None:
-        check_range("early_stopping.patience", self.patience, 1)
+        check_range("patience", self.patience, 1)
 
 
 @dataclass
@@ -227,6 +227,9 @@ def apply_override(data: dict, assignment: str) -> None:
     parts = key.split(".")
     if parts[0] not in {f.name for f in dataclasses.fields(Recipe)}:
         matches = [p for p in _leaf_paths(Recipe) if p.endswith("." + key)]
+        if not matches and parts[0] in {f.name for f in dataclasses.fields(PhaseConfig)}:
+            raise UserError(f"--set {key}: '{parts[0]}' belongs to each phase; write phases.0.{key} "
+                            "(phases are numbered from 0)")
         if len(matches) == 1:
             parts = matches[0].split(".")
         elif len(matches) > 1:
@@ -296,7 +299,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

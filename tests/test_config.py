@@ -1,0 +1,96 @@
+"""The recipe schema: every shipped recipe loads, overrides apply, mistakes are one-line UserErrors."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import UserError
+from trainer.config import RECIPES_DIR, apply_override, load_recipe, recipe_to_toml
+
+ALL = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_recipe_loads_and_round_trips(name, tmp_path):
+    recipe = load_recipe(name)
+    path = tmp_path / "resolved.toml"
+    path.write_text(recipe_to_toml(recipe))
+    assert load_recipe(str(path)) == recipe
+
+
+def test_smoke_twins_exist_for_every_recipe():
+    bases = [n for n in ALL if not n.endswith("_smoke") and n != "c100_scratch_sgd"]
+    assert set(f"{n}_smoke" for n in bases) <= set(ALL)
+
+
+def test_seed_000_numbers():
+    r = load_recipe("c10_finetune")
+    warm, fine = r.phases
+    assert (warm.epochs, warm.train_modules, warm.optimizer.name, warm.optimizer.lr) == (8, ["fc"], "sgd", 0.01)
+    assert (warm.optimizer.momentum, warm.optimizer.weight_decay, warm.schedule.name) == (0.9, 5e-4, "constant")
+    assert (fine.epochs, fine.optimizer.lr, fine.optimizer.weight_decay) == (100, 1e-3, 5e-4)
+    assert fine.optimizer.momentum == 0.9
+    assert [(g.modules, g.lr) for g in fine.param_groups] == [(["fc"], 0.01)]
+    assert (fine.schedule.name, fine.schedule.t_max, fine.schedule.eta_min) == ("cosine", 100, 1e-6)
+    assert (fine.early_stopping.metric, fine.early_stopping.patience) == ("val_loss", 15)
+    assert (r.loss.label_smoothing, r.grad_clip_norm, r.model.args["dropout"]) == (0.1, 1.0, 0.2)
+    assert (r.augment.crop.padding, r.augment.flip.p) == (4, 0.5)
+    assert (r.augment.erase.p, r.augment.erase.scale) == (0.25, (0.02, 0.1))
+    assert r.model.name == "resnet34_cifar" and r.model.pretrained is True
+
+
+def test_seed_003_numbers():
+    r = load_recipe("c100_scratch")
+    (p,) = r.phases
+    assert (r.data.batch_size, p.epochs, p.optimizer.name, p.optimizer.lr, p.optimizer.weight_decay) == (
+        400, 120, "adam", 0.01, 1e-4)
+    assert (r.grad_clip_value, p.schedule.name, r.precision) == (0.1, "onecycle", "fp16")
+    j = r.augment.jitter
+    assert (j.brightness, j.contrast, j.saturation, j.hue) == (0.1, 0.1, 0.1, 0.02)
+    assert r.augment.mix.mixup_alpha > 0 and r.augment.mix.cutmix_alpha > 0 and r.loss.label_smoothing > 0
+
+
+def test_overrides_dotted_indexed_and_suffix():
+    r = load_recipe("c10_finetune", ["data.batch_size=256", "phases.1.epochs=3", "pretrained=false",
+                                     "augment.erase.scale=[0.1, 0.2]"])
+    assert (r.data.batch_size, r.phases[1].epochs, r.model.pretrained) == (256, 3, False)
+    assert r.augment.erase.scale == (0.1, 0.2)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.batch_sise=3", "did you mean 'batch_size'"),
+    ("data.batch_size=big", "'data.batch_size' must be an integer"),
+    ("data.batch_size=0", "'data.batch_size' must be >= 1"),
+    ("precision=fp8", "must be one of"),
+    ("phases.5.epochs=1", "index"),
+    ("noequals", "write key=value"),
+    ("epochs=3", "write phases.0.epochs"),
+    ("augment.flip.p=1.5", "'augment.flip.p' must be <= 1"),
+    ("grad_clip_value=0.1", "choose one"),
+    ("data.loader=dask", "must be one of"),
+])
+def test_bad_overrides_are_clear(override, fragment):
+    with pytest.raises(UserError, match=None) as info:
+        load_recipe("c10_finetune", [override])
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_recipe_suggests():
+    with pytest.raises(UserError, match="did you mean 'c10_finetune'"):
+        load_recipe("c10_finetun")
+
+
+def test_extends_rejects_stray_keys(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('extends = "mnist_cnn"\nseed = 3\n')
+    with pytest.raises(UserError, match="move seed into 'set'"):
+        load_recipe(str(path))
+
+
+def test_apply_override_parses_values():
+    data: dict = {}
+    apply_override(data, "a.b=[1, 2]")
+    apply_override(data, 'a.c="x"')
+    apply_override(data, "a.d=1e-3")
+    assert data == {"a": {"b": [1, 2], "c": "x", "d": 1e-3}}
