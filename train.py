@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             data.train.set_epoch(epoch_counter, start_batch)
             epoch_start = time.perf_counter()
             bar = tqdm(total=steps_per_epoch, initial=start_batch, disable=not main_proc, leave=False,
-                       desc=f"epoch {epoch_counter + 1}/{recipe.total_epochs}")
+                       desc=f"epoch {epoch_counter + 1}/{recipe.total_epochs}",
+                       mininterval=0.1 if sys.stderr.isatty() else 30)
             step_in_epoch = start_batch
             for images, targets in data.train:
                 if step_in_epoch >= steps_per_epoch:
