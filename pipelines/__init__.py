@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from common.errors import UserError, did_you_mean
-from pipelines.base import Loader, LoaderOptions
+
+if TYPE_CHECKING:  # the converters import pipelines.dataset without paying for torch
+    from pipelines.base import Loader, LoaderOptions
 
 BACKENDS = {
     "tensor": ("pipelines.tensor_loader", "TensorLoader", None),

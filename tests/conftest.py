@@ -22,3 +22,30 @@ def real_data_root() -> Path:
     if os.environ.get("REQUIRE_REAL_DATA") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def mnist_data(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real MNIST converted (ndarray storage, train 60,000 / test 10,000): the folder holding manifest.json."""
+    from convert import convert_dataset
+
+    return convert_dataset("mnist", real_data_root / "mnist", tmp_path_factory.mktemp("mnist-data"))
+
+
+@pytest.fixture(scope="session")
+def cifar10_data(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared CIFAR-10 JPEG tarball converted with raw storage (train 50,000 / test 10,000); ~20-30 s."""
+    from convert import convert_dataset
+
+    return convert_dataset("imagefolder", real_data_root / "cifar10-jpeg.tar.xz",
+                           tmp_path_factory.mktemp("cifar10-data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_rgb_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic CIFAR-like set (10 classes, 32x32 RGB, train 640 / test 200) through the cifar10 pickle path."""
+    from convert import convert_dataset
+    from tests.data_fixtures import write_cifar10
+
+    source = write_cifar10(tmp_path_factory.mktemp("tiny-rgb-source"), batch_size=128, n_test=200, seed=7)
+    return convert_dataset("cifar10", source["folder"], tmp_path_factory.mktemp("tiny-rgb-data"))

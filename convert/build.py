@@ -1,0 +1,221 @@
+"""Turn a source into `<out>/<name>/{train,val,test}.beton` + manifest.json: safely, once, and verified.
+
+Every beton is written to a hidden temp file, verified, then renamed into place; the manifest is written
+last (also by rename), so a folder with a manifest is always complete. A rerun with the same source and
+options finds the output up to date and does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError, did_you_mean
+from convert.beton import storage_for, verify_beton, write_beton
+from convert.sources import DATASETS, SourceData, SplitData, download, read_source, source_stem
+from pipelines.dataset import MANIFEST, load_manifest
+
+FORMAT_VERSION = 1
+CONVERTER_VERSION = "1.0"
+ALL_SPLITS = ("train", "val", "test")
+
+
+def convert_dataset(dataset: str, src: str | Path, out: str | Path, *, name: str | None = None,
+                    val_fraction: float = 0.0, seed: int = 0, force: bool = False, strict: bool = False,
+                    encode: str = "raw", quality: int = 90, max_side: int | None = None,
+                    download_source: bool = False, num_workers: int | None = None,
+                    log: Callable[[str], None] = print) -> Path:
+    """Convert `src` into `<out>/<name>/`; returns that folder (the one holding manifest.json)."""
+    start = time.perf_counter()
+    _check_options(dataset, val_fraction, encode, quality, max_side)
+    src = Path(src).expanduser()
+    if download_source:
+        src = download(dataset, src)
+    if not src.exists():
+        raise UserError(f"source {src} does not exist; pass --src with the downloaded files (or use --download)")
+    out = Path(out).expanduser()
+    dest = out / (name or (source_stem(src) if dataset == "imagefolder" else dataset))
+    for path in (out, dest):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output path {path} is a file, not a folder; choose another --out or --name")
+
+    options = {"val_fraction": val_fraction, "seed": seed, "encode": encode, "quality": quality,
+               "max_side": max_side, "strict": strict}
+    source = {"path": str(src.resolve()), "sha256": source_checksum(src)}
+    state = _existing_output(dest, dataset, source["sha256"], options)
+    if state == "current" and not force:
+        log(f"{dest}: up to date, skipping (use --force to rebuild)")
+        return dest
+    if state == "different" and not force:
+        raise UserError(f"{dest} already holds a different conversion (other source or options); "
+                        "pass --force to rebuild it, or choose another --out or --name")
+
+    data = read_source(dataset, src, strict=strict, max_side=max_side)
+    splits = {"train": data.splits["train"], "test": data.splits["test"]}
+    if val_fraction > 0:
+        splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, seed, len(data.classes))
+    _write_all(dest, splits, encode=encode, quality=quality, num_workers=num_workers, seed=seed)
+    manifest = _manifest(dest, data, splits, source, options, storage_for(splits["train"], encode))
+    _write_json_atomic(dest / MANIFEST, manifest)
+
+    counts = ", ".join(f"{s} {manifest['splits'][s]['count']:,}" for s in ALL_SPLITS if s in splits)
+    log(f"wrote {dest} ({counts}) in {time.perf_counter() - start:.1f} s")
+    return dest
+
+
+def _check_options(dataset: str, val_fraction: float, encode: str, quality: int, max_side: int | None) -> None:
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{dataset}'{did_you_mean(dataset, DATASETS)}; "
+                        f"choose one of {', '.join(DATASETS)}")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if encode not in ("raw", "jpg"):
+        raise UserError(f"--encode must be raw or jpg, got {encode!r}")
+    if encode == "jpg" and dataset in ("mnist", "fashion-mnist"):
+        raise UserError(f"--encode jpg is for RGB images; {dataset} is stored as raw single-channel arrays")
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality must be in 1..100, got {quality}")
+    if max_side is not None and (dataset != "imagefolder" or max_side < 1):
+        raise UserError("--max-side takes a positive number of pixels and applies to imagefolder only")
+
+
+def _existing_output(dest: Path, dataset: str, source_sha: str, options: dict) -> str:
+    """'missing' (nothing of ours there), 'current' (same source and options, files intact) or 'different'."""
+    if not (dest / MANIFEST).exists() and not any((dest / f"{s}.beton").exists() for s in ALL_SPLITS):
+        return "missing"
+    try:
+        manifest = load_manifest(dest)
+    except UserError:
+        return "different"
+    if (manifest.get("dataset"), manifest.get("source", {}).get("sha256"), manifest.get("options")) != (
+            dataset, source_sha, options):
+        return "different"
+    for split, entry in manifest["splits"].items():
+        path = dest / f"{split}.beton"
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            return "different"
+    return "current"
+
+
+def _carve_val(train: SplitData, fraction: float, seed: int, num_classes: int) -> tuple[SplitData, SplitData]:
+    """A stratified, seeded val split: round(fraction * n_c) random samples of each class c, order kept."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in range(num_classes):
+        members = np.flatnonzero(train.labels == c)
+        take = round(fraction * len(members))
+        if members.size and take == len(members):
+            raise UserError(f"--val-fraction {fraction} leaves no training samples of class {c}; use a smaller one")
+        val.append(rng.permutation(members)[:take])
+    val_idx = np.sort(np.concatenate(val))
+    if not val_idx.size:
+        raise UserError(f"--val-fraction {fraction} gives an empty val split; use a larger one")
+    keep = np.ones(len(train), dtype=bool)
+    keep[val_idx] = False
+    return train.subset(np.flatnonzero(keep)), train.subset(val_idx)
+
+
+def _write_all(dest: Path, splits: dict[str, SplitData], *, encode: str, quality: int,
+               num_workers: int | None, seed: int) -> None:
+    """Write and verify every split to temp files, then rename them into place (old manifest removed first)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    temps = {split: dest / f".{split}.beton.partial" for split in splits}
+    try:
+        for split, data in splits.items():
+            write_beton(temps[split], data, encode=encode, quality=quality, num_workers=num_workers)
+            verify_beton(temps[split], data, quality=quality, seed=seed)
+        (dest / MANIFEST).unlink(missing_ok=True)  # from here on the folder must not look complete
+        for split in ALL_SPLITS:
+            if split in temps:
+                os.replace(temps[split], dest / f"{split}.beton")
+            else:
+                (dest / f"{split}.beton").unlink(missing_ok=True)
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+
+
+def _manifest(dest: Path, data: SourceData, splits: dict[str, SplitData], source: dict, options: dict,
+              storage: str) -> dict:
+    train = splits["train"]
+    mean, std = channel_stats(train.images)
+    shapes = {im.shape for im in train.images} if isinstance(train.images, list) else {train.images.shape[1:]}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": dest.name,
+        "dataset": data.dataset,
+        "source": source,
+        "classes": data.classes,
+        "splits": {split: _split_entry(dest / f"{split}.beton", part, len(data.classes))
+                   for split, part in splits.items()},
+        "mean": mean,
+        "std": std,
+        "image_shape": list(shapes.pop()) if len(shapes) == 1 else None,  # None: sizes vary
+        "storage": storage,
+        "fields": ["image", "label"] + (["coarse_label"] if train.coarse_labels is not None else []),
+        "options": options,
+        "converter_version": CONVERTER_VERSION,
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if data.coarse_classes is not None:
+        manifest["coarse_classes"] = data.coarse_classes
+    if data.dataset == "imagefolder":
+        manifest["skipped_files"] = data.skipped_files
+    return manifest
+
+
+def _split_entry(path: Path, split: SplitData, num_classes: int) -> dict:
+    return {"count": len(split), "histogram": np.bincount(split.labels, minlength=num_classes).tolist(),
+            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def channel_stats(images: np.ndarray | list[np.ndarray]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of all pixels in [0, 1] units, exact, from 256-bin histograms."""
+    channels = images[0].shape[-1]
+    hist = np.zeros((channels, 256), dtype=np.float64)
+    chunks = (images[i:i + 4096] for i in range(0, len(images), 4096)) if isinstance(images, np.ndarray) else images
+    for chunk in chunks:
+        flat = chunk.reshape(-1, channels)
+        for c in range(channels):
+            hist[c] += np.bincount(flat[:, c], minlength=256)
+    values = np.arange(256) / 255.0
+    mean = hist @ values / hist.sum(axis=1)
+    var = hist @ values**2 / hist.sum(axis=1) - mean**2
+    return mean.tolist(), np.sqrt(np.maximum(var, 0)).tolist()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    _hash_into(digest, path)
+    return digest.hexdigest()
+
+
+def source_checksum(src: Path) -> str:
+    """sha256 of a source file, or of a folder's sorted relative paths, sizes and contents."""
+    if src.is_file():
+        return sha256_file(src)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(src).as_posix()}\0{path.stat().st_size}\0".encode())
+        _hash_into(digest, path)
+    return digest.hexdigest()
+
+
+def _hash_into(digest, path: Path) -> None:
+    """Feed a file to `digest` in 4 MiB blocks (the sources and betons can be GBs)."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    temp = path.with_name(f".{path.name}.partial")
+    temp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(temp, path)

@@ -1,0 +1,359 @@
+"""Read the source formats users have on disk into plain uint8 arrays, validating as we go.
+
+CIFAR pickles (folder or .tar.gz), MNIST-style IDX files (gzipped or not) and ImageFolder trees (folder or
+tarball, streamed without extracting) all become a `SourceData`: a bad source fails here with one line,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import os
+import pickle
+import struct
+import tarfile
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from common.errors import UserError
+
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
+MNIST_CLASSES = [str(d) for d in range(10)]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR_FILES = {
+    "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"], "meta": "batches.meta"},
+    "cifar100": {"train": ["train"], "test": ["test"], "meta": "meta"},
+}
+IDX_FILES = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
+# torchvision class name and the folder its download leaves the raw files in
+TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python"),
+               "mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw")}
+
+
+@dataclass
+class SplitData:
+    """One split's samples: images uint8 (H, W, C) each, stacked when they share a shape."""
+
+    images: np.ndarray | list[np.ndarray]
+    labels: np.ndarray  # int64
+    coarse_labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> SplitData:
+        images = (self.images[indices] if isinstance(self.images, np.ndarray)
+                  else [self.images[i] for i in indices])
+        coarse = None if self.coarse_labels is None else self.coarse_labels[indices]
+        return SplitData(images, self.labels[indices], coarse)
+
+
+@dataclass
+class SourceData:
+    """A whole source dataset, read and validated."""
+
+    dataset: str
+    classes: list[str]
+    splits: dict[str, SplitData]
+    coarse_classes: list[str] | None = None
+    skipped_files: list[str] = field(default_factory=list)
+
+
+def read_source(dataset: str, src: Path, *, strict: bool = False, max_side: int | None = None) -> SourceData:
+    """Read `src` as `dataset`; UserError for anything missing, corrupt or of the wrong kind."""
+    if not src.exists():
+        raise UserError(f"source {src} does not exist; pass --src with the downloaded files (or use --download)")
+    if dataset in CIFAR_FILES:
+        return _read_cifar(dataset, src)
+    if dataset in ("mnist", "fashion-mnist"):
+        return _read_idx_dataset(dataset, src)
+    return _read_imagefolder(src, strict=strict, max_side=max_side)
+
+
+def source_stem(src: Path) -> str:
+    """`cifar10-jpeg` for `cifar10-jpeg.tar.xz`: the name a dataset gets by default."""
+    for suffix in TAR_SUFFIXES:
+        if src.name.endswith(suffix):
+            return src.name[: -len(suffix)]
+    return src.name
+
+
+def download(dataset: str, root: Path) -> Path:
+    """Fetch the dataset with torchvision into `root`; the folder holding its raw files."""
+    if dataset not in TORCHVISION:
+        raise UserError(f"--download is not available for {dataset}; pass --src with your files")
+    import torchvision.datasets
+
+    class_name, folder = TORCHVISION[dataset]
+    try:
+        getattr(torchvision.datasets, class_name)(str(root), train=True, download=True)
+    except (OSError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not download {dataset} ({reason}); fetch the files by hand and pass "
+                        "--src PATH (see `python -m convert --help`)") from None
+    return root / folder
+
+
+def _read_files(src: Path, wanted: set[str]) -> tuple[dict[str, bytes], list[str]]:
+    """The files named in `wanted` (by base name) from a tarball, or from a folder or its first subfolder
+    that has any (torchvision's root layout), and the names seen (for telling what else `src` might be)."""
+    if src.is_file():
+        found, seen = {}, []
+        for parts, read in _walk(src):
+            if read is not None:
+                seen.append(parts[-1])
+                if parts[-1] in wanted and parts[-1] not in found:
+                    found[parts[-1]] = read()
+        return found, seen
+    folders = [src, *sorted(p for p in src.iterdir() if p.is_dir())]
+    listing = {folder: {p.name: p for p in folder.iterdir() if p.is_file()} for folder in folders}
+    seen = [name for names in listing.values() for name in names]
+    for folder in folders:
+        if wanted & set(listing[folder]):
+            return {n: p.read_bytes() for n, p in listing[folder].items() if n in wanted}, seen
+    return {}, seen
+
+
+def _wrong_kind(dataset: str, src: Path, missing: str, seen: list[str]) -> UserError:
+    """The error for a source that lacks `missing`, naming the dataset it looks like when we can tell."""
+    names = set(seen)
+    if "data_batch_1" in names or "batches.meta" in names:
+        guess = "cifar10"
+    elif {"train", "test", "meta"} <= names:
+        guess = "cifar100"
+    elif any("idx3-ubyte" in n for n in names):
+        guess = "mnist (or fashion-mnist)"
+    else:
+        guess = None
+    hint = (f"it looks like {guess} data: run `python -m convert {guess.split()[0]} --src {src} ...`" if guess
+            else f"point --src at the folder or archive that holds the {dataset} files")
+    return UserError(f"{src} has no {missing}, so it is not a {dataset} source; {hint}")
+
+
+def _unpickle(data: bytes, name: str) -> dict:
+    """A CIFAR pickle as a dict with str keys (Python 2 originals have bytes or latin-1 keys)."""
+    try:
+        obj = pickle.loads(data, encoding="latin1")  # noqa: S301 - CIFAR ships as pickles
+    except Exception:  # a damaged pickle can raise almost anything
+        obj = None
+    if not isinstance(obj, dict):
+        raise UserError(f"{name} is truncated or not a CIFAR pickle; download the dataset again")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_split(batches: list[tuple[str, dict]], label_keys: list[str], num_classes: list[int]) -> SplitData:
+    """Concatenate CIFAR batches: rows of 3072 bytes, R, G, B planes of 32x32, into (N, 32, 32, 3)."""
+    images, labels = [], [[] for _ in label_keys]
+    for name, batch in batches:
+        data = batch.get("data")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise UserError(f"{name}: 'data' is not an N x 3072 uint8 array; download the dataset again")
+        for key, n, out in zip(label_keys, num_classes, labels):
+            values = np.asarray(batch.get(key, []), dtype=np.int64)
+            if len(values) != len(data) or (len(values) and (values.min() < 0 or values.max() >= n)):
+                raise UserError(f"{name}: '{key}' has {len(values)} labels in [0, {n}) expected for "
+                                f"{len(data)} images; download the dataset again")
+            out.append(values)
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    label_arrays = [np.concatenate(parts) for parts in labels]
+    coarse = label_arrays[1] if len(label_arrays) > 1 else None
+    return SplitData(np.ascontiguousarray(np.concatenate(images)), label_arrays[0], coarse)
+
+
+def _read_cifar(dataset: str, src: Path) -> SourceData:
+    layout = CIFAR_FILES[dataset]
+    names = [*layout["train"], *layout["test"], layout["meta"]]
+    found, seen = _read_files(src, set(names))
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise _wrong_kind(dataset, src, ", ".join(missing), seen)
+    meta = _unpickle(found[layout["meta"]], layout["meta"])
+    name_keys = ["label_names"] if dataset == "cifar10" else ["fine_label_names", "coarse_label_names"]
+    label_keys = ["labels"] if dataset == "cifar10" else ["fine_labels", "coarse_labels"]
+    class_lists = []
+    for key in name_keys:
+        if not isinstance(meta.get(key), list) or not meta[key]:
+            raise UserError(f"{layout['meta']} has no '{key}' list; download the dataset again")
+        class_lists.append([str(c) for c in meta[key]])
+    splits = {}
+    for split in SPLITS:
+        with tqdm(layout[split], desc=f"reading {split}") as names:  # `with`: errors start on a fresh line
+            batches = [(n, _unpickle(found[n], n)) for n in names]
+        splits[split] = _cifar_split(batches, label_keys, [len(c) for c in class_lists])
+    return SourceData(dataset, class_lists[0], splits, coarse_classes=class_lists[1] if dataset == "cifar100" else None)
+
+
+def _parse_idx(data: bytes, name: str, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (magic 0x0000 08 ndim, big-endian dims), checked against its size."""
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error):
+            raise UserError(f"{name} is a damaged gzip file; download it again") from None
+    if len(data) < 4 + 4 * ndim or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise UserError(f"{name} does not start with the IDX magic for {ndim}-d unsigned bytes "
+                        f"(got {data[:4].hex()}); pass the original MNIST-format files")
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(data) != expected:
+        raise UserError(f"{name}: header says {dims[0]} items ({expected} bytes) but the file has {len(data)} "
+                        "bytes (truncated or damaged); download it again")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _read_idx_dataset(dataset: str, src: Path) -> SourceData:
+    variants = {stem: [f"{stem}{sep}idx{nd}-ubyte{gz}" for sep in "-." for gz in ("", ".gz")]
+                for stems in IDX_FILES.values() for stem, nd in zip(stems, (3, 1))}
+    found, seen = _read_files(src, {v for names in variants.values() for v in names})
+    splits = {}
+    for split, (image_stem, label_stem) in IDX_FILES.items():
+        arrays = []
+        for stem, ndim in ((image_stem, 3), (label_stem, 1)):
+            name = next((v for v in variants[stem] if v in found), None)
+            if name is None:
+                raise _wrong_kind(dataset, src, f"{variants[stem][0]}[.gz]", seen)
+            arrays.append(_parse_idx(found[name], name, ndim))
+        images, labels = arrays
+        if len(images) != len(labels):
+            raise UserError(f"{src}: {split} has {len(images)} images but {len(labels)} labels; "
+                            "the images and labels files must come from the same download")
+        if labels.max(initial=0) >= 10:
+            raise UserError(f"{src}: {split} labels go up to {labels.max()}, expected 0-9; not {dataset} data")
+        splits[split] = SplitData(images[..., None], labels.astype(np.int64))
+    classes = MNIST_CLASSES if dataset == "mnist" else FASHION_CLASSES
+    return SourceData(dataset, list(classes), splits)
+
+
+def _walk(src: Path) -> Iterator[tuple[tuple[str, ...], Callable[[], bytes] | None]]:
+    """(path parts, reader) for every file of a folder or tarball, in order, and (parts, None) for folders.
+
+    Tarballs are streamed (`r|*`), so a reader must be called before the next item is taken.
+    """
+    if src.is_dir():
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            rel = Path(dirpath).relative_to(src).parts
+            if rel:
+                yield rel, None
+            for name in sorted(filenames):
+                yield (*rel, name), (Path(dirpath) / name).read_bytes
+        return
+    errors = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+
+    def broken(exc: Exception) -> UserError:
+        return UserError(f"{src} is not a readable folder or tar archive ({exc}); "
+                         "pass a folder or a complete .tar/.tar.gz/.tar.xz")
+
+    def reader(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[], bytes]:
+        def read() -> bytes:
+            try:
+                return tar.extractfile(member).read()
+            except errors as exc:
+                raise broken(exc) from None
+        return read
+
+    try:
+        with tarfile.open(src, "r|*") as tar:
+            for member in tar:
+                parts = PurePosixPath(member.name).parts
+                if member.isdir():
+                    yield parts, None
+                elif member.isfile():
+                    yield parts, reader(tar, member)
+    except errors as exc:
+        raise broken(exc) from None
+
+
+def _decode(data: bytes, max_side: int | None) -> np.ndarray | None:
+    """An image file's RGB pixels (longer side shrunk to max_side), or None if it is not a readable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    if max_side and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.LANCZOS)
+    return np.asarray(img)
+
+
+def _read_imagefolder(src: Path, *, strict: bool, max_side: int | None) -> SourceData:
+    """`<root>/<split>/<class>/*.{jpg,jpeg,png}`, optionally under one top-level folder; labels = sorted classes."""
+    samples: dict[str, dict[str, list[tuple[str, np.ndarray]]]] = {s: {} for s in SPLITS}
+    seen_splits: set[str] = set()
+    skipped: list[str] = []
+
+    def skip(path: str, reason: str) -> None:
+        if strict:
+            raise UserError(f"{src}: {path} is {reason}; remove it, or drop --strict to skip such files")
+        skipped.append(path)
+
+    with tqdm(_walk(src), desc=f"reading {src.name}", unit=" files") as entries:
+        for parts, read in entries:
+            key = parts if parts[0] in SPLITS else parts[1:] if len(parts) > 1 and parts[1] in SPLITS else None
+            if key is None:
+                continue  # outside the split folders (a README, a LICENSE)
+            seen_splits.add(key[0])
+            if len(key) >= 2 and (read is None or len(key) >= 3):
+                samples[key[0]].setdefault(key[1], [])
+            if read is None:
+                continue
+            path = "/".join(parts)
+            if len(key) < 3:
+                skip(path, "not inside a class folder")
+            elif not path.lower().endswith(IMAGE_SUFFIXES):
+                skip(path, f"not a {'/'.join(IMAGE_SUFFIXES)} image")
+            elif (image := _decode(read(), max_side)) is None:
+                skip(path, "an unreadable image")
+            else:
+                samples[key[0]][key[1]].append((path, image))
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable or non-image files in {src} (e.g. {skipped[0]}); "
+                      "they are listed in the manifest (use --strict to fail instead)", stacklevel=2)
+    return SourceData("imagefolder", _check_classes(src, samples, seen_splits),
+                      {split: _imagefolder_split(samples[split]) for split in SPLITS}, skipped_files=skipped)
+
+
+def _check_classes(src: Path, samples: dict[str, dict[str, list]], seen_splits: set[str]) -> list[str]:
+    """The sorted class names, after checking both splits exist, have classes, and agree."""
+    layout = "expected <root>/{train,test}/<class>/*.jpg (optionally under one top-level folder)"
+    for split in SPLITS:
+        if split not in seen_splits:
+            raise UserError(f"{src} has no '{split}' folder; {layout}")
+        if not samples[split]:
+            raise UserError(f"{src}: split '{split}' has no class folders; {layout}")
+        empty = sorted(c for c, items in samples[split].items() if not items)
+        if empty:
+            raise UserError(f"{src}: class folder {split}/{empty[0]} has no readable images; "
+                            "add images or remove the folder")
+    train, test = set(samples["train"]), set(samples["test"])
+    if train != test:
+        raise UserError(f"{src}: train and test have different classes (only in train: {sorted(train - test)}, "
+                        f"only in test: {sorted(test - train)}); both splits need the same class folders")
+    return sorted(train)
+
+
+def _imagefolder_split(by_class: dict[str, list[tuple[str, np.ndarray]]]) -> SplitData:
+    """Samples ordered by (class, path), so a folder and its tarball give identical files."""
+    images, labels = [], []
+    for label, cls in enumerate(sorted(by_class)):
+        for _, image in sorted(by_class[cls], key=lambda item: item[0]):
+            images.append(image)
+            labels.append(label)
+    if len({im.shape for im in images}) == 1:
+        images = np.stack(images)
+    return SplitData(images, np.asarray(labels, dtype=np.int64))
