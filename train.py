@@ -37,7 +37,7 @@ from pipelines.base import LoaderOptions
 from pipelines.dataset import load_manifest
 from trainer import checkpoint
 from trainer.config import PhaseConfig, Recipe, load_recipe, recipe_to_toml
-from trainer.optim import build_optimizer, build_scheduler, param_groups, set_trainable
+from trainer.optim import build_optimizer, build_scheduler, check_module_prefixes, param_groups, set_trainable
 from trainer.report import plot_history, write_reports
 from trainer.runlog import MetricsLog, environment, new_run_dir, write_json
 
@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(accelerator.device)
+    for i, phase in enumerate(recipe.phases):  # a recipe naming a missing module fails before anything is written
+        check_module_prefixes(model, phase.train_modules, f"phases.{i}.train_modules")
+        for group in phase.param_groups:
+            check_module_prefixes(model, group.modules, f"phases.{i}.param_groups.modules")
     early_metrics = {p.early_stopping.metric for p in recipe.phases if p.early_stopping.metric}
     known = {f"{s}_{m}" for s in ("train", "test") + (("val",) if data.val else ()) for m in ("loss", "accuracy")}
     for metric in early_metrics - known:

@@ -1,0 +1,195 @@
+"""train.py end to end: every smoke recipe, distillation, reports, multi-process, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+import train
+from common.errors import UserError
+from convert import convert_dataset
+from pipelines.dataset import open_split
+from tests.data_fixtures import write_cifar10, write_cifar100
+from trainer.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(argv: list[str]) -> dict:
+    """train.main in this process (imports paid once), leaving no global state behind."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    run_dir = Path(argv[argv.index("--run-dir") + 1])
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def rgb_val_data(tmp_path_factory) -> Path:
+    """CIFAR-10-like synthetic data with a stratified val split (c10_finetune validates on it)."""
+    source = write_cifar10(tmp_path_factory.mktemp("c10src"), batch_size=64, n_test=100, seed=3)
+    return convert_dataset("cifar10", source["folder"], tmp_path_factory.mktemp("c10"), val_fraction=0.2,
+                           log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def c100_data(tmp_path_factory) -> Path:
+    source = write_cifar100(tmp_path_factory.mktemp("c100src"), n_train=200, n_test=100, seed=5)
+    return convert_dataset("cifar100", source["folder"], tmp_path_factory.mktemp("c100"), log=lambda _: None)
+
+
+SMOKE = {
+    "mnist_cnn_smoke": "mnist", "mnist_mlp_smoke": "mnist", "mnist_resmlp_smoke": "mnist",
+    "c10_cnn_smoke": "rgb", "c10_rescnn_smoke": "rgb", "c10_finetune_smoke": "rgb_val",
+    "c100_scratch_smoke": "c100",
+}
+
+
+def test_every_smoke_recipe_is_listed():
+    smoke = {p.stem for p in (ROOT / "recipes").glob("*_smoke.toml")}
+    assert smoke == set(SMOKE) | {"c10_kd_smoke"}
+
+
+@pytest.mark.parametrize("recipe", sorted(SMOKE))
+def test_smoke_recipe_end_to_end(recipe, request, tmp_path):
+    data = {"mnist": "mnist_data", "rgb": "tiny_rgb_data", "rgb_val": "rgb_val_data", "c100": "c100_data"}
+    data_dir = request.getfixturevalue(data[SMOKE[recipe]])
+    run_dir = tmp_path / "run"
+    summary = run_train(["--recipe", recipe, "--data", str(data_dir), "--run-dir", str(run_dir), "--cpu"])
+    resolved = load_recipe(str(run_dir / "config.toml"))
+    assert resolved == load_recipe(recipe, [f"data.path={json.dumps(str(data_dir))}"])
+    rows = metrics(run_dir)
+    assert len(rows) == resolved.total_epochs == summary["epochs"]
+    assert [r["phase"] for r in rows] == [p.name for p in resolved.phases for _ in range(p.epochs)]
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    assert summary["test_samples"] == manifest["splits"]["test"]["count"]
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_loss"] > 0
+    assert summary["images_per_s"] > 0 and summary["parameters"] > 0
+    for name in ("model.safetensors", "model.json", "environment.json", "classification_report.txt",
+                 "confusion_matrix.png", "confusion_matrix.csv", "learning_curves.png", "lr_schedule.png"):
+        assert (run_dir / name).is_file(), name
+    if resolved.data.val_split:
+        assert all(r["val_loss"] for r in rows)
+    lrs = [float(r[k]) for r in rows for k in r if k.startswith("lr_") and r[k]]
+    assert lrs and all(lr >= 0 for lr in lrs)
+
+
+def test_finetune_phases_freeze_and_group_lrs(rgb_val_data, tmp_path):
+    """Seed 000's phases: head-only first (one group at 0.01), then backbone 1e-3 and head 1e-2 (cosine)."""
+    run_dir = tmp_path / "run"
+    run_train(["--recipe", "c10_finetune_smoke", "--data", str(rgb_val_data), "--run-dir", str(run_dir), "--cpu"])
+    rows = metrics(run_dir)
+    assert rows[0]["phase"] == "warmup_head" and float(rows[0]["lr_base"]) == 0.01 and not rows[0]["lr_fc"]
+    fine = rows[1]
+    assert fine["phase"] == "finetune"
+    assert float(fine["lr_fc"]) / float(fine["lr_base"]) == pytest.approx(10.0, rel=1e-2)  # both decay to 1e-6
+
+
+def test_mnist_cnn_learns_real_mnist(mnist_data, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = run_train(["--recipe", "mnist_cnn_smoke", "--data", str(mnist_data), "--run-dir", str(run_dir),
+                         "--cpu", "--set", "max_steps_per_epoch=120"])
+    assert summary["test_accuracy"] > 0.85  # 120 steps of 128 images; chance is 0.10
+
+
+def test_distillation_logs_hard_and_soft_losses(tiny_rgb_data, tmp_path):
+    teacher = tmp_path / "teacher"
+    run_train(["--recipe", "c10_rescnn_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(teacher), "--cpu"])
+    student = tmp_path / "student"
+    run_train(["--recipe", "c10_kd_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(student), "--cpu",
+               "--set", f"loss.distill.teacher={json.dumps(str(teacher))}"])
+    rows = metrics(student)
+    assert all(float(r["kd_soft_loss"]) >= 0 for r in rows)
+    assert (student / "distill_losses.png").is_file()
+
+
+def test_teacher_of_other_dataset_is_rejected(tiny_rgb_data, c100_data, tmp_path):
+    teacher = tmp_path / "teacher"
+    run_train(["--recipe", "c100_scratch_smoke", "--data", str(c100_data), "--run-dir", str(teacher), "--cpu",
+               "--set", "model.name=simple_cnn", "--set", "model.args={}"])
+    with pytest.raises(UserError, match="predicts 100 classes but the data has 10"):
+        run_train(["--recipe", "c10_kd_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(tmp_path / "s"),
+                   "--set", f"loss.distill.teacher={json.dumps(str(teacher))}"])
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--recipe", "nope"], "unknown recipe 'nope'"),
+    (["--recipe", "mnist_cnn_smoke", "--set", "data.batch_size=-1"], "'data.batch_size' must be >= 1"),
+    (["--recipe", "mnist_cnn_smoke", "--data", "/no/such/dir"], "python -m convert"),
+    (["--recipe", "mnist_cnn_smoke", "--set", "model.args={stages = 6}"], "too small"),
+    (["--recipe", "mnist_cnn_smoke", "--set", "data.val_split=val"], "--val-fraction"),
+    (["--recipe", "mnist_cnn_smoke", "--set", "phases.0.early_stopping.metric=val_loss"], "does not compute"),
+    (["--recipe", "mnist_cnn_smoke", "--set", "phases.0.train_modules=[\"backbone\"]"], "does not have"),
+    (["--recipe", "mnist_cnn_smoke", "--set", "loss.distill.teacher=\"/nope\""], "no model.json"),
+    (["--recipe", "mnist_cnn_smoke", "--resume", "auto"], "--resume auto needs --run-dir"),
+])
+def test_bad_input_is_one_clear_line(args, fragment, mnist_data, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = args + ["--run-dir", str(run_dir), "--cpu"] if "--resume" not in args else args
+    if "--data" not in argv:
+        argv += ["--data", str(mnist_data)]
+    with pytest.raises(UserError) as info:
+        run_train(argv)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert not run_dir.exists()
+
+
+def test_existing_run_folder_is_never_overwritten(mnist_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("precious\n")
+    with pytest.raises(UserError, match="already holds a run; continue it with --resume auto"):
+        run_train(["--recipe", "mnist_cnn_smoke", "--data", str(mnist_data), "--run-dir", str(run_dir), "--cpu"])
+    assert (run_dir / "metrics.csv").read_text() == "precious\n"
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--recipe", "mnist_cnn_smoke", "--set", "data.batch_sise=3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: unknown setting 'data.batch_sise' (did you mean 'batch_size'?); valid keys here: batch_size, "
+        "eval_batch_size, loader, num_workers, path, val_split"]
+
+
+def test_two_processes_count_every_test_sample_once(mnist_data, tmp_path):
+    """2-process gloo DDP on the CPU: the test metric covers each sample once and equals a 1-process eval."""
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                          "train.py", "--recipe", "mnist_cnn_smoke", "--data", str(mnist_data), "--cpu",
+                          "--run-dir", str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["test_samples"] == 10_000
+    # the exported weights, evaluated here by one process over the whole test split, give the same accuracy
+    spec = json.loads((run_dir / "model.json").read_text())
+    model = train.make_model(spec)
+    model.load_state_dict(load_file(run_dir / "model.safetensors"))
+    model.eval()
+    split = open_split(mnist_data, "test")
+    images = torch.from_numpy(split.images).permute(0, 3, 1, 2).float().div(255)
+    images = (images - torch.tensor(split.mean).view(1, -1, 1, 1)) / torch.tensor(split.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        preds = torch.cat([model(chunk).argmax(1) for chunk in images.split(1000)])
+    accuracy = (preds == torch.from_numpy(split.labels)).double().mean().item()
+    assert summary["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
