@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # where to start: a fresh run, or the newest checkpoint that loads
     progress = {"phase": 0, "epoch": 0, "batch": 0, "global_step": 0, "best": None, "bad_epochs": 0,
-                "sums": [0.0] * 5, "rows": 0, "train_time": 0.0}
+                "sums": [0.0] * 6, "rows": 0, "train_time": 0.0}
     resumed_from = None
     steps_per_epoch = len(data.train)
     if recipe.max_steps_per_epoch:
@@ -320,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         for epoch in range(start_epoch, phase.epochs):
             model.train()
             start_batch = progress["batch"] if (phase_index, epoch) == (progress["phase"], progress["epoch"]) else 0
-            # running sums on the device: loss, correct, samples, grad norm, kd_soft (read once per epoch)
-            sums = torch.tensor(progress["sums"] if start_batch else [0.0] * 5, device=accelerator.device,
+            # running sums on the device: loss, correct, samples, grad norm, kd soft, kd hard (read once per epoch)
+            sums = torch.tensor(progress["sums"] if start_batch else [0.0] * 6, device=accelerator.device,
                                 dtype=torch.float64)
             data.train.set_epoch(epoch_counter, start_batch)
             epoch_start = time.perf_counter()
@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                                      (logits.argmax(1) == labels).sum().double(),
                                      torch.tensor(float(labels.numel()), device=sums.device, dtype=torch.float64),
                                      grad_norm.detach().double(),
-                                     terms.get("kd_soft_loss", terms["loss"]).detach().double() * labels.numel()])
+                                     terms.get("kd_soft_loss", terms["loss"]).detach().double() * labels.numel(),
+                                     terms.get("kd_hard_loss", terms["loss"]).detach().double() * labels.numel()])
                 step_in_epoch += 1
                 progress["global_step"] += 1
                 bar.update(1)
@@ -380,12 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
             epoch_time = time.perf_counter() - epoch_start
             sums = accelerator.reduce(sums, reduction="sum")
-            loss_sum, correct, seen, grad_sum, kd_soft = sums.tolist()
+            loss_sum, correct, seen, grad_sum, kd_soft, kd_hard = sums.tolist()
             row = {"epoch": epoch_counter + 1, "phase": phase.name, "train_loss": loss_sum / seen,
                    "train_accuracy": correct / seen, "grad_norm": grad_sum / accelerator.num_processes
                    / max(step_in_epoch - start_batch, 1)}
             if teacher is not None:
-                row["kd_soft_loss"] = kd_soft / seen
+                row["kd_soft_loss"], row["kd_hard_loss"] = kd_soft / seen, kd_hard / seen
             for name in (["val"] if data.val else []) + ["test"]:
                 metrics, _, _ = evaluate(eval_model(), data.val if name == "val" else data.test, recipe, accelerator)
                 row[f"{name}_loss"], row[f"{name}_accuracy"] = metrics["loss"], metrics["accuracy"]
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             done_epoch = epoch + 1
             next_phase, next_epoch = (phase_index + 1, 0) if stop_phase or done_epoch == phase.epochs \
                 else (phase_index, done_epoch)
-            progress.update(phase=next_phase, epoch=next_epoch, batch=0, sums=[0.0] * 5,
+            progress.update(phase=next_phase, epoch=next_epoch, batch=0, sums=[0.0] * 6,
                             scheduler=scheduler.state_dict(), rows=len(log.rows) if log else 0,
                             train_time=time.perf_counter() - train_start)
             if next_phase != phase_index:  # early stopping keeps the best of each phase

@@ -118,7 +118,7 @@ def test_distillation_logs_hard_and_soft_losses(tiny_rgb_data, tmp_path):
     run_train(["--recipe", "c10_kd_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(student), "--cpu",
                "--set", f"loss.distill.teacher={json.dumps(str(teacher))}"])
     rows = metrics(student)
-    assert all(float(r["kd_soft_loss"]) >= 0 for r in rows)
+    assert all(float(r["kd_soft_loss"]) >= 0 and float(r["kd_hard_loss"]) > 0 for r in rows)
     assert (student / "distill_losses.png").is_file()
 
 
