@@ -1,0 +1,1 @@
+"""Throughput benchmarks; run them as modules from the project root (`python -m benchmarks.loaders`)."""

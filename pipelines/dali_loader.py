@@ -1,0 +1,217 @@
+"""The DALI backend: the augmentation spec as a DALI graph, fed from the reading layer's uint8 arrays.
+
+Order and sharding are ours, as for the other backends: `fn.external_source` (batch mode,
+`cycle="raise"`) yields this rank's samples in the order of `pipelines.base.rank_indices`, and the labels
+never enter DALI (they are picked from the same order on the device). The graph runs on the GPU
+(`.gpu()` right after the source) when the device is CUDA, and with `device_id=None` (CPU-only DALI)
+otherwise. MixUp/CutMix has no DALI operator, so it runs after the iterator through the shared
+`TrainTransform.mix`, keyed by `batch_generator` like every backend.
+
+Randomness comes from DALI's own per-sample generators, seeded from (seed, epoch, rank) by rebuilding
+the pipeline each epoch: the same seed gives the same batches, but not the tensor backend's batches.
+DALI's generators cannot skip ahead, so `set_epoch(e, start_batch=k)` replays the first k batches and
+drops them (a resume costs up to one epoch of augmentation work, once).
+
+Where DALI's operators differ from the spec's torchvision semantics:
+- contrast pivots around mid-grey (half the uint8 range) instead of each image's mean luminance
+  (`fn.brightness_contrast` takes a fixed centre), and jitter rounds to uint8 after each of its two
+  operators;
+- saturation and hue use `fn.hsv`, which DALI approximates by a linear transform in RGB space (a
+  rotation about the grey axis) rather than an exact HSV round trip; hue shifts are the spec's
+  fractions of a turn times 360 degrees;
+- the affine warp draws the spec's ranges and rotates like torchvision, but DALI's x-shear of +s degrees
+  leans the way torchvision's -s does (the range is symmetric, so the distribution is the same).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+from pipelines.augment import AffineSpec, AugmentSpec, EraseSpec, JitterSpec, TrainTransform
+from pipelines.base import LoaderOptions, batch_generator, num_batches, rank_indices
+
+# torch's "reflect" does not repeat the edge pixel, which is DALI's "reflect_101"
+OUT_OF_BOUNDS = {"constant": "pad", "reflect": "reflect_101"}
+
+
+class DaliLoader:
+    """Implements `pipelines.base.Loader` with a DALI pipeline per epoch."""
+
+    def __init__(self, options: LoaderOptions):
+        from pipelines.dataset import open_split
+
+        split = open_split(options.data_dir, options.split)
+        self._setup(split.images, split.labels, mean=split.mean, std=split.std,
+                    num_classes=split.num_classes, options=options)
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
+                    num_classes: int, options: LoaderOptions) -> DaliLoader:
+        """Build from uint8 images (N, H, W, C) and int labels (N,) already in memory."""
+        loader = cls.__new__(cls)
+        loader._setup(images, labels, mean=mean, std=std, num_classes=num_classes, options=options)
+        return loader
+
+    def _setup(self, images: np.ndarray, labels: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
+               num_classes: int, options: LoaderOptions) -> None:
+        if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
+            raise UserError(f"split '{options.split}' holds images {images.dtype}{list(images.shape)} and "
+                            f"{len(labels)} labels, expected uint8 (N, H, W, C) with N labels; "
+                            "convert the data again")
+        self.options = options
+        self.n = len(images)
+        self._len = num_batches(self.n, train=options.train, rank=options.rank,
+                                world_size=options.world_size, batch_size=options.batch_size)
+        if options.train and self._len == 0:
+            raise UserError(f"split '{options.split}' has {self.n} samples, fewer than one batch of "
+                            f"{options.batch_size} per rank on {options.world_size} rank(s); lower batch_size")
+        self.images = images
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(options.device)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.spec = options.spec if options.train else AugmentSpec()
+        # with eval's empty spec, mix() only sets the memory layout
+        self.mix = TrainTransform(self.spec, mean=mean, std=std, num_classes=num_classes,
+                                  label_smoothing=options.label_smoothing,
+                                  channels_last=options.channels_last).mix
+        device = options.device
+        self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+        self.epoch = 0
+        self._start_batch = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch's order; the next iteration starts at `start_batch` (later ones at 0)."""
+        self.epoch = epoch
+        self._start_batch = start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        o = self.options
+        order = rank_indices(self.n, epoch=self.epoch, seed=o.seed, rank=o.rank, world_size=o.world_size,
+                             train=o.train, batch_size=o.batch_size)
+        start, self._start_batch = self._start_batch, 0
+        if start >= self._len:
+            return
+        batches = [order[b * o.batch_size:(b + 1) * o.batch_size] for b in range(self._len)]
+        seed = int(np.random.SeedSequence([o.seed, self.epoch, o.rank]).generate_state(1)[0] & 0x7FFFFFFF)
+
+        def source() -> Iterator[np.ndarray]:  # a generator function: DALI re-calls it to cycle
+            for idx in batches:
+                yield self.images[idx]
+
+        pipe = self._pipeline(source, seed)
+        outputs = DALIGenericIterator(pipe, ["images"], last_batch_policy=LastBatchPolicy.PARTIAL)
+        for b, (out,) in enumerate(outputs):
+            if b < start:
+                continue  # replayed only to advance DALI's generators to batch `start`
+            images = out["images"].to(o.device, non_blocking=True)
+            labels = self.labels[torch.from_numpy(batches[b]).to(o.device)]
+            gen = batch_generator(o.device, seed=o.seed, epoch=self.epoch, batch=b, rank=o.rank)
+            yield self.mix(images, labels, gen)
+
+    def _pipeline(self, source: Callable[[], Iterator[np.ndarray]], seed: int):
+        """The spec as a DALI graph: crop -> flip -> affine -> jitter (uint8 HWC) -> normalize (float CHW)
+        -> erase."""
+        from nvidia.dali import Pipeline, fn, types
+
+        s = self.spec
+        h, w, channels = self.images.shape[1:]
+        pipe = Pipeline(batch_size=self.options.batch_size, num_threads=max(1, self.options.num_workers),
+                        device_id=self.device_id, seed=seed)
+        with pipe:
+            x = fn.external_source(source=source, batch=True, cycle="raise", layout="HWC", dtype=types.UINT8)
+            if self.device_id is not None:
+                x = x.gpu()
+            if s.crop.active:
+                x = _pad_crop(x, s.crop.padding, s.crop.padding_mode, s.crop.fill, h, w)
+            if s.flip.active:
+                x = fn.flip(x, horizontal=fn.random.coin_flip(probability=s.flip.p))
+            if s.affine.active:
+                x = fn.warp_affine(x, matrix=_affine_matrix(s.affine, h, w), inverse_map=False, fill_value=0)
+            if s.jitter.active:
+                x = _jitter(x, s.jitter, rgb=channels == 3)
+            x = fn.crop_mirror_normalize(x, mean=[m * 255 for m in self.mean], std=[v * 255 for v in self.std],
+                                         output_layout="CHW", dtype=types.FLOAT)
+            if s.erase.active:
+                x = _erase(x, s.erase, h, w)
+            pipe.set_outputs(x)
+        return pipe
+
+
+def _uniform(lo: float, hi: float):
+    """One float per sample from U[lo, hi)."""
+    from nvidia.dali import fn
+
+    return fn.random.uniform(range=[lo, hi])
+
+
+def _pad_crop(x, padding: int, mode: str, fill: int, h: int, w: int):
+    """RandomCrop(size, padding): an (h, w) window at offsets uniform in [-padding, padding], read past
+    the border with constant fill or reflection."""
+    from nvidia.dali import fn, types
+
+    offsets = list(range(-padding, padding + 1))
+    dy = fn.random.uniform(values=offsets, dtype=types.INT32)
+    dx = fn.random.uniform(values=offsets, dtype=types.INT32)
+    return fn.slice(x, fn.stack(dy, dx), np.array([h, w], dtype=np.int32), axis_names="HW",
+                    out_of_bounds_policy=OUT_OF_BOUNDS[mode], fill_values=float(fill))
+
+
+def _affine_matrix(spec: AffineSpec, h: int, w: int):
+    """RandomAffine's forward map about the image centre: shear, scale, rotate, then translate."""
+    from nvidia.dali import fn
+
+    center = [w / 2, h / 2]
+    shear = _uniform(-spec.shear, spec.shear)
+    scale = _uniform(*spec.scale)
+    m = fn.transforms.shear(angles=fn.stack(shear, shear * 0), center=center)
+    m = fn.transforms.scale(m, scale=fn.stack(scale, scale), center=center)
+    m = fn.transforms.rotation(m, angle=_uniform(-spec.degrees, spec.degrees), center=center)
+    offset = fn.stack(_uniform(-spec.translate, spec.translate) * w, _uniform(-spec.translate, spec.translate) * h)
+    return fn.transforms.translation(m, offset=offset)
+
+
+def _factor(strength: float):
+    """A per-sample ColorJitter factor in [max(0, 1 - strength), 1 + strength], or 1 when off."""
+    return _uniform(max(0.0, 1 - strength), 1 + strength) if strength > 0 else 1.0
+
+
+def _jitter(x, spec: JitterSpec, rgb: bool):
+    from nvidia.dali import fn
+
+    if spec.brightness > 0 or spec.contrast > 0:
+        x = fn.brightness_contrast(x, brightness=_factor(spec.brightness), contrast=_factor(spec.contrast))
+    if rgb and (spec.saturation > 0 or spec.hue > 0):
+        hue = _uniform(-spec.hue * 360, spec.hue * 360) if spec.hue > 0 else 0.0
+        x = fn.hsv(x, saturation=_factor(spec.saturation), hue=hue)
+    return x
+
+
+def _erase(x, spec: EraseSpec, h: int, w: int):
+    """RandomErasing on normalized CHW floats, drawn as in `pipelines.augment.random_erase`: area fraction
+    ~ U(scale), log aspect ~ U(log ratio), box clipped to the image, erased with probability p (a box of
+    size 0 otherwise)."""
+    from nvidia.dali import fn
+    from nvidia.dali import math as dmath
+
+    area = _uniform(*spec.scale) * (h * w)
+    aspect = dmath.exp(_uniform(math.log(spec.ratio[0]), math.log(spec.ratio[1])))
+    box_h = dmath.clamp(dmath.floor(dmath.sqrt(area * aspect) + 0.5), 1, h)
+    box_w = dmath.clamp(dmath.floor(dmath.sqrt(area / aspect) + 0.5), 1, w)
+    top = dmath.min(dmath.floor(_uniform(0, 1) * (h - box_h + 1)), h - box_h)
+    left = dmath.min(dmath.floor(_uniform(0, 1) * (w - box_w + 1)), w - box_w)
+    on = fn.random.coin_flip(probability=spec.p)
+    region = {"anchor": fn.stack(top, left), "shape": fn.stack(box_h * on, box_w * on), "axis_names": "HW"}
+    if spec.value != "random":
+        return fn.erase(x, fill_value=float(spec.value), **region)
+    inside = fn.erase(x * 0, fill_value=1.0, **region)  # 1 inside the box, 0 elsewhere
+    return x + inside * (fn.random.normal(x) - x)

@@ -1,0 +1,88 @@
+"""The FFCV backend: exact pixels and labels with an identity spec (RGB and grey), every sample once, the
+same batches as the tensor backend for the same seed, mid-epoch resume, and a clear error without ffcv.
+
+All tests share one process, so FFCV's numba JIT is paid once."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import UserError
+from pipelines import build_loader
+from pipelines.base import rank_indices
+from pipelines.dataset import open_split
+from tests.test_baseline import check_identity, options
+
+pytest.importorskip("ffcv")
+
+FULL_CHAIN = {"crop": {"padding": 4}, "flip": {"p": 0.5}, "jitter": {"brightness": 0.3, "contrast": 0.3},
+              "erase": {"p": 0.5}, "mix": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}}
+
+
+def test_identity_rgb_eval_and_train(tiny_rgb_data):
+    split = open_split(tiny_rgb_data, "test")
+    n = len(split.labels)  # 200: the last eval batch is partial
+    check_identity(build_loader("ffcv", options(tiny_rgb_data, "test", train=False)), split, np.arange(n))
+
+    loader = build_loader("ffcv", options(tiny_rgb_data, "test", train=True, seed=3))
+    assert len(loader) == n // 64
+    orders = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        order = rank_indices(n, epoch=epoch, seed=3, rank=0, world_size=1, train=True, batch_size=64)
+        assert len(set(order)) == len(order) == len(loader) * 64
+        check_identity(loader, split, order)
+        orders.append(order)
+    assert not np.array_equal(orders[0], orders[1])
+
+
+def test_identity_grey_mnist(mnist_data):
+    split = open_split(mnist_data, "test")
+    loader = build_loader("ffcv", options(mnist_data, "test", train=False, batch_size=1000, world_size=3, rank=1))
+    check_identity(loader, split, np.arange(1, len(split.labels), 3))
+
+
+def test_same_batches_as_tensor_backend(tiny_rgb_data):
+    opts = options(tiny_rgb_data, "train", train=True, spec=FULL_CHAIN, seed=11, label_smoothing=0.1)
+    ffcv, tensor = build_loader("ffcv", opts), build_loader("tensor", opts)
+    assert len(ffcv) == len(tensor) == 10
+    for epoch in (0, 1):
+        ffcv.set_epoch(epoch)
+        tensor.set_epoch(epoch)
+        pairs = list(zip(ffcv, tensor, strict=True))
+        for (x, y), (x_ref, y_ref) in pairs:
+            assert y.shape == (64, 10) and torch.allclose(y.sum(1), torch.ones(64))
+            torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
+            torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    # resume in the middle of epoch 1: batches 7.. of the uninterrupted epoch
+    ffcv.set_epoch(1, start_batch=7)
+    resumed = list(ffcv)
+    assert len(resumed) == 3
+    for (x, y), ((x_ref, y_ref), _) in zip(resumed, pairs[7:], strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_eval_matches_tensor_backend_on_a_rank(tiny_rgb_data):
+    opts = options(tiny_rgb_data, "test", train=False, world_size=2, rank=1, batch_size=48)
+    for (x, y), (x_ref, y_ref) in zip(build_loader("ffcv", opts), build_loader("tensor", opts), strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+@pytest.mark.parametrize("backend, package", [("ffcv", "ffcv"), ("dali", "nvidia.dali")])
+def test_missing_package_is_one_line_user_error(monkeypatch, tiny_rgb_data, backend, package):
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import <package>` raise ImportError
+    with pytest.raises(UserError) as info:
+        build_loader(backend, options(tiny_rgb_data, "train", train=True))
+    message = str(info.value)
+    assert "\n" not in message and package in message and "pip install" in message
+
+
+def test_too_few_samples_for_one_batch(tiny_rgb_data):
+    opts = replace(options(tiny_rgb_data, "test", train=True), batch_size=256)
+    with pytest.raises(UserError, match="lower batch_size"):
+        build_loader("ffcv", opts)
