@@ -9,7 +9,7 @@ run resumed in the middle of an epoch sees exactly the same batches as one that 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,7 +17,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pipelines.augment import AugmentSpec
+from common.errors import UserError
+from pipelines.augment import AugmentSpec, EvalTransform, TrainTransform
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,66 @@ def batch_generator(device: torch.device, *, seed: int, epoch: int, batch: int, 
     key = np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(1, dtype=np.uint64)[0]
     gen.manual_seed(int(key) & ((1 << 63) - 1))
     return gen
+
+
+class ShardedLoader:
+    """What the three backends share: the exact length, the epoch/start-batch state, this rank's
+    order, and the device transform keyed by (seed, epoch, batch, rank). Subclasses implement __iter__."""
+
+    def __init__(self, options: LoaderOptions, *, n: int, mean: Sequence[float], std: Sequence[float],
+                 num_classes: int):
+        self.options = options
+        self.n = n
+        self._len = num_batches(n, train=options.train, rank=options.rank, world_size=options.world_size,
+                                batch_size=options.batch_size)
+        if options.train and self._len == 0:
+            raise UserError(f"split '{options.split}' has {n} samples, fewer than one batch of "
+                            f"{options.batch_size} per rank on {options.world_size} rank(s); lower batch_size")
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.transform = TrainTransform(options.spec, mean=mean, std=std, num_classes=num_classes,
+                                        label_smoothing=options.label_smoothing,
+                                        channels_last=options.channels_last) if options.train \
+            else EvalTransform(mean=mean, std=std, channels_last=options.channels_last)
+        self.epoch = 0
+        self._start_batch = 0
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
+                    num_classes: int, options: LoaderOptions):
+        """Build from uint8 images (N, H, W, C) and int labels (N,) already in memory."""
+        from pipelines.dataset import Split
+
+        return cls(options, Split.in_memory(images, labels, mean=mean, std=std, num_classes=num_classes))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch's order; the next iteration starts at `start_batch` (later ones at 0)."""
+        self.epoch = epoch
+        self._start_batch = start_batch
+
+    def _take_order(self) -> tuple[np.ndarray, int]:
+        """This rank's sample order for the current epoch and the batch to start at (consumed once)."""
+        o = self.options
+        order = rank_indices(self.n, epoch=self.epoch, seed=o.seed, rank=o.rank, world_size=o.world_size,
+                             train=o.train, batch_size=o.batch_size)
+        start, self._start_batch = self._start_batch, 0
+        return order, start
+
+    def _generator(self, batch: int) -> torch.Generator:
+        o = self.options
+        return batch_generator(o.device, seed=o.seed, epoch=self.epoch, batch=batch, rank=o.rank)
+
+    def _augment(self, images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 NCHW on the device -> the batch the model sees (augmented for training)."""
+        if self.options.train:
+            return self.transform(images, labels, self._generator(batch))
+        return self.transform(images, labels)
+
+
+def check_arrays(images: np.ndarray, labels: np.ndarray, split: str) -> None:
+    """The reading layer's arrays, as the array-fed backends (tensor, dali) expect them."""
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
+        raise UserError(f"split '{split}' holds images {images.dtype}{list(images.shape)} and "
+                        f"{len(labels)} labels, expected uint8 (N, H, W, C) with N labels; convert the data again")

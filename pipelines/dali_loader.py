@@ -26,79 +26,42 @@ Where DALI's operators differ from the spec's torchvision semantics:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
-from common.errors import UserError
 from pipelines.augment import AffineSpec, AugmentSpec, EraseSpec, JitterSpec, TrainTransform
-from pipelines.base import LoaderOptions, batch_generator, num_batches, rank_indices
+from pipelines.base import LoaderOptions, ShardedLoader, check_arrays
+from pipelines.dataset import Split, open_split
 
 # torch's "reflect" does not repeat the edge pixel, which is DALI's "reflect_101"
 OUT_OF_BOUNDS = {"constant": "pad", "reflect": "reflect_101"}
 
 
-class DaliLoader:
+class DaliLoader(ShardedLoader):
     """Implements `pipelines.base.Loader` with a DALI pipeline per epoch."""
 
-    def __init__(self, options: LoaderOptions):
-        from pipelines.dataset import open_split
-
-        split = open_split(options.data_dir, options.split)
-        self._setup(split.images, split.labels, mean=split.mean, std=split.std,
-                    num_classes=split.num_classes, options=options)
-
-    @classmethod
-    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
-                    num_classes: int, options: LoaderOptions) -> DaliLoader:
-        """Build from uint8 images (N, H, W, C) and int labels (N,) already in memory."""
-        loader = cls.__new__(cls)
-        loader._setup(images, labels, mean=mean, std=std, num_classes=num_classes, options=options)
-        return loader
-
-    def _setup(self, images: np.ndarray, labels: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
-               num_classes: int, options: LoaderOptions) -> None:
-        if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
-            raise UserError(f"split '{options.split}' holds images {images.dtype}{list(images.shape)} and "
-                            f"{len(labels)} labels, expected uint8 (N, H, W, C) with N labels; "
-                            "convert the data again")
-        self.options = options
-        self.n = len(images)
-        self._len = num_batches(self.n, train=options.train, rank=options.rank,
-                                world_size=options.world_size, batch_size=options.batch_size)
-        if options.train and self._len == 0:
-            raise UserError(f"split '{options.split}' has {self.n} samples, fewer than one batch of "
-                            f"{options.batch_size} per rank on {options.world_size} rank(s); lower batch_size")
-        self.images = images
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(options.device)
-        self.mean, self.std = tuple(mean), tuple(std)
+    def __init__(self, options: LoaderOptions, split: Split | None = None):
+        split = split or open_split(options.data_dir, options.split)
+        check_arrays(split.images, split.labels, options.split)
+        super().__init__(options, n=len(split.images), mean=split.mean, std=split.std,
+                         num_classes=split.num_classes)
+        self.images = split.images
+        self.labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(options.device)
         self.spec = options.spec if options.train else AugmentSpec()
-        # with eval's empty spec, mix() only sets the memory layout
-        self.mix = TrainTransform(self.spec, mean=mean, std=std, num_classes=num_classes,
-                                  label_smoothing=options.label_smoothing,
-                                  channels_last=options.channels_last).mix
+        # DALI does every stage but MixUp/CutMix; with eval's empty spec, mix() only sets the memory layout
+        self.mix = TrainTransform(self.spec, mean=split.mean, std=split.std, num_classes=split.num_classes,
+                                  label_smoothing=options.label_smoothing, channels_last=options.channels_last).mix
         device = options.device
         self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else None
-        self.epoch = 0
-        self._start_batch = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Choose the epoch's order; the next iteration starts at `start_batch` (later ones at 0)."""
-        self.epoch = epoch
-        self._start_batch = start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         o = self.options
-        order = rank_indices(self.n, epoch=self.epoch, seed=o.seed, rank=o.rank, world_size=o.world_size,
-                             train=o.train, batch_size=o.batch_size)
-        start, self._start_batch = self._start_batch, 0
+        order, start = self._take_order()
         if start >= self._len:
             return
         batches = [order[b * o.batch_size:(b + 1) * o.batch_size] for b in range(self._len)]
@@ -115,8 +78,7 @@ class DaliLoader:
                 continue  # replayed only to advance DALI's generators to batch `start`
             images = out["images"].to(o.device, non_blocking=True)
             labels = self.labels[torch.from_numpy(batches[b]).to(o.device)]
-            gen = batch_generator(o.device, seed=o.seed, epoch=self.epoch, batch=b, rank=o.rank)
-            yield self.mix(images, labels, gen)
+            yield self.mix(images, labels, self._generator(b))
 
     def _pipeline(self, source: Callable[[], Iterator[np.ndarray]], seed: int):
         """The spec as a DALI graph: crop -> flip -> affine -> jitter (uint8 HWC) -> normalize (float CHW)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,13 @@ class Split:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
+
+    @classmethod
+    def in_memory(cls, images: np.ndarray, labels: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
+                  num_classes: int, name: str = "train") -> Split:
+        """A split from arrays already in memory (tests, benchmarks), without a .beton behind it."""
+        manifest = {"classes": [str(i) for i in range(num_classes)], "mean": list(mean), "std": list(std)}
+        return cls(name, images, np.asarray(labels, dtype=np.int64), manifest, Path("<memory>"))
 
 
 class BetonFile:

@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from pipelines.augment import EvalTransform, TrainTransform
-from pipelines.base import LoaderOptions, batch_generator, num_batches, rank_indices
+from pipelines.base import LoaderOptions, ShardedLoader
 
 
-class FfcvLoader:
+class FfcvLoader(ShardedLoader):
     """Implements `pipelines.base.Loader` over one split's `.beton`, read by FFCV."""
 
     def __init__(self, options: LoaderOptions):
@@ -42,30 +41,8 @@ class FfcvLoader:
         self.path = Path(options.data_dir) / f"{options.split}.beton"
         beton = BetonFile(self.path)  # one-line errors for a missing or corrupt file, before FFCV sees it
         self.grey = beton.storage == "ndarray"
-        self.options = options
-        self.n = len(beton)
-        self._len = num_batches(self.n, train=options.train, rank=options.rank,
-                                world_size=options.world_size, batch_size=options.batch_size)
-        if options.train and self._len == 0:
-            raise UserError(f"split '{options.split}' has {self.n} samples, fewer than one batch of "
-                            f"{options.batch_size} per rank on {options.world_size} rank(s); lower batch_size")
-        mean, std = manifest["mean"], manifest["std"]
-        if options.train:
-            self.transform = TrainTransform(options.spec, mean=mean, std=std, num_classes=len(manifest["classes"]),
-                                            label_smoothing=options.label_smoothing,
-                                            channels_last=options.channels_last)
-        else:
-            self.transform = EvalTransform(mean=mean, std=std, channels_last=options.channels_last)
-        self.epoch = 0
-        self._start_batch = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Choose the epoch's order; the next iteration starts at `start_batch` (later ones at 0)."""
-        self.epoch = epoch
-        self._start_batch = start_batch
+        super().__init__(options, n=len(beton), mean=manifest["mean"], std=manifest["std"],
+                         num_classes=len(manifest["classes"]))
 
     def _ffcv_loader(self, indices):
         """An FFCV Loader that visits exactly `indices`, in that order."""
@@ -86,16 +63,10 @@ class FfcvLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         o = self.options
-        order = rank_indices(self.n, epoch=self.epoch, seed=o.seed, rank=o.rank, world_size=o.world_size,
-                             train=o.train, batch_size=o.batch_size)
-        start, self._start_batch = self._start_batch, 0
+        order, start = self._take_order()
         if start >= self._len:
             return
         for b, (images, labels) in enumerate(self._ffcv_loader(order[start * o.batch_size:]), start):
             images = images.permute(0, 3, 1, 2)  # NHWC -> NCHW view; the transform makes new tensors
             labels = labels.clone()  # FFCV reuses its output buffers a few batches later
-            if o.train:
-                gen = batch_generator(o.device, seed=o.seed, epoch=self.epoch, batch=b, rank=o.rank)
-                yield self.transform(images, labels, gen)
-            else:
-                yield self.transform(images, labels)
+            yield self._augment(images, labels, b)
