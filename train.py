@@ -129,6 +129,9 @@ def load_teacher(path: str, manifest: dict, device: torch.device) -> nn.Module:
     if spec["num_classes"] != len(manifest["classes"]):
         raise UserError(f"teacher {path} predicts {spec['num_classes']} classes but the data has "
                         f"{len(manifest['classes'])}; use a teacher trained on this dataset")
+    if list(spec["image_shape"]) != list(manifest["image_shape"]):
+        raise UserError(f"teacher {path} takes images of shape {spec['image_shape']} but the data has "
+                        f"{manifest['image_shape']}; use a teacher trained on this dataset")
     teacher = make_model(spec)
     try:
         teacher.load_state_dict(load_file(folder / "model.safetensors"))
@@ -197,28 +200,62 @@ class Stop:
         self.requested = True
 
 
+class FiniteWatch:
+    """Stops training once the loss (or, without fp16's loss scaler, the gradient norm) is not finite.
+
+    Checked only when the progress bar updates and before each checkpoint (each check syncs the
+    device), so a checkpoint never holds weights trained past a non-finite step.
+    """
+
+    def __init__(self, check_grads: bool, ckpt_root: Path) -> None:
+        self.check_grads = check_grads
+        self.ckpt_root = ckpt_root
+        self.last: tuple[float, int] | None = None  # (loss, step) at the last finite check
+
+    def check(self, sums: torch.Tensor, step: int, lr: float) -> float:
+        """The mean training loss of the epoch so far, from the running sums."""
+        loss_sum, _, seen, grad_sum = sums.tolist()[:4]
+        loss = loss_sum / max(seen, 1)
+        what, value = ("gradient norm", grad_sum) if self.check_grads and math.isfinite(loss) else ("loss", loss)
+        if math.isfinite(value):
+            self.last = (loss, step)
+            return loss
+        last = f"last finite loss {self.last[0]:.4g} at step {self.last[1]}" if self.last else "no finite loss seen"
+        raise UserError(f"the training {what} became {value} by step {step} (lr {lr:.3g}; {last}); lower the "
+                        f"learning rate or enable grad_clip_norm; the last good checkpoint is kept in {self.ckpt_root}")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prepare_phase(accelerator: Accelerator, model: nn.Module, phase: PhaseConfig, steps_per_epoch: int):
-    """Freeze/unfreeze, build the phase's optimizer and schedule, and (re)wrap for DDP."""
-    model = accelerator.unwrap_model(model)
+def plain_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The bare module under the DDP and torch.compile wrappers (for state dicts and EMA)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def prepare_phase(accelerator: Accelerator, model: nn.Module, recipe: Recipe, phase: PhaseConfig,
+                  steps_per_epoch: int):
+    """Freeze/unfreeze, build the phase's optimizer and schedule, (re)wrap for DDP and compile."""
+    model = plain_model(accelerator, model)
     accelerator.free_memory()
     trainable = set_trainable(model, phase.train_modules)
     groups = param_groups(model, phase)
     optimizer = build_optimizer(groups, phase.optimizer)
     scheduler = build_scheduler(optimizer, phase.schedule, epochs=phase.epochs, steps_per_epoch=steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if recipe.compile:  # recompiled per phase: freezing changes the backward graph
+        model = torch.compile(model, mode=recipe.compile_mode)
     return model, optimizer, scheduler, [g["name"] for g in groups], trainable
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    run_dir_arg = args.resume if args.resume and args.resume != "auto" else args.run_dir
+    resume_path = Path(args.resume) if args.resume and args.resume != "auto" else None
+    run_dir_arg = checkpoint.run_folder(resume_path) if resume_path else args.run_dir
     if args.resume == "auto" and not args.run_dir:
         raise UserError("--resume auto needs --run-dir: the folder of the run to continue")
     accelerator = Accelerator(mixed_precision=recipe.precision, cpu=args.cpu,
@@ -259,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"model '{recipe.model.name}' cannot take images of shape {tuple(probe.shape[1:])} from "
                         f"{recipe.data.path} ({str(exc).splitlines()[0]}); choose a model for this data") from None
 
-    run_dir = new_run_dir(run_dir_arg, recipe.name, resume=bool(args.resume))
+    run_dir = new_run_dir(run_dir_arg, recipe.name, resume=bool(args.resume),
+                          need_bytes=checkpoint.space_needed(model))
     ckpt_root = run_dir / "checkpoints"
     ema = None
     if recipe.ema_decay:
@@ -269,38 +307,43 @@ def main(argv: list[str] | None = None) -> int:
 
     # where to start: a fresh run, or the newest checkpoint that loads
     progress = {"phase": 0, "epoch": 0, "batch": 0, "global_step": 0, "best": None, "bad_epochs": 0,
-                "sums": [0.0] * 6, "rows": 0, "train_time": 0.0}
+                "sums": [0.0] * 6, "rows": 0, "train_time": 0.0,
+                "num_processes": accelerator.num_processes}
     resumed_from = None
     steps_per_epoch = len(data.train)
     if recipe.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, recipe.max_steps_per_epoch)
-    if args.resume:
-        tried = checkpoint.candidates(run_dir)
-        for ckpt in tried:
-            try:
-                candidate = checkpoint.read_progress(ckpt)
-            except (OSError, ValueError):
-                continue
-            phase = recipe.phases[candidate["phase"]]
-            model, optimizer, scheduler, group_names, _ = prepare_phase(accelerator, model, phase, steps_per_epoch)
-            if checkpoint.load(accelerator, ckpt):
+    tried = checkpoint.candidates(resume_path or run_dir) if args.resume else []
+    for ckpt in tried:
+        candidate = checkpoint.read_progress(ckpt)  # None (with a warning) when its files are damaged
+        if candidate is None:
+            continue
+        phase = recipe.phases[candidate["phase"]]
+        model, optimizer, scheduler, group_names, _ = prepare_phase(
+            accelerator, model, recipe, phase, steps_per_epoch)
+        if checkpoint.load(accelerator, ckpt):
+            if candidate["num_processes"] == accelerator.num_processes:
                 scheduler.load_state_dict(candidate["scheduler"])
-                progress, resumed_from = candidate, ckpt
-                break
-        if resumed_from is None:
-            raise UserError(f"no usable checkpoint in {run_dir}/checkpoints ({len(tried)} tried); "
-                            "start a new run without --resume")
-    else:
-        (run_dir / "config.toml").write_text(recipe_to_toml(recipe)) if main_proc else None
+            else:  # each process's share of the data depends on their number: the epoch restarts
+                candidate.update(batch=0, num_processes=accelerator.num_processes)
+                checkpoint.fast_forward(scheduler, candidate["epoch"] * steps_per_epoch)
+            progress, resumed_from = candidate, ckpt
+            break
+    if tried and resumed_from is None:
+        raise UserError(f"no usable checkpoint in {run_dir}/checkpoints ({len(tried)} tried); "
+                        "start a new run without --resume")
+    if resumed_from is None and main_proc:  # also a --resume of a run killed before its first checkpoint
+        (run_dir / "config.toml").write_text(recipe_to_toml(recipe))
     if main_proc:
         write_json(run_dir / "environment.json", environment(recipe.seed, data.manifest, accelerator.num_processes,
                                                              str(accelerator.device)))
-        print(f"{model_summary(accelerator.unwrap_model(model))}\nrun folder: {run_dir}"
+        print(f"{model_summary(plain_model(accelerator, model))}\nrun folder: {run_dir}"
               + (f"\nresuming from {resumed_from}" if resumed_from else ""))
     log = MetricsLog(run_dir, tensorboard=recipe.tensorboard and main_proc, wandb=recipe.wandb and main_proc,
                      config=to_dict(recipe),
                      keep_rows=progress["rows"]) if main_proc else None
     stop = Stop()
+    finite = FiniteWatch(check_grads=recipe.precision != "fp16", ckpt_root=ckpt_root)
     best_path = run_dir / "best.safetensors"
     eval_model = lambda: ema.module if ema is not None else model  # noqa: E731
     train_start = time.perf_counter() - progress["train_time"]
@@ -311,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         phase = recipe.phases[phase_index]
         if resumed_from is None or phase_index != progress["phase"]:
             model, optimizer, scheduler, group_names, trainable = prepare_phase(
-                accelerator, model, phase, steps_per_epoch)
+                accelerator, model, recipe, phase, steps_per_epoch)
             if main_proc:
                 print(f"phase {phase_index + 1}/{len(recipe.phases)} '{phase.name}': {phase.epochs} epochs, "
                       f"{trainable:,} trainable parameters, groups {', '.join(group_names)}")
@@ -321,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
             model.train()
             start_batch = progress["batch"] if (phase_index, epoch) == (progress["phase"], progress["epoch"]) else 0
             # running sums on the device: loss, correct, samples, grad norm, kd soft, kd hard (read once per epoch)
-            sums = torch.tensor(progress["sums"] if start_batch else [0.0] * 6, device=accelerator.device,
-                                dtype=torch.float64)
+            # a checkpoint holds the sums over all processes: the main process carries them on
+            sums = torch.tensor(progress["sums"] if start_batch and main_proc else [0.0] * 6,
+                                device=accelerator.device, dtype=torch.float64)
             data.train.set_epoch(epoch_counter, start_batch)
             epoch_start = time.perf_counter()
             bar = tqdm(total=steps_per_epoch, initial=start_batch, disable=not main_proc, leave=False,
@@ -349,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
-                    ema.update_parameters(accelerator.unwrap_model(model))
+                    ema.update_parameters(plain_model(accelerator, model))
                 labels = targets.argmax(1) if targets.dtype.is_floating_point else targets
                 sums += torch.stack([terms["loss"].detach().double() * labels.numel(),
                                      (logits.argmax(1) == labels).sum().double(),
@@ -360,18 +404,15 @@ def main(argv: list[str] | None = None) -> int:
                 step_in_epoch += 1
                 progress["global_step"] += 1
                 bar.update(1)
-                if step_in_epoch % LOG_EVERY == 0 or stop.requested:
-                    loss_now = sums[0].item() / max(sums[2].item(), 1)
-                    if not math.isfinite(loss_now):
-                        raise UserError(
-                            f"loss became {loss_now} by step {progress['global_step']} "
-                            f"(lr {scheduler.get_last_lr()[0]:.3g}); lower the learning rate or enable "
-                            f"grad_clip_norm; the last good checkpoint is kept in {ckpt_root}")
-                    bar.set_postfix(loss=f"{loss_now:.4f}")
                 every = recipe.checkpoint_every_steps
-                save_now = every and progress["global_step"] % every == 0
-                if (save_now or stop.requested) and step_in_epoch < steps_per_epoch:
-                    progress.update(phase=phase_index, epoch=epoch, batch=step_in_epoch, sums=sums.tolist(),
+                save_now = (every and progress["global_step"] % every == 0 or stop.requested) \
+                    and step_in_epoch < steps_per_epoch
+                if step_in_epoch % LOG_EVERY == 0 or save_now:
+                    loss_now = finite.check(sums, progress["global_step"], scheduler.get_last_lr()[0])
+                    bar.set_postfix(loss=f"{loss_now:.4f}")
+                if save_now:
+                    progress.update(phase=phase_index, epoch=epoch, batch=step_in_epoch,
+                                    sums=accelerator.reduce(sums, reduction="sum").tolist(),
                                     scheduler=scheduler.state_dict(), rows=len(log.rows) if log else 0,
                                     train_time=time.perf_counter() - train_start)
                     checkpoint.save(accelerator, ckpt_root, progress)
@@ -381,10 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
             epoch_time = time.perf_counter() - epoch_start
             sums = accelerator.reduce(sums, reduction="sum")
+            finite.check(sums, progress["global_step"], scheduler.get_last_lr()[0])
             loss_sum, correct, seen, grad_sum, kd_soft, kd_hard = sums.tolist()
             row = {"epoch": epoch_counter + 1, "phase": phase.name, "train_loss": loss_sum / seen,
                    "train_accuracy": correct / seen, "grad_norm": grad_sum / accelerator.num_processes
-                   / max(step_in_epoch - start_batch, 1)}
+                   / max(step_in_epoch, 1)}  # the sums include the steps before a resume
             if teacher is not None:
                 row["kd_soft_loss"], row["kd_hard_loss"] = kd_soft / seen, kd_hard / seen
             for name in (["val"] if data.val else []) + ["test"]:
@@ -393,9 +435,6 @@ def main(argv: list[str] | None = None) -> int:
             row.update({f"lr_{n}": lr for n, lr in zip(group_names, scheduler.get_last_lr())})
             row.update(epoch_time_s=epoch_time, images_per_s=seen / epoch_time if start_batch == 0 else "",
                        peak_mem_mb=peak_memory_mb(accelerator.device))
-            if not math.isfinite(row["train_loss"]):
-                raise UserError(f"training loss is {row['train_loss']} in epoch {row['epoch']}; lower the learning "
-                                f"rate or enable grad_clip_norm; the last good checkpoint is kept in {ckpt_root}")
             watch = phase.early_stopping
             improved = False
             if watch.metric:
@@ -404,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress.update(best=value, bad_epochs=0) if improved else progress.update(
                     bad_epochs=progress["bad_epochs"] + 1)
                 if improved and main_proc:
-                    state = {k: v.contiguous() for k, v in accelerator.unwrap_model(eval_model()).state_dict().items()}
+                    state = {k: v.contiguous() for k, v in plain_model(accelerator, eval_model()).state_dict().items()}
                     save_file(state, str(best_path) + ".tmp")
                     Path(str(best_path) + ".tmp").replace(best_path)
             if main_proc:
@@ -434,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
 
     # test the best model (when early stopping kept one) and export it
-    final = accelerator.unwrap_model(eval_model())
+    final = plain_model(accelerator, eval_model())
     if best_path.is_file():
         final.load_state_dict(load_file(best_path))
     accelerator.wait_for_everyone()
