@@ -24,7 +24,7 @@ from pipelines import build_loader  # noqa: E402
 from pipelines.augment import AugmentSpec  # noqa: E402
 from pipelines.base import LoaderOptions  # noqa: E402
 from pipelines.dataset import open_split  # noqa: E402
-from tests.test_baseline import as_pixels  # noqa: E402
+from tests.loader_helpers import as_pixels  # noqa: E402
 
 
 def seen_ids(loader, split) -> list[int]:

@@ -13,7 +13,7 @@ from pipelines import build_loader
 from pipelines.augment import crop_at
 from pipelines.base import rank_indices
 from pipelines.dataset import open_split
-from tests.test_baseline import (
+from tests.loader_helpers import (
     UNIT,
     as_pixels,
     check_identity,
@@ -23,10 +23,11 @@ from tests.test_baseline import (
     five_sigma,
     options,
     position_images,
+    require,
     run_arrays,
 )
 
-pytest.importorskip("nvidia.dali")
+require("nvidia.dali")
 from pipelines.dali_loader import DaliLoader  # noqa: E402
 
 FULL_CHAIN = {"crop": {"padding": 2, "padding_mode": "reflect"}, "flip": {"p": 0.5},

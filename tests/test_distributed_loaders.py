@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_baseline import installed
+from tests.loader_helpers import installed, require
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 BATCH, WORLD, N_TRAIN, N_TEST = 48, 2, 640, 200  # tiny_rgb_data: 640 train, 200 test
@@ -33,8 +33,8 @@ def seen(tiny_rgb_data, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ranks_see_disjoint_shards_covering_the_split(backend, seen):
-    if BACKENDS[backend] and not installed(BACKENDS[backend]):
-        pytest.skip(f"{BACKENDS[backend]} is not installed")
+    if BACKENDS[backend]:
+        require(BACKENDS[backend])
     per_rank = N_TRAIN // (WORLD * BATCH) * BATCH  # 288: 64 samples fall to drop_last
     epochs = list(zip(*seen[backend]["train"]))  # [epoch][rank] -> ids
     for shards in epochs:

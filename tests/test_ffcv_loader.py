@@ -16,9 +16,9 @@ from common.errors import UserError
 from pipelines import build_loader
 from pipelines.base import rank_indices
 from pipelines.dataset import open_split
-from tests.test_baseline import check_identity, options
+from tests.loader_helpers import check_identity, options, require
 
-pytest.importorskip("ffcv")
+require("ffcv")
 
 FULL_CHAIN = {"crop": {"padding": 4}, "flip": {"p": 0.5}, "jitter": {"brightness": 0.3, "contrast": 0.3},
               "erase": {"p": 0.5}, "mix": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}}
