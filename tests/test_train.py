@@ -62,7 +62,7 @@ def c100_data(tmp_path_factory) -> Path:
 SMOKE = {
     "mnist_cnn_smoke": "mnist", "mnist_mlp_smoke": "mnist", "mnist_resmlp_smoke": "mnist",
     "c10_cnn_smoke": "rgb", "c10_rescnn_smoke": "rgb", "c10_finetune_smoke": "rgb_val",
-    "c100_scratch_smoke": "c100",
+    "c100_scratch_smoke": "c100", "c10_fast_smoke": "rgb",
 }
 
 

@@ -1,0 +1,316 @@
+"""`python -m benchmarks.train_throughput`: training throughput (images/s) of one model fed by each loader
+backend, side by side in one run with the ceiling (synthetic batches already on the device) and the
+torchvision DataLoader + PIL baseline, plus ablations of the ceiling (compile, channels-last, bf16 off).
+
+Every row times the same training step as train.py takes it: autocast forward, `train.loss_terms`,
+backward, the recipe's gradient clipping and an optimizer built by `trainer.optim` from c10_finetune's
+last phase; the backends and the baseline apply c10_finetune's augmentations. Warm-up steps (compilation,
+loader start-up) are excluded, the device is synchronized before the clock starts and stops (CUDA events
+on a GPU), and every batch is full, so a compiled model never recompiles. Reported: images/s, ratios to
+the ceiling and the baseline, MFU against the device's dense bf16 peak, peak device memory, and whether
+the H100 targets are met. Results are printed and written as CSV and markdown, with the device, versions,
+date and the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import train
+from benchmarks.flops import flops_per_image, peak_flops
+from benchmarks.loaders import ALL_BACKENDS, BASELINE, build, endless, environment, synchronize
+from common.errors import UserError, run_cli
+from models import build_model
+from pipelines.base import LoaderOptions
+from pipelines.dataset import load_manifest
+from trainer.config import PhaseConfig, Recipe, load_recipe
+from trainer.optim import build_optimizer, param_groups
+
+RECIPE = "c10_finetune"  # its augmentations, loss, gradient clipping and optimizer
+CEILING = "ceiling"
+TARGET_DEVICES = ("H100", "H200")
+TARGET_CEILING = 50_000  # images/s
+TARGET_VS_CEILING = 0.95  # every backend
+TARGET_VS_BASELINE = 3.0  # every backend
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CONVERT_COMMAND = ("python -m convert imagefolder --src ../shared/data/cifar10-jpeg.tar.xz --out data "
+                   "--name cifar10")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    precision: str  # "bf16" | "fp16" | "no"
+    compile: bool
+    channels_last: bool
+
+    def __str__(self) -> str:
+        return (f"{'fp32' if self.precision == 'no' else self.precision}, "
+                f"{'compiled' if self.compile else 'eager'}, "
+                f"{'channels-last' if self.channels_last else 'contiguous'}")
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    config: StepConfig
+    images_per_s: float
+    peak_mem_mb: float | None  # None off the GPU
+
+
+class TrainStep:
+    """One optimizer step on `model` as train.py takes it (fp16 adds the loss scaler that Accelerate uses)."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, config: StepConfig, device: torch.device,
+                 compile_mode: str):
+        fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+        model = model.to(device=device, memory_format=fmt).train()
+        opt = recipe.phases[-1].optimizer
+        self.optimizer = build_optimizer(param_groups(model, PhaseConfig(epochs=1, optimizer=opt)), opt)
+        self.model = torch.compile(model, mode=compile_mode) if config.compile else model
+        self.recipe, self.device_type = recipe, device.type
+        self.dtype = AUTOCAST_DTYPES[config.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(images)
+            loss = train.loss_terms(self.recipe, logits.float(), targets, None)["loss"]
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip_norm or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+def synthetic_batches(batch_size: int, image_shape: tuple[int, int, int], num_classes: int,
+                      device: torch.device, channels_last: bool) -> Batches:
+    """The same normalized-looking batch, already on the device, forever: no loader cost at all."""
+    h, w, c = image_shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    images = torch.randn(batch_size, c, h, w, device=device).contiguous(memory_format=fmt)
+    targets = torch.randint(num_classes, (batch_size,), device=device)
+    while True:
+        yield images, targets
+
+
+def device_seconds(device: torch.device, work: Callable[[], None]) -> float:
+    """Wall time of `work`: on a GPU between CUDA events after queued work has finished (CPU ops are
+    synchronous already)."""
+    if device.type == "cuda":
+        synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    start_s = time.perf_counter()
+    work()
+    return time.perf_counter() - start_s
+
+
+def images_per_second(step: TrainStep, batches: Batches, device: torch.device, warmup: int,
+                      steps: int) -> float:
+    for _ in range(warmup):
+        step(*next(batches))
+    images = 0
+
+    def timed_steps() -> None:
+        nonlocal images
+        for _ in range(steps):
+            x, y = next(batches)
+            step(x, y)
+            images += x.shape[0]
+
+    seconds = device_seconds(device, timed_steps)
+    return images / seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data", type=Path, default=Path("data/cifar10"),
+                        help="a converted dataset folder (default: data/cifar10)")
+    parser.add_argument("--model", default="resnet34_cifar")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
+    parser.add_argument("--precision", choices=tuple(AUTOCAST_DTYPES), default="bf16")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help="loader workers/threads (default: 16, or the CPU count if lower)")
+    parser.add_argument("--backends", nargs="+", choices=ALL_BACKENDS, default=list(ALL_BACKENDS))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/train_throughput.csv"),
+                        help="CSV file; the markdown table goes next to it as .md")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny CPU-sized run (simple_cnn, batch 32, 3 steps, eager) that only "
+                             "proves the script works")
+    return parser
+
+
+def ablations(main: StepConfig) -> list[tuple[str, StepConfig]]:
+    """The ceiling with one speed-up turned off at a time (those already off are skipped)."""
+    rows = []
+    if main.compile:
+        rows.append((f"{CEILING}, compile off", replace(main, compile=False)))
+    if main.channels_last:
+        rows.append((f"{CEILING}, channels-last off", replace(main, channels_last=False)))
+    if main.precision != "no":
+        rows.append((f"{CEILING}, fp32", replace(main, precision="no")))
+    return rows
+
+
+def target_lines(results: dict[str, Result], device_name: str) -> list[str]:
+    """Met / not met for each H100 target, or why they do not apply."""
+    if not any(name in device_name for name in TARGET_DEVICES):
+        return [f"targets (H100/H200): not applicable on {device_name}"]
+    ceiling = results.get(CEILING)
+    baseline = results.get(BASELINE)
+    if ceiling is None:
+        return ["targets: no ceiling row was measured"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    lines = [f"ceiling >= {TARGET_CEILING:,} images/s: {verdict(ceiling.images_per_s >= TARGET_CEILING)} "
+             f"({ceiling.images_per_s:,.0f})"]
+    for name, result in results.items():
+        if name in (CEILING, BASELINE) or name.startswith(CEILING):
+            continue
+        ratio = result.images_per_s / ceiling.images_per_s
+        lines.append(f"{name} >= {TARGET_VS_CEILING} x ceiling: {verdict(ratio >= TARGET_VS_CEILING)} "
+                     f"({ratio:.3f}x)")
+        if baseline is not None:
+            ratio = result.images_per_s / baseline.images_per_s
+            lines.append(f"{name} >= {TARGET_VS_BASELINE:g} x {BASELINE}: "
+                         f"{verdict(ratio >= TARGET_VS_BASELINE)} ({ratio:.2f}x)")
+    return lines
+
+
+def table_rows(results: dict[str, Result], train_flops: float, peak: float | None) -> list[dict[str, str]]:
+    """One dict per result, as printed, written to CSV and to markdown."""
+    ceiling, baseline = results.get(CEILING), results.get(BASELINE)
+    rows = []
+    for result in results.values():
+        rate = result.images_per_s
+        rows.append({
+            "name": result.name, "config": str(result.config), "images_per_s": f"{rate:.1f}",
+            "ratio_vs_ceiling": f"{rate / ceiling.images_per_s:.3f}" if ceiling else "",
+            "ratio_vs_" + BASELINE: f"{rate / baseline.images_per_s:.3f}" if baseline else "",
+            "mfu": f"{rate * train_flops / peak:.3f}" if peak else "n/a",
+            "peak_mem_mb": f"{result.peak_mem_mb:.0f}" if result.peak_mem_mb is not None else "n/a"})
+    return rows
+
+
+def markdown(rows: list[dict[str, str]], header: dict[str, str], notes: list[str], targets: list[str]) -> str:
+    lines = [f"- {key}: {value}" for key, value in header.items()]
+    lines += ["", "| " + " | ".join(rows[0]) + " |", "|---|---|" + "---:|" * (len(rows[0]) - 2)]
+    lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
+    lines += [""] + [f"- not run: {note}" for note in notes]
+    lines += ["", "Targets:"] + [f"- {line}" for line in targets]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.model, args.batch_size, args.steps, args.warmup, args.workers, args.compile = \
+            "simple_cnn", 32, 3, 1, 1, False
+    if not (args.data / "manifest.json").is_file():
+        raise UserError(f"no converted dataset at {args.data}; create it with `{CONVERT_COMMAND}` "
+                        "(or pass --data DIR)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        raise UserError("--steps and --batch-size must be >= 1 and --warmup >= 0")
+    device = torch.device(args.device)
+    recipe = load_recipe(RECIPE)
+    manifest = load_manifest(args.data)
+    shape, num_classes = tuple(manifest["image_shape"]), len(manifest["classes"])
+
+    def new_model() -> nn.Module:
+        torch.manual_seed(recipe.seed)
+        return build_model(args.model, num_classes=num_classes, image_shape=shape)
+
+    forward_flops = flops_per_image(new_model(), shape, train=False)
+    train_flops = flops_per_image(new_model(), shape, train=True)
+    env = environment(device)
+    peak = peak_flops(env["device"]) if device.type == "cuda" else None
+    main_config = StepConfig(args.precision, args.compile, args.channels_last)
+    command = "python -m benchmarks.train_throughput " + shlex.join(sys.argv[1:] if argv is None else argv)
+    header = {**env, "data": str(args.data), "model": args.model, "batch size": str(args.batch_size),
+              "step": f"{main_config} (compile mode {args.compile_mode}); loss/clipping/optimizer: {RECIPE}",
+              "augmentations (backends, baseline)": ", ".join(recipe.augment.enabled()) or "none",
+              "timed steps": f"{args.steps} after {args.warmup} warm-up", "workers": str(args.workers),
+              "FLOPs per image": f"{forward_flops / 1e9:.3f} G forward, {train_flops / 1e9:.3f} G training",
+              "MFU against": f"{peak / 1e12:,.0f} TFLOP/s dense bf16 peak" if peak else "n/a (peak unknown)",
+              "command": command}
+
+    plan = [(CEILING, main_config, None)] + [(b, main_config, b) for b in args.backends] \
+        + [(name, config, None) for name, config in ablations(main_config)]
+    results: dict[str, Result] = {}
+    notes = []
+    for name, config, backend in plan:
+        if backend is None:
+            batches = synthetic_batches(args.batch_size, shape, num_classes, device, config.channels_last)
+        else:
+            options = LoaderOptions(
+                data_dir=args.data, split="train", batch_size=args.batch_size, train=True,
+                spec=recipe.augment, device=device, seed=recipe.seed, num_workers=args.workers,
+                label_smoothing=recipe.loss.label_smoothing, channels_last=config.channels_last)
+            try:
+                batches = endless(build(backend, options))
+            except UserError as exc:  # a backend that cannot run here (package missing) is noted, not fatal
+                notes.append(f"{backend}: {exc}")
+                continue
+        torch._dynamo.reset()  # a fresh compile per row, never the recompile limit
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        step = TrainStep(new_model(), recipe, config, device, args.compile_mode)
+        rate = images_per_second(step, batches, device, args.warmup, args.steps)
+        batches.close()
+        memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        results[name] = Result(name, config, rate, memory)
+        del step, batches
+        print(f"{name:<28} {config!s:<36} {rate:>10,.0f} images/s", flush=True)
+
+    rows = table_rows(results, train_flops, peak)
+    targets = target_lines(results, env["device"])
+    table = markdown(rows, header, notes, targets)
+    print("\n" + table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"device": env["device"], "model": args.model, "batch_size": str(args.batch_size),
+             "steps": str(args.steps), "date": env["date"]}
+    with open(args.out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*rows[0], *extra])
+        writer.writeheader()
+        writer.writerows({**row, **extra} for row in rows)
+    args.out.with_suffix(".md").write_text(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

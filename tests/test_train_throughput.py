@@ -1,0 +1,126 @@
+"""The training-throughput benchmark and the time-to-accuracy tooling, at CPU scale: FLOP counting,
+the --smoke table, the H100 target checks, the c10_fast recipe through train.py, and run-folder parsing."""
+
+from __future__ import annotations
+
+import csv
+from itertools import accumulate
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import time_to_accuracy as tta
+from benchmarks import train_throughput as tt
+from benchmarks.flops import flops_per_image, peak_flops
+from common.errors import UserError
+from models import build_model
+from tests.loader_helpers import installed
+from tests.train_helpers import metrics, run_train
+from trainer.config import load_recipe
+
+H100 = "cuda: NVIDIA H100 80GB HBM3 (16 CPU cores)"
+
+
+def test_flops_match_a_hand_count():
+    """conv 3->8 (3x3, 32x32) then linear 8192->10: forward 2 x MACs; training adds the weight gradients of
+    both and the input gradient of the linear only (the image needs no gradient)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(8 * 32 * 32, 10))
+    conv, linear = 2 * 3 * 8 * 9 * 32 * 32, 2 * 8 * 32 * 32 * 10
+    assert flops_per_image(model, (32, 32, 3), train=False) == conv + linear
+    assert flops_per_image(model, (32, 32, 3), train=True) == 2 * conv + 3 * linear
+
+
+def test_resnet34_cifar_flops():
+    model = build_model("resnet34_cifar", num_classes=10, image_shape=(32, 32, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forward = flops_per_image(model, (32, 32, 3), train=False)
+    training = flops_per_image(model, (32, 32, 3), train=True)
+    assert forward == pytest.approx(2.32e9, rel=0.02)  # the published 1.16 GMACs of ResNet34 at 32x32
+    assert training / forward == pytest.approx(3.0, rel=0.02)
+    assert all(p.grad is None for p in model.parameters())  # counted on a copy
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_smoke_table(tiny_rgb_data, tmp_path):
+    out = tmp_path / "bench" / "tt.csv"
+    assert tt.main(["--smoke", "--device", "cpu", "--data", str(tiny_rgb_data), "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = {row["name"]: row for row in csv.DictReader(f)}
+    optional = (("ffcv", "ffcv"), ("dali", "nvidia.dali"))
+    backends = {"tensor"} | {backend for backend, module in optional if installed(module)}
+    # --smoke is eager, so the compile ablation does not apply; the other two do
+    assert set(rows) == {"ceiling", "torchvision", *backends, "ceiling, channels-last off", "ceiling, fp32"}
+    rates = {name: float(row["images_per_s"]) for name, row in rows.items()}
+    assert all(rate > 0 for rate in rates.values())
+    for name, row in rows.items():
+        assert float(row["ratio_vs_ceiling"]) == pytest.approx(rates[name] / rates["ceiling"], abs=2e-3)
+        assert float(row["ratio_vs_torchvision"]) == pytest.approx(rates[name] / rates["torchvision"],
+                                                                   abs=2e-3)
+        assert row["mfu"] == "n/a" and row["model"] == "simple_cnn" and row["batch_size"] == "32"
+    assert rows["ceiling, fp32"]["config"] == "fp32, eager, channels-last"
+    assert rows["ceiling, channels-last off"]["config"] == "bf16, eager, contiguous"
+    table = out.with_suffix(".md").read_text()
+    assert "not applicable on cpu" in table and "--smoke" in table and "crop, flip, erase" in table
+
+
+def test_targets_and_mfu_on_an_h100():
+    config = tt.StepConfig("bf16", True, True)
+    results = {name: tt.Result(name, config, rate, 1000.0) for name, rate in
+               (("ceiling", 60_000), ("torchvision", 10_000), ("tensor", 58_000), ("ffcv", 40_000))}
+    lines = tt.target_lines(results, H100)
+    assert lines[0] == "ceiling >= 50,000 images/s: met (60,000)"
+    assert "tensor >= 0.95 x ceiling: met (0.967x)" in lines
+    assert "ffcv >= 0.95 x ceiling: NOT met (0.667x)" in lines
+    assert "ffcv >= 3 x torchvision: met (4.00x)" in lines
+    assert tt.target_lines(results, "cpu: Xeon") == ["targets (H100/H200): not applicable on cpu: Xeon"]
+    assert peak_flops(H100) == 989e12 and peak_flops("cuda: NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("cuda: NVIDIA H200") == 989e12 and peak_flops("cuda: Tesla T4") is None
+    rows = tt.table_rows(results, train_flops=6e9, peak=peak_flops(H100))
+    assert rows[0]["mfu"] == f"{60_000 * 6e9 / 989e12:.3f}"
+
+
+@pytest.fixture(scope="module")
+def fast_smoke_run(tiny_rgb_data, tmp_path_factory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("c10_fast_smoke") / "run"
+    summary = run_train(["--recipe", "c10_fast_smoke", "--data", str(tiny_rgb_data),
+                         "--run-dir", str(run_dir), "--cpu"])
+    return run_dir, summary
+
+
+def test_c10_fast_smoke_trains_end_to_end(fast_smoke_run):
+    run_dir, summary = fast_smoke_run
+    resolved = load_recipe(str(run_dir / "config.toml"))
+    fast = load_recipe("c10_fast")
+    assert (resolved.data.loader, resolved.tta_flip, resolved.loss.label_smoothing) == ("tensor", True, 0.2)
+    assert (fast.precision, fast.compile, fast.channels_last) == ("bf16", True, True)
+    assert summary["epochs"] == 2 and 0 <= summary["test_accuracy"] <= 1
+    assert (run_dir / "model.safetensors").is_file()
+
+
+def test_time_to_accuracy_reads_the_run(fast_smoke_run, tmp_path):
+    run_dir, summary = fast_smoke_run
+    rows = metrics(run_dir)
+    accuracies = [float(r["test_accuracy"]) for r in rows]
+    elapsed = list(accumulate(float(r["epoch_time_s"]) for r in rows))
+    best = max(accuracies)
+    times = tta.read_run(run_dir, [0.0, best, 1.01])
+    assert times.reached == {0.0: elapsed[0], best: elapsed[accuracies.index(best)], 1.01: None}
+    assert (times.test_accuracy, times.wall_s) == (summary["test_accuracy"], summary["wall_s"])
+    assert (times.train_s, times.first_epoch_s, times.epochs) == (elapsed[-1], elapsed[0], 2)
+
+    out = tmp_path / "tta.md"
+    env = {"date": "today", "device": "cpu: test", "versions": "torch x"}
+    for _ in range(2):
+        tta.append_row(out, tta.markdown_row(times, env, "python -m benchmarks.time_to_accuracy --recipe x"))
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("| date |") and len(lines) == 4 and lines[2] == lines[3]
+    assert "101%: not reached" in lines[2] and f"{summary['test_accuracy']:.2%}" in lines[2]
+
+
+def test_time_to_accuracy_rejects_unfinished_runs_and_bad_thresholds(tmp_path):
+    with pytest.raises(UserError, match="did not finish"):
+        tta.read_run(tmp_path, [0.9])
+    with pytest.raises(UserError, match="percentages"):
+        tta.main(["--recipe", "c10_fast", "--data", str(tmp_path), "--thresholds", "0.9", "940"])
