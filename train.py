@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -296,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"model '{recipe.model.name}' cannot take images of shape {tuple(probe.shape[1:])} from "
                         f"{recipe.data.path} ({str(exc).splitlines()[0]}); choose a model for this data") from None
 
-    run_dir = new_run_dir(run_dir_arg, recipe.name, resume=bool(args.resume),
-                          need_bytes=checkpoint.space_needed(model))
+    # the main process checks and makes the folder, the others take its path (a default name holds the time)
+    made = new_run_dir(run_dir_arg, recipe.name, resume=bool(args.resume),
+                       need_bytes=checkpoint.space_needed(model)) if main_proc else None
+    run_dir = broadcast_object_list([made])[0]
     ckpt_root = run_dir / "checkpoints"
     ema = None
     if recipe.ema_decay:

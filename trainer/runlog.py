@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -17,8 +18,9 @@ from common.errors import UserError
 PACKAGES = ("torch", "torchvision", "accelerate", "timm", "numpy", "ffcv", "nvidia-dali-cuda130", "nvidia-dali-cuda120")
 
 
-def new_run_dir(run_dir: str | None, recipe_name: str, resume: bool) -> Path:
-    """The folder for this run. A fresh run never writes into a folder that already holds a run."""
+def new_run_dir(run_dir: str | None, recipe_name: str, resume: bool, need_bytes: int = 0) -> Path:
+    """The folder for this run. A fresh run never writes into a folder that already holds a run, and
+    a disk without `need_bytes` free fails here, before training, rather than at the first checkpoint."""
     path = Path(run_dir) if run_dir else Path("runs") / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and not path.is_dir():
         raise UserError(f"run folder {path} is a file; pass --run-dir with a folder path")
@@ -27,6 +29,15 @@ def new_run_dir(run_dir: str | None, recipe_name: str, resume: bool) -> Path:
                         "or choose another --run-dir")
     if resume and not path.is_dir():
         raise UserError(f"nothing to resume in {path}: the folder does not exist; drop --resume to start a new run")
+    if resume and (path / "summary.json").is_file():
+        raise UserError(f"the run in {path} has finished (summary.json is written); nothing to resume, "
+                        "start a new run with another --run-dir")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free if existing.is_dir() else need_bytes
+    if free < need_bytes:
+        raise UserError(f"only {free / 2**20:,.0f} MiB free at {existing} but this run's checkpoints need "
+                        f"about {need_bytes / 2**20:,.0f} MiB; free disk space or choose a --run-dir on another "
+                        "disk")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"

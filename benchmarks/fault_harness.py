@@ -1,0 +1,226 @@
+"""`python -m benchmarks.fault_harness`: kill a real training run with SIGKILL at random moments and
+check that `--resume auto` still ends with exactly the results of an uninterrupted run.
+
+One uninterrupted reference run, then faulted runs of the same recipe and seed: each attempt is
+killed either after a random delay (start-up, a training step, evaluation, export) or the moment a
+checkpoint is being written (a `.tmp-*` folder appears), then resumed, until the run finishes. After
+every kill each complete checkpoint is checked against the sizes and hashes recorded with it. At the
+end `metrics.csv` (without the wall-time columns) and `model.safetensors` must equal the reference's
+byte for byte. Training runs as `python train.py` subprocesses on the CPU, like a user's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import platform
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from common.errors import UserError, run_cli
+from pipelines.dataset import load_manifest
+from trainer import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# measured time, not results: they differ between any two runs and are left out of the comparison
+WALL_COLUMNS = ("epoch_time_s", "images_per_s", "peak_mem_mb")
+DEFAULT_SETTINGS = ("phases.0.epochs=3", "max_steps_per_epoch=40", "checkpoint_every_steps=7",
+                    "tensorboard=false")
+
+
+@dataclass
+class Report:
+    kills: int = 0  # SIGKILLs sent to a running training process
+    during_checkpoint: int = 0  # ... of them while a checkpoint folder was being written
+    before_run_folder: int = 0  # ... of them before the run folder existed (start-up)
+    survived: int = 0  # kills after which the run resumed and finished with the reference's results
+    corrupt_checkpoints: int = 0  # complete-looking checkpoints whose files do not match their record
+    fallback_warnings: int = 0  # resumes that skipped a checkpoint that would not load
+    attempts: int = 0  # training processes started
+    runs: int = 0  # faulted runs, each to completion
+    mismatches: list[str] = field(default_factory=list)
+
+
+def train_command(recipe: str, data: Path, run_dir: Path, settings: list[str], resume: bool) -> list[str]:
+    sets = [arg for s in settings for arg in ("--set", s)]
+    return [sys.executable, str(ROOT / "train.py"), "--recipe", recipe, "--data", str(data), "--cpu",
+            "--run-dir", str(run_dir), *sets, *(["--resume", "auto"] if resume else [])]
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def writing_checkpoint(run_dir: Path) -> bool:
+    folder = run_dir / "checkpoints"
+    return folder.is_dir() and any(p.name.startswith(".tmp-") for p in folder.iterdir())
+
+
+def kill_when(proc: subprocess.Popen, run_dir: Path, delay: float | None, rng: random.Random) -> bool:
+    """SIGKILL `proc` after `delay` seconds, or (delay None) as soon as it writes a checkpoint.
+    False when it finished first."""
+    deadline = time.monotonic() + (delay if delay is not None else 1e9)
+    while proc.poll() is None:
+        if delay is None and writing_checkpoint(run_dir):
+            time.sleep(rng.uniform(0, 0.01))
+            break
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.001 if delay is None else 0.01)
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def damaged_checkpoints(run_dir: Path) -> list[str]:
+    return [f"{ckpt.name}: {why}" for ckpt in checkpoint.candidates(run_dir)
+            if (why := checkpoint.problem(ckpt))]
+
+
+def outputs(run_dir: Path) -> dict:
+    """What must not depend on interruptions: metrics without wall times, exported weights, test results."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [{k: v for k, v in row.items() if k not in WALL_COLUMNS} for row in csv.DictReader(f)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    weights = (run_dir / "model.safetensors").read_bytes()
+    return {"metrics": rows, "model_sha256": hashlib.sha256(weights).hexdigest(),
+            "test": (summary["test_accuracy"], summary["test_loss"], summary["test_samples"])}
+
+
+def reference_run(recipe: str, data: Path, run_dir: Path, settings: list[str]) -> float:
+    """An uninterrupted run; its wall time in seconds."""
+    began = time.monotonic()
+    proc = start(train_command(recipe, data, run_dir, settings, resume=False), run_dir.with_suffix(".log"))
+    if proc.wait() != 0:
+        raise UserError(f"the uninterrupted reference run failed; see {run_dir.with_suffix('.log')}")
+    return time.monotonic() - began
+
+
+def kill_plan(kills: int, duration: float, rng: random.Random) -> list[float | None]:
+    """When to kill each attempt: after a random delay up to `duration` seconds, or (None, 3 in 10)
+    while a checkpoint is being written."""
+    return [None if rng.random() < 0.3 else rng.uniform(0, duration) for _ in range(kills)]
+
+
+def faulted_run(recipe: str, data: Path, run_dir: Path, settings: list[str], plan: list[float | None],
+                rng: random.Random, report: Report, log=print) -> dict:
+    """One run killed by `plan` and resumed until it finishes; its outputs."""
+    log_file = run_dir.with_suffix(".log")
+    pending = list(plan)
+    while not (run_dir / "summary.json").is_file():  # written last: a kill after it found the run finished
+        resume = run_dir.is_dir()  # a kill before the folder existed: start again from scratch
+        proc = start(train_command(recipe, data, run_dir, settings, resume), log_file)
+        report.attempts += 1
+        if not pending or not kill_when(proc, run_dir, pending.pop(0), rng):
+            if proc.wait() != 0:
+                raise UserError(f"a resumed run failed with status {proc.returncode}; see {log_file}")
+            break
+        report.kills += 1
+        in_checkpoint = writing_checkpoint(run_dir)
+        report.during_checkpoint += in_checkpoint
+        report.before_run_folder += not run_dir.is_dir()
+        damaged = damaged_checkpoints(run_dir)
+        report.corrupt_checkpoints += len(damaged)
+        where = "while writing a checkpoint" if in_checkpoint else "not in a checkpoint write"
+        log(f"  kill {report.kills} (attempt {report.attempts}, {where}); damaged: {damaged or 'none'}")
+    report.fallback_warnings += log_file.read_text(errors="replace").count("could not be loaded")
+    report.runs += 1
+    return outputs(run_dir)
+
+
+def markdown(report: Report, command: str, reference_s: float, recipe: str, settings: list[str]) -> str:
+    ok = not report.mismatches and report.survived == report.kills and not report.corrupt_checkpoints
+    when = datetime.now().astimezone().isoformat(timespec="seconds")
+    return "\n".join([
+        "## Fault harness", "",
+        f"`{command}` ({when}; {platform.node() or 'this machine'}: {os.cpu_count()}-core CPU, no GPU;"
+        f" reference run {reference_s:.0f} s)", "",
+        "| kills tried | survived | during a checkpoint write | before the run folder existed | "
+        "corrupt checkpoints found | resumes that fell back | attempts / runs | results equal |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| {report.kills} | {report.survived} | {report.during_checkpoint} | {report.before_run_folder} | "
+        f"{report.corrupt_checkpoints} | {report.fallback_warnings} | {report.attempts} / {report.runs} | "
+        f"{'yes' if ok else 'NO: ' + '; '.join(report.mismatches)} |", "",
+        f"Recipe `{recipe}` with `{' '.join(settings)}`, as `python train.py ... --cpu` subprocesses, each "
+        "attempt killed with SIGKILL after a random delay up to the reference run's duration (start-up, "
+        "steps, evaluation, export) or, 3 times in 10, the moment a `.tmp-*` checkpoint folder appeared.", "",
+        "Equal means: `metrics.csv` without the wall-time columns (" + ", ".join(WALL_COLUMNS) + ") and "
+        "`model.safetensors` byte for byte, plus the final test accuracy and loss. The wall-time columns "
+        "measure the machine, not the training, and differ between any two runs.", ""])
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the '## Fault harness' section of a results file (or append it), keeping the rest."""
+    text = path.read_text() if path.is_file() else "# Measured results\n"
+    begin = text.find("## Fault harness")
+    if begin < 0:
+        path.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = text.find("\n## ", begin)
+    path.write_text(text[:begin] + section + ("\n" + text[end + 1:] if end >= 0 else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fault_harness",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/mnist"), help="a converted dataset folder")
+    parser.add_argument("--recipe", default="mnist_cnn_smoke")
+    parser.add_argument("--set", dest="settings", action="append", default=None, metavar="KEY=VALUE",
+                        help=f"recipe overrides (default: {' '.join(DEFAULT_SETTINGS)})")
+    parser.add_argument("--kills", type=int, default=20, help="SIGKILLs to send in all (faulted runs repeat)")
+    parser.add_argument("--kills-per-run", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    parser.add_argument("--work", type=Path, help="folder for the runs (default: a temporary folder)")
+    parser.add_argument("--results", type=Path, help="also write the result as the '## Fault harness' "
+                                                     "section of this markdown file (benchmarks/RESULTS.md)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    load_manifest(args.data)  # a clear error before anything starts
+    settings = args.settings or list(DEFAULT_SETTINGS)
+    if not any(s.startswith("checkpoint_every_steps=") for s in settings):
+        raise UserError("the harness needs mid-epoch checkpoints: add --set checkpoint_every_steps=N")
+    work = args.work or Path(tempfile.mkdtemp(prefix="fault-harness-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    print(f"reference run in {work / 'reference'}")
+    reference_s = reference_run(args.recipe, args.data, work / "reference", settings)
+    expected = outputs(work / "reference")
+    report = Report()
+    while report.kills < args.kills:
+        run_dir = work / f"faulted-{report.runs}"
+        before = report.kills
+        print(f"faulted run {run_dir} (reference took {reference_s:.0f} s)")
+        plan = kill_plan(min(args.kills_per_run, args.kills - report.kills), reference_s, rng)
+        got = faulted_run(args.recipe, args.data, run_dir, settings, plan, rng, report)
+        mismatched = [key for key in expected if got[key] != expected[key]]
+        if mismatched:
+            report.mismatches.append(f"{run_dir.name}: {', '.join(mismatched)} differ")
+        else:
+            report.survived += report.kills - before
+    command = "python -m benchmarks.fault_harness " + shlex.join(argv if argv is not None else sys.argv[1:])
+    section = markdown(report, command, reference_s, args.recipe, settings)
+    print(section)
+    if args.results:
+        write_section(args.results, section)
+    return 0 if not report.mismatches and not report.corrupt_checkpoints else 1
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
