@@ -36,7 +36,7 @@ from pipelines import build_loader
 from pipelines.base import LoaderOptions
 from pipelines.dataset import load_manifest
 from trainer import checkpoint
-from trainer.config import PhaseConfig, Recipe, load_recipe, recipe_to_toml
+from trainer.config import PhaseConfig, Recipe, load_recipe, recipe_differences, recipe_to_toml
 from trainer.optim import build_optimizer, build_scheduler, check_module_prefixes, param_groups, set_trainable
 from trainer.report import plot_history, write_reports
 from trainer.runlog import MetricsLog, environment, new_run_dir, write_json
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))])
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not args.deterministic  # fixed shapes: let cuDNN pick its fastest kernels
     set_seed(recipe.seed)
     main_proc = accelerator.is_main_process
     if main_proc:  # the model builders report what they did (e.g. which pretrained tensors were loaded)
@@ -315,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     steps_per_epoch = len(data.train)
     if recipe.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, recipe.max_steps_per_epoch)
+    saved_config = run_dir / "config.toml"
+    if args.resume and saved_config.is_file():  # a checkpoint only fits the recipe that wrote it
+        changed = recipe_differences(load_recipe(str(saved_config)), recipe)
+        if changed:
+            raise UserError(f"the recipe differs from the one {run_dir} was started with ({', '.join(changed[:5])}); "
+                            f"resume with the same recipe and --set overrides (see {saved_config})")
     tried = checkpoint.candidates(resume_path or run_dir) if args.resume else []
     for ckpt in tried:
         candidate = checkpoint.read_progress(ckpt)  # None (with a warning) when its files are damaged

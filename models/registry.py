@@ -9,7 +9,7 @@ Names of the form `timm:<name>` go to timm (see models/timm_models.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import nn
@@ -74,6 +74,9 @@ def build_model(name: str, *, num_classes: int, image_shape: ImageShape, **kwarg
 
         return build_timm(name[len(TIMM_PREFIX):], num_classes, shape, kwargs)
     entry = _entry(name)
+    if "pretrained" in kwargs and "pretrained" not in {f.name for f in fields(entry.options)}:
+        raise UserError(f"model '{name}' has no pretrained weights to load; set model.pretrained=false "
+                        "(drop --pretrained), or choose a model that has them (resnet18_cifar, resnet34_cifar)")
     return entry.build(num_classes, shape, from_dict(entry.options, kwargs, "model.args"))
 
 

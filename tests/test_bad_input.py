@@ -55,13 +55,16 @@ def damage_data(source: Path, target: Path, how: str) -> Path:
     return target
 
 
+SAME_AS_RUN = ["--set", "checkpoint_every_steps=2", "--set", "tensorboard=false"]  # the finished run's overrides
+
+
 @pytest.fixture(scope="module")
 def paths(mnist_data, tiny_rgb_data, tmp_path_factory) -> SimpleNamespace:
     """A finished MNIST run (the folder every case points at, and a teacher), damaged datasets and runs."""
     root = tmp_path_factory.mktemp("bad-input")
     run = root / "finished"
     run_train(["--recipe", "mnist_cnn_smoke", "--data", str(mnist_data), "--run-dir", str(run), "--cpu",
-               "--set", "checkpoint_every_steps=2", "--set", "tensorboard=false"])
+               *SAME_AS_RUN])
     # a run killed before it finished whose checkpoints are all damaged
     unusable = root / "unusable"
     shutil.copytree(run, unusable)
@@ -167,8 +170,15 @@ CASES = [
      "--resume auto needs --run-dir"),
     ("resume-finished-run", lambda p: ["--resume", "auto"],
      "has finished (summary.json is written); nothing to resume"),
-    ("resume-unusable-run", lambda p: ["--run-dir", str(p.unusable), "--resume", "auto"],
+    ("resume-unusable-run", lambda p: ["--run-dir", str(p.unusable), "--resume", "auto", *SAME_AS_RUN],
      "no usable checkpoint in"),
+    ("resume-with-other-recipe", lambda p: ["--run-dir", str(p.unusable), "--resume", "auto", *SAME_AS_RUN,
+                                            "--set", "seed=5"],
+     "the recipe differs from the one"),
+    ("pretrained-unsupported", lambda p: ["--pretrained", "/some/weights.pth"],
+     "model 'simple_cnn' has no pretrained weights to load"),
+    ("negative-step-count", lambda p: ["--set", "checkpoint_every_steps=-1"],
+     "'checkpoint_every_steps' must be >= 0"),
     # data
     ("no-data-folder", lambda p: ["--data", "/no/such/dir"],
      "manifest.json is missing; create it with `python -m convert"),

@@ -117,7 +117,7 @@ def test_cnn_stages_and_widths():
 
 
 def test_image_too_small_for_stages():
-    with pytest.raises(UserError, match="too small for 5 stages.*model.stages"):
+    with pytest.raises(UserError, match="too small for 5 stages.*model.args.stages"):
         build_model("simple_cnn", num_classes=10, image_shape=(28, 28, 1), stages=5)
     build_model("simple_cnn", num_classes=10, image_shape=(32, 32, 3), stages=5)
 
@@ -201,11 +201,11 @@ def test_resnet_pretrained_errors(tmp_path, monkeypatch):
 def test_unknown_name_and_kwargs():
     with pytest.raises(UserError, match=r"unknown model 'resnet34_cifr' \(did you mean 'resnet34_cifar'\?\).*mlp"):
         build_model("resnet34_cifr", num_classes=10, image_shape=(32, 32, 3))
-    with pytest.raises(UserError, match=r"'model.hiden_size' \(did you mean 'hidden_size'\?\).*depth"):
+    with pytest.raises(UserError, match=r"'model.args.hiden_size' \(did you mean 'hidden_size'\?\).*depth"):
         build_model("mlp", num_classes=10, image_shape=(32, 32, 3), hiden_size=10)
-    with pytest.raises(UserError, match="'model.activation' must be one of"):
+    with pytest.raises(UserError, match="'model.args.activation' must be one of"):
         build_model("mlp", num_classes=10, image_shape=(32, 32, 3), activation="swish")
-    with pytest.raises(UserError, match="'dropout' must be <= 1"):
+    with pytest.raises(UserError, match="'model.args.dropout' must be <= 1"):
         build_model("resnet18_cifar", num_classes=10, image_shape=(32, 32, 3), dropout=1.5)
     with pytest.raises(UserError, match="image shape"):
         build_model("mlp", num_classes=10, image_shape=(32, 32))

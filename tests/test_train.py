@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from torch import nn
 
@@ -22,27 +19,10 @@ from common.errors import UserError
 from convert import convert_dataset
 from pipelines.dataset import open_split
 from tests.data_fixtures import write_cifar10, write_cifar100
+from tests.train_helpers import metrics, run_train
 from trainer.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_train(argv: list[str]) -> dict:
-    """train.main in this process (imports paid once), leaving no global state behind."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train.main(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    run_dir = Path(argv[argv.index("--run-dir") + 1])
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +105,8 @@ def test_compile_and_ema_export_plain_weights(mnist_data, tmp_path):
 def test_mnist_cnn_learns_real_mnist(mnist_data, tmp_path):
     run_dir = tmp_path / "run"
     summary = run_train(["--recipe", "mnist_cnn_smoke", "--data", str(mnist_data), "--run-dir", str(run_dir),
-                         "--cpu", "--set", "max_steps_per_epoch=120"])
-    assert summary["test_accuracy"] > 0.85  # 120 steps of 128 images; chance is 0.10
+                         "--cpu", "--set", "max_steps_per_epoch=60"])
+    assert summary["test_accuracy"] > 0.7  # 60 steps of 128 images (~0.8 here); chance is 0.10
 
 
 def test_distillation_logs_hard_and_soft_losses(tiny_rgb_data, tmp_path):

@@ -163,6 +163,8 @@ class Recipe:
         check_range("grad_clip_norm", self.grad_clip_norm, 0)
         check_range("grad_clip_value", self.grad_clip_value, 0)
         check_range("ema_decay", self.ema_decay, 0, 1)
+        check_range("checkpoint_every_steps", self.checkpoint_every_steps, 0)
+        check_range("max_steps_per_epoch", self.max_steps_per_epoch, 0)
         if self.grad_clip_norm and self.grad_clip_value:
             raise UserError("both grad_clip_norm and grad_clip_value are set: choose one (set the other to 0)")
 
@@ -286,6 +288,20 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     for assignment in overrides:
         apply_override(data, assignment)
     return from_dict(Recipe, data)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        return {k: v for i, value in enumerate(data) for k, v in _flatten(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def recipe_differences(a: Recipe, b: Recipe) -> list[str]:
+    """Dotted keys whose values differ between two recipes (e.g. a run's config.toml and a resume's)."""
+    flat_a, flat_b = _flatten(to_dict(a)), _flatten(to_dict(b))
+    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
