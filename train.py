@@ -12,8 +12,10 @@ import argparse
 import json
 import logging
 import math
+import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -41,6 +43,8 @@ from trainer.optim import build_optimizer, build_scheduler, check_module_prefixe
 from trainer.report import plot_history, write_reports
 from trainer.runlog import MetricsLog, environment, new_run_dir, write_json
 
+DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                   "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"}
 LOG_EVERY = 50  # steps between progress-bar loss updates (each one syncs the device)
 
 
@@ -116,6 +120,32 @@ def make_model(spec: dict, pretrained: bool | str = False) -> nn.Module:
         kwargs["pretrained"] = pretrained
     return build_model(spec["name"], num_classes=spec["num_classes"], image_shape=tuple(spec["image_shape"]),
                        **kwargs)
+
+
+def train_teacher_first(recipe: Recipe, cpu: bool) -> None:
+    """Run the teacher's recipe into `loss.distill.teacher` when that folder holds no finished run yet.
+
+    One process trains it (a plain single-process train.py); under torchrun/accelerate the other ranks
+    wait for its summary.json, so no collective can time out while the teacher trains.
+    """
+    kd = recipe.loss.distill
+    folder = Path(kd.teacher)
+    if not kd.teacher_recipe or (folder / "summary.json").is_file():
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        while not (folder / "summary.json").is_file():
+            time.sleep(2)
+        return
+    print(f"training the teacher first: recipe {kd.teacher_recipe} -> {folder}", flush=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--recipe", kd.teacher_recipe,
+               "--data", recipe.data.path, "--run-dir", str(folder)]
+    command += ["--cpu"] if cpu else []
+    command += ["--resume", "auto"] if (folder / "config.toml").is_file() else []  # an interrupted teacher
+    single = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC")}
+    code = subprocess.run(command, env=single).returncode
+    if code != 0:
+        raise UserError(f"training the teacher with recipe '{kd.teacher_recipe}' failed (exit status {code}); "
+                        f"see its output above, fix it, and run again (it resumes from {folder})")
 
 
 def load_teacher(path: str, manifest: dict, device: torch.device) -> nn.Module:
@@ -284,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     for metric in early_metrics - known:
         raise UserError(f"early stopping watches '{metric}', which this run does not compute; choose one of "
                         f"{', '.join(sorted(known))}" + ("" if data.val else " (or set data.val_split=val)"))
+    if recipe.loss.distill.teacher:
+        train_teacher_first(recipe, args.cpu)
     teacher = load_teacher(recipe.loss.distill.teacher, data.manifest, accelerator.device) \
         if recipe.loss.distill.teacher else None
 

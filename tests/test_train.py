@@ -109,15 +109,21 @@ def test_mnist_cnn_learns_real_mnist(mnist_data, tmp_path):
     assert summary["test_accuracy"] > 0.7  # 60 steps of 128 images (~0.8 here); chance is 0.10
 
 
-def test_distillation_logs_hard_and_soft_losses(tiny_rgb_data, tmp_path):
+def test_distillation_trains_its_teacher_first_and_logs_both_losses(tiny_rgb_data, tmp_path):
     teacher = tmp_path / "teacher"
-    run_train(["--recipe", "c10_rescnn_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(teacher), "--cpu"])
     student = tmp_path / "student"
     run_train(["--recipe", "c10_kd_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(student), "--cpu",
                "--set", f"loss.distill.teacher={json.dumps(str(teacher))}"])
+    assert load_recipe(str(teacher / "config.toml")).name == "c10_rescnn_smoke"
+    assert json.loads((teacher / "model.json").read_text())["name"] == "residual_cnn"
     rows = metrics(student)
     assert all(float(r["kd_soft_loss"]) >= 0 and float(r["kd_hard_loss"]) > 0 for r in rows)
     assert (student / "distill_losses.png").is_file()
+    # a second student reuses the finished teacher instead of training it again
+    before = (teacher / "summary.json").read_text()
+    run_train(["--recipe", "c10_kd_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(tmp_path / "again"),
+               "--cpu", "--set", f"loss.distill.teacher={json.dumps(str(teacher))}"])
+    assert (teacher / "summary.json").read_text() == before
 
 
 def test_teacher_of_other_dataset_is_rejected(tiny_rgb_data, c100_data, tmp_path):

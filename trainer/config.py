@@ -47,6 +47,7 @@ class ModelConfig:
 @dataclass
 class DistillConfig:
     teacher: str = ""  # the run folder of a finished teacher run (model.json + model.safetensors); "" = off
+    teacher_recipe: str = ""  # when `teacher` holds no finished run yet, train it first with this recipe
     temperature: float = 4.0
     alpha: float = 0.5  # weight of the soft (KL) term
 
