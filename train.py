@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     grad_norm = accelerator.clip_grad_norm_(params, recipe.grad_clip_norm or math.inf)
                 optimizer.step()
+                step_lrs = scheduler.get_last_lr()  # the rates this step used (logged for the epoch's last step)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
@@ -473,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in (["val"] if data.val else []) + ["test"]:
                 metrics, _, _ = evaluate(eval_model(), data.val if name == "val" else data.test, recipe, accelerator)
                 row[f"{name}_loss"], row[f"{name}_accuracy"] = metrics["loss"], metrics["accuracy"]
-            row.update({f"lr_{n}": lr for n, lr in zip(group_names, scheduler.get_last_lr())})
+            row.update({f"lr_{n}": lr for n, lr in zip(group_names, step_lrs)})
             row.update(epoch_time_s=epoch_time, images_per_s=seen / epoch_time if start_batch == 0 else "",
                        peak_mem_mb=peak_memory_mb(accelerator.device))
             watch = phase.early_stopping

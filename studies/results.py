@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from studies.catalog import Run
-from trainer.report import _read_history
+from trainer.report import read_history
 
 STANDARD = ("Model", "Dataset", "Params", "Test Acc", "Train Time")
 
@@ -39,7 +39,7 @@ def load_result(run: Run, folder: Path, error: str = "") -> RunResult:
     """A run folder read back; a run that failed keeps whatever history it wrote."""
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() and not error else None
-    history = _read_history(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else {}
+    history = read_history(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else {}
     dataset = "?"
     if (folder / "environment.json").is_file():
         data = json.loads((folder / "environment.json").read_text()).get("data", {})

@@ -14,9 +14,9 @@ from common.errors import UserError
 from trainer.report import (
     _confusion_figure,
     _history_figures,
-    _read_history,
     classification_report,
     plot_history,
+    read_history,
     write_reports,
 )
 
@@ -168,7 +168,7 @@ def test_plot_history_two_phases_without_val(tmp_path):
         width, height = _png_size(path)
         assert width >= 500 and height >= 300
 
-    figures = _history_figures(_read_history(metrics))
+    figures = _history_figures(read_history(metrics))
     loss_ax, acc_ax = figures["learning_curves.png"].axes
     for ax in (loss_ax, acc_ax):
         assert ax.get_legend_handles_labels()[1] == ["train", "test"]  # val is empty, so not drawn
@@ -188,7 +188,7 @@ def test_plot_history_epochs_restarting_per_phase_and_distillation(tmp_path):
 
     written = plot_history(metrics, tmp_path)
     assert [p.name for p in written] == ["learning_curves.png", "lr_schedule.png", "distill_losses.png"]
-    loss_ax = _history_figures(_read_history(metrics))["learning_curves.png"].axes[0]
+    loss_ax = _history_figures(read_history(metrics))["learning_curves.png"].axes[0]
     train_line = next(line for line in loss_ax.lines if line.get_label() == "train")
     assert list(train_line.get_xdata()) == [1, 2, 3, 4]  # rows in order, not overlapping epochs
 

@@ -123,7 +123,7 @@ def _confusion_figure(matrix: list[list[int]], class_names: list[str]) -> Figure
     return fig
 
 
-def _read_history(metrics_csv: Path) -> dict[str, list]:
+def read_history(metrics_csv: Path) -> dict[str, list]:
     """The metrics table as columns: floats (NaN for empty cells), except 'phase' which stays text."""
     if not metrics_csv.is_file():
         raise UserError(f"metrics file {metrics_csv} not found; pass the metrics.csv of a finished run")
@@ -228,7 +228,7 @@ def plot_history(metrics_csv: Path, out_dir: Path) -> list[Path]:
 
     A metrics.csv without rows yields no plots rather than an error, so a run that stopped early still ends cleanly.
     """
-    columns = _read_history(Path(metrics_csv))
+    columns = read_history(Path(metrics_csv))
     if not columns:
         return []
     out_dir = Path(out_dir)
