@@ -19,6 +19,7 @@ import torch
 
 from common.errors import UserError
 from pipelines.augment import AugmentSpec, EvalTransform, TrainTransform
+from pipelines.dataset import Split, open_split
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,6 @@ class ShardedLoader:
         self.epoch = 0
         self._start_batch = 0
 
-    @classmethod
-    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
-                    num_classes: int, options: LoaderOptions):
-        """Build from uint8 images (N, H, W, C) and int labels (N,) already in memory."""
-        from pipelines.dataset import Split
-
-        return cls(options, Split.in_memory(images, labels, mean=mean, std=std, num_classes=num_classes))
-
     def __len__(self) -> int:
         return self._len
 
@@ -138,8 +131,22 @@ class ShardedLoader:
         return self.transform(images, labels)
 
 
-def check_arrays(images: np.ndarray, labels: np.ndarray, split: str) -> None:
-    """The reading layer's arrays, as the array-fed backends (tensor, dali) expect them."""
-    if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
-        raise UserError(f"split '{split}' holds images {images.dtype}{list(images.shape)} and "
-                        f"{len(labels)} labels, expected uint8 (N, H, W, C) with N labels; convert the data again")
+class ArrayLoader(ShardedLoader):
+    """A backend fed from the reading layer's decoded arrays (tensor, dali): `self.split` holds them and
+    `self.labels` sits on the device."""
+
+    def __init__(self, options: LoaderOptions, split: Split | None = None):
+        split = split or open_split(options.data_dir, options.split)
+        images, labels = split.images, split.labels
+        if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
+            raise UserError(f"split '{options.split}' holds images {images.dtype}{list(images.shape)} and "
+                            f"{len(labels)} labels, expected uint8 (N, H, W, C) with N labels; convert the data again")
+        super().__init__(options, n=len(images), mean=split.mean, std=split.std, num_classes=split.num_classes)
+        self.split = split
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(options.device)
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
+                    num_classes: int, options: LoaderOptions):
+        """Build from uint8 images (N, H, W, C) and int labels (N,) already in memory."""
+        return cls(options, Split.in_memory(images, labels, mean=mean, std=std, num_classes=num_classes))

@@ -32,23 +32,20 @@ import numpy as np
 import torch
 
 from pipelines.augment import AffineSpec, AugmentSpec, EraseSpec, JitterSpec, TrainTransform
-from pipelines.base import LoaderOptions, ShardedLoader, check_arrays
-from pipelines.dataset import Split, open_split
+from pipelines.base import ArrayLoader, LoaderOptions
+from pipelines.dataset import Split
 
 # torch's "reflect" does not repeat the edge pixel, which is DALI's "reflect_101"
 OUT_OF_BOUNDS = {"constant": "pad", "reflect": "reflect_101"}
 
 
-class DaliLoader(ShardedLoader):
+class DaliLoader(ArrayLoader):
     """Implements `pipelines.base.Loader` with a DALI pipeline per epoch."""
 
     def __init__(self, options: LoaderOptions, split: Split | None = None):
-        split = split or open_split(options.data_dir, options.split)
-        check_arrays(split.images, split.labels, options.split)
-        super().__init__(options, n=len(split.images), mean=split.mean, std=split.std,
-                         num_classes=split.num_classes)
+        super().__init__(options, split)
+        split = self.split
         self.images = split.images
-        self.labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(options.device)
         self.spec = options.spec if options.train else AugmentSpec()
         # DALI does every stage but MixUp/CutMix; with eval's empty spec, mix() only sets the memory layout
         self.mix = TrainTransform(self.spec, mean=split.mean, std=split.std, num_classes=split.num_classes,

@@ -11,23 +11,19 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipelines.base import LoaderOptions, ShardedLoader, check_arrays
-from pipelines.dataset import Split, open_split
+from pipelines.base import ArrayLoader, LoaderOptions
+from pipelines.dataset import Split
 
 
-class TensorLoader(ShardedLoader):
+class TensorLoader(ArrayLoader):
     """Implements `pipelines.base.Loader` over a split held on `options.device`."""
 
     def __init__(self, options: LoaderOptions, split: Split | None = None):
-        split = split or open_split(options.data_dir, options.split)
-        check_arrays(split.images, split.labels, options.split)
-        super().__init__(options, n=len(split.images), mean=split.mean, std=split.std,
-                         num_classes=split.num_classes)
+        super().__init__(options, split)
         # one upload (copying on the host only if the array is read-only, e.g. a memory map);
         # the NHWC -> NCHW transpose runs on the device
-        host = np.require(split.images, requirements=["C", "W"])
+        host = np.require(self.split.images, requirements=["C", "W"])
         self.images = torch.from_numpy(host).to(options.device).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(options.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         o = self.options

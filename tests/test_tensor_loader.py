@@ -149,7 +149,7 @@ def test_constructor_opens_the_split_and_uses_its_statistics(monkeypatch, tmp_pa
         opened.append((data_dir, split))
         return Split(name=split, images=images, labels=labels, manifest=manifest, path=tmp_path / f"{split}.beton")
 
-    monkeypatch.setattr("pipelines.tensor_loader.open_split", open_split)
+    monkeypatch.setattr("pipelines.base.open_split", open_split)
     options = LoaderOptions(data_dir=tmp_path, split="test", batch_size=50, train=False, spec=AugmentSpec(),
                             device=torch.device("cpu"))
     data = TensorLoader(options)
