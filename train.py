@@ -203,8 +203,7 @@ def evaluate(model: nn.Module, loader, recipe: Recipe, accelerator: Accelerator,
         logits = logits.float()
         loss = F.cross_entropy(logits, targets, label_smoothing=recipe.loss.label_smoothing, reduction="sum")
         pred = logits.argmax(1)
-        sums += torch.stack([loss.double(), (pred == targets).sum().double(), torch.tensor(
-            float(targets.numel()), device=sums.device, dtype=torch.float64)])
+        sums += torch.stack([loss.double(), (pred == targets).sum().double(), sums.new_full((), targets.numel())])
         if collect:
             preds.append(pred.cpu())
             labels.append(targets.cpu())
@@ -439,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                 labels = targets.argmax(1) if targets.dtype.is_floating_point else targets
                 sums += torch.stack([terms["loss"].detach().double() * labels.numel(),
                                      (logits.argmax(1) == labels).sum().double(),
-                                     torch.tensor(float(labels.numel()), device=sums.device, dtype=torch.float64),
+                                     sums.new_full((), labels.numel()),  # a fill, not a host-to-device copy
                                      grad_norm.detach().double(),
                                      terms.get("kd_soft_loss", terms["loss"]).detach().double() * labels.numel(),
                                      terms.get("kd_hard_loss", terms["loss"]).detach().double() * labels.numel()])
