@@ -197,3 +197,12 @@ def test_two_processes_count_every_test_sample_once(mnist_data, tmp_path):
         preds = torch.cat([model(chunk).argmax(1) for chunk in images.split(1000)])
     accuracy = (preds == torch.from_numpy(split.labels)).double().mean().item()
     assert summary["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(precision, mnist_data, tmp_path):
+    run_dir = tmp_path / precision
+    summary = run_train(["--recipe", "mnist_cnn_smoke", "--data", str(mnist_data), "--run-dir", str(run_dir),
+                         "--cpu", "--set", f"precision={precision}", "--set", "max_steps_per_epoch=30"])
+    assert summary["test_loss"] < 2.3 and summary["test_accuracy"] > 0.3  # learning; chance is 0.10 / ln 10
+    assert load_recipe(str(run_dir / "config.toml")).precision == precision
