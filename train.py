@@ -204,16 +204,16 @@ def evaluate(model: nn.Module, loader, recipe: Recipe, accelerator: Accelerator,
         loss = F.cross_entropy(logits, targets, label_smoothing=recipe.loss.label_smoothing, reduction="sum")
         pred = logits.argmax(1)
         sums += torch.stack([loss.double(), (pred == targets).sum().double(), sums.new_full((), targets.numel())])
-        if collect:
-            preds.append(pred.cpu())
-            labels.append(targets.cpu())
+        if collect:  # kept on the device; copied to the host once, after the loop
+            preds.append(pred)
+            labels.append(targets)
     sums = accelerator.reduce(sums, reduction="sum")
     loss_sum, correct, count = sums.tolist()
     metrics = {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
     if not collect:
         return metrics, None, None
-    all_preds = torch.cat(gather_object([torch.cat(preds)]))
-    all_labels = torch.cat(gather_object([torch.cat(labels)]))
+    all_preds = torch.cat(gather_object([torch.cat(preds).cpu()]))
+    all_labels = torch.cat(gather_object([torch.cat(labels).cpu()]))
     return metrics, all_preds, all_labels
 
 
@@ -424,11 +424,14 @@ def main(argv: list[str] | None = None) -> int:
                                        teacher_logits.float() if teacher_logits is not None else None)
                 accelerator.backward(terms["loss"])
                 params = [p for p in model.parameters() if p.grad is not None]
-                if recipe.grad_clip_value:
-                    accelerator.clip_grad_value_(params, recipe.grad_clip_value)
+                if recipe.grad_clip_norm:
+                    grad_norm = accelerator.clip_grad_norm_(params, recipe.grad_clip_norm)
+                else:  # the norm is still logged; without clipping by norm there is nothing to rescale
+                    if recipe.grad_clip_value:
+                        accelerator.clip_grad_value_(params, recipe.grad_clip_value)
+                    else:
+                        accelerator.unscale_gradients()
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-                else:
-                    grad_norm = accelerator.clip_grad_norm_(params, recipe.grad_clip_norm or math.inf)
                 optimizer.step()
                 step_lrs = scheduler.get_last_lr()  # the rates this step used (logged for the epoch's last step)
                 scheduler.step()
