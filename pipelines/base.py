@@ -21,6 +21,36 @@ from common.errors import UserError
 from pipelines.augment import AugmentSpec, EvalTransform, TrainTransform
 from pipelines.dataset import Split, open_split
 
+MIN_RESOLUTION = 8  # the smallest crop side a photo loader makes
+RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop: area fraction of the source image
+RRC_RATIO = (3 / 4, 4 / 3)  # and aspect ratio (width / height) of the crop
+CENTER_CROP_RATIO = 224 / 256  # evaluation: crop side / shorter image side, the ImageNet convention
+
+
+@dataclass(frozen=True)
+class ResolutionSchedule:
+    """Crop sides for photos of varied sizes: `train` for training, `eval` for evaluation, and progressive
+    resizing as in ffcv-imagenet when max_res > 0 (min_res up to epoch start_ramp, max_res from end_ramp
+    on, linear in between rounded to a multiple of 32). Fixed-size data keeps its stored size."""
+
+    train: int = 224
+    eval: int = 224
+    min_res: int = 0
+    max_res: int = 0
+    start_ramp: int = 0
+    end_ramp: int = 0
+
+    def for_epoch(self, epoch: int) -> int:
+        """The training crop side in epoch `epoch` (counted from 0 over all phases)."""
+        if not self.max_res:
+            return self.train
+        if epoch <= self.start_ramp:
+            return self.min_res
+        if epoch >= self.end_ramp:
+            return self.max_res
+        frac = (epoch - self.start_ramp) / (self.end_ramp - self.start_ramp)
+        return int(np.round((self.min_res + frac * (self.max_res - self.min_res)) / 32)) * 32
+
 
 @dataclass(frozen=True)
 class LoaderOptions:
@@ -38,6 +68,20 @@ class LoaderOptions:
     num_workers: int = 2
     label_smoothing: float = 0.0  # folded into soft targets when MixUp/CutMix is on
     channels_last: bool = True
+    resolution: ResolutionSchedule = ResolutionSchedule()  # photos of varied sizes only
+
+
+def varied_sizes(manifest: dict) -> bool:
+    """Whether a dataset's images come in more than one size (the converter then records no image_shape)."""
+    return manifest.get("image_shape") is None
+
+
+def model_image_shape(manifest: dict, resolution: ResolutionSchedule) -> tuple[int, int, int]:
+    """The (H, W, C) a model is built for: the stored size, or for photos of varied sizes the evaluation crop
+    (the model sees other training sides too: every registered CNN pools globally)."""
+    if varied_sizes(manifest):
+        return (resolution.eval, resolution.eval, 3)
+    return tuple(manifest["image_shape"])
 
 
 class Loader(Protocol):
@@ -111,6 +155,11 @@ class ShardedLoader:
         """Choose the epoch's order; the next iteration starts at `start_batch` (later ones at 0)."""
         self.epoch = epoch
         self._start_batch = start_batch
+
+    def crop_side(self) -> int:
+        """For photos of varied sizes: the side of the square crops this epoch (training) or of evaluation."""
+        res = self.options.resolution
+        return res.for_epoch(self.epoch) if self.options.train else res.eval
 
     def _take_order(self) -> tuple[np.ndarray, int]:
         """This rank's sample order for the current epoch and the batch to start at (consumed once)."""

@@ -50,6 +50,48 @@ def test_seed_003_numbers():
     assert r.augment.mix.mixup_alpha > 0 and r.augment.mix.cutmix_alpha > 0 and r.loss.label_smoothing > 0
 
 
+def test_ffcv_imagenet_numbers():
+    """libffcv/ffcv-imagenet's rn18_16_epochs and rn50_88_epochs configs, as issue 13 lists them."""
+    for name, arch, epochs, lr, wd, ramp in [("imagenet_rn18_16", "resnet18", 16, 2.0, 5e-5, (11, 13)),
+                                             ("imagenet_rn50_88", "resnet50", 88, 1.7, 1e-4, (65, 76))]:
+        r = load_recipe(name)
+        (p,) = r.phases
+        d = r.data
+        assert (r.model.name, r.model.args, r.model.pretrained) == (arch, {"blurpool": True}, False)
+        assert (p.epochs, d.batch_size, d.loader) == (epochs, 1024, "ffcv")
+        o = p.optimizer
+        assert (o.name, o.lr, o.momentum, o.weight_decay, o.no_decay_norm_bias) == ("sgd", lr, 0.9, wd, True)
+        assert (p.schedule.name, p.schedule.peak_epoch, r.loss.label_smoothing) == ("triangular", 2.0, 0.1)
+        assert (d.min_res, d.max_res, (d.start_ramp, d.end_ramp), d.eval_resolution) == (160, 192, ramp, 256)
+        assert r.tta_flip and r.augment.flip.p == 0.5 and r.augment.enabled() == ["flip"]
+    assert load_recipe("imagenet_rn18_16").data.batch_size * 0.5 / 256 == 2.0  # 0.5 per 256 images
+
+
+def test_hymenoptera_finetune_numbers():
+    """PyTorch's transfer-learning tutorial, from scratch by default."""
+    r = load_recipe("hymenoptera_finetune")
+    (p,) = r.phases
+    assert (r.model.name, r.model.pretrained) == ("resnet18", False)
+    assert (r.data.resolution, r.data.eval_resolution, r.data.loader) == (224, 224, "ffcv")
+    assert (r.data.batch_size, r.augment.enabled(), r.augment.flip.p) == (4, ["flip"], 0.5)
+    assert (p.epochs, p.optimizer.name, p.optimizer.lr, p.optimizer.momentum) == (25, "sgd", 1e-3, 0.9)
+    assert (p.schedule.name, p.schedule.step_size, p.schedule.gamma) == ("step", 7, 0.1)
+    r = load_recipe("hymenoptera_finetune", ["model.pretrained=\"weights/resnet18.pth\""])
+    assert r.model.pretrained == "weights/resnet18.pth"
+
+
+def test_resolution_ramp_as_ffcv_imagenet():
+    """ffcv-imagenet's get_resolution: min_res through start_ramp, max_res from end_ramp, between them the
+    linear interpolation rounded to a multiple of 32."""
+    res = load_recipe("imagenet_rn18_16").data.resolutions()
+    assert [res.for_epoch(e) for e in range(16)] == [160] * 12 + [192] * 4  # epoch 12: 176 / 32 = 5.5 -> 6
+    ramp = load_recipe("c10_cnn", ["data.min_res=128", "data.max_res=256", "data.start_ramp=2",
+                                   "data.end_ramp=6"]).data.resolutions()
+    assert [ramp.for_epoch(e) for e in range(8)] == [128, 128, 128, 160, 192, 224, 256, 256]
+    fixed = load_recipe("hymenoptera_finetune").data.resolutions()
+    assert {fixed.for_epoch(e) for e in range(25)} == {224} and fixed.eval == 224
+
+
 def test_overrides_dotted_indexed_and_suffix():
     r = load_recipe("c10_finetune", ["data.batch_size=256", "phases.1.epochs=3", "pretrained=false",
                                      "augment.erase.scale=[0.1, 0.2]"])
@@ -68,6 +110,10 @@ def test_overrides_dotted_indexed_and_suffix():
     ("augment.flip.p=1.5", "'augment.flip.p' must be <= 1"),
     ("grad_clip_value=0.1", "choose one"),
     ("data.loader=dask", "must be one of"),
+    ("data.resolution=4", "'data.resolution' must be >= 8"),
+    ("data.max_res=100", "'data.min_res' must be >= 8"),
+    ("data.min_res=200", "'data.max_res' must be >= 200"),
+    ("phases.0.schedule.peak_epoch=-1", "'phases[0].schedule.peak_epoch' must be >= 0"),
 ])
 def test_bad_overrides_are_clear(override, fragment):
     with pytest.raises(UserError, match=None) as info:

@@ -100,3 +100,26 @@ def test_freeze_groups_and_no_decay():
 def test_unknown_module_is_a_clear_error():
     with pytest.raises(UserError, match="does not have; top-level modules: body, fc"):
         set_trainable(Net(), ["head"])
+
+
+def test_triangular_matches_ffcv_imagenet_by_hand():
+    """ffcv-imagenet's per-step LR: np.interp(epoch + i / steps, [0, peak, epochs], [1e-4 * lr, lr, 0])."""
+    spe, lr = 4, 2.0
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = build_scheduler(opt, ScheduleConfig(name="triangular", peak_epoch=2), epochs=5, steps_per_epoch=spe)
+    ours = []
+    for _ in range(5 * spe):
+        ours.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    up = [lr * (1e-4 + (1 - 1e-4) * (i / spe) / 2) for i in range(2 * spe)]  # 0 .. peak: 2e-4 -> 2.0
+    down = [lr * (5 - (2 + i / spe)) / 3 for i in range(3 * spe)]  # peak .. end: 2.0 -> 0
+    assert ours == pytest.approx(up + down, rel=1e-12)
+    assert ours[0] == pytest.approx(2e-4) and ours[2 * spe] == pytest.approx(lr)
+    assert ours[-1] == pytest.approx(lr * 0.25 / 3)  # a quarter epoch before the end
+
+
+def test_triangular_peak_past_the_phase_is_a_clear_error():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(UserError, match="'schedule.peak_epoch' 5.0 is past the phase's 3 epochs"):
+        build_scheduler(opt, ScheduleConfig(name="triangular", peak_epoch=5.0), epochs=3, steps_per_epoch=2)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from common.errors import UserError, did_you_mean
 from common.schema import check_range, from_dict, to_dict
 from pipelines.augment import AugmentSpec
+from pipelines.base import MIN_RESOLUTION, ResolutionSchedule
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -30,11 +31,30 @@ class DataConfig:
     eval_batch_size: int = 512
     num_workers: int = 2
     val_split: str = ""  # "val" to validate on val.beton (convert with --val-fraction); "" = no validation
+    # photos of varied sizes (ffcv, dali): decoded straight to square crops of these sides; fixed-size data ignores them
+    resolution: int = 224  # training random-resized-crop side (when there is no ramp)
+    eval_resolution: int = 224  # evaluation centre-crop side (crop 224/256 of the shorter side, then resize)
+    min_res: int = 0  # progressive resizing: min_res up to start_ramp, max_res from end_ramp on; 0 = off
+    max_res: int = 0
+    start_ramp: int = 0  # epochs, counted from 0 over all phases
+    end_ramp: int = 0
 
     def __post_init__(self) -> None:
         check_range("batch_size", self.batch_size, 1)
         check_range("eval_batch_size", self.eval_batch_size, 1)
         check_range("num_workers", self.num_workers, 0)
+        check_range("resolution", self.resolution, MIN_RESOLUTION)
+        check_range("eval_resolution", self.eval_resolution, MIN_RESOLUTION)
+        if self.min_res or self.max_res:
+            check_range("min_res", self.min_res, MIN_RESOLUTION)
+            check_range("max_res", self.max_res, self.min_res)
+            check_range("start_ramp", self.start_ramp, 0)
+            check_range("end_ramp", self.end_ramp, self.start_ramp)
+
+    def resolutions(self) -> ResolutionSchedule:
+        """The loaders' view of the resolution settings."""
+        return ResolutionSchedule(train=self.resolution, eval=self.eval_resolution, min_res=self.min_res,
+                                  max_res=self.max_res, start_ramp=self.start_ramp, end_ramp=self.end_ramp)
 
 
 @dataclass
@@ -92,7 +112,7 @@ class ParamGroupConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["constant", "cosine", "onecycle", "warm_restarts", "step"] = "constant"
+    name: Literal["constant", "cosine", "onecycle", "warm_restarts", "step", "triangular"] = "constant"
     t_max: int = 0  # cosine: epochs of the half period (0 = the phase's epochs)
     eta_min: float = 0.0  # cosine, warm_restarts
     t_0: int = 10  # warm_restarts: epochs of the first cycle
@@ -100,6 +120,7 @@ class ScheduleConfig:
     step_size: int = 30  # step: epochs between decays
     gamma: float = 0.1  # step
     pct_start: float = 0.3  # onecycle
+    peak_epoch: float = 2.0  # triangular: linear from 1e-4 x lr up to lr at this epoch, then linear down to 0
     warmup_epochs: float = 0.0  # linear warm-up from 0 before the schedule (all but onecycle)
 
     def __post_init__(self) -> None:
@@ -109,6 +130,7 @@ class ScheduleConfig:
         check_range("step_size", self.step_size, 1)
         check_range("pct_start", self.pct_start, 0, 1, lo_open=True)
         check_range("warmup_epochs", self.warmup_epochs, 0)
+        check_range("peak_epoch", self.peak_epoch, 0)
 
 
 @dataclass

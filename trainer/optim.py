@@ -106,6 +106,8 @@ def _shape(sched: ScheduleConfig, base_lr: float, epochs: int, steps_per_epoch: 
         return restarts
     if sched.name == "step":
         return lambda step: sched.gamma ** ((step // steps_per_epoch) // sched.step_size)
+    if sched.name == "triangular":
+        return _triangular(sched.peak_epoch, epochs, steps_per_epoch)
     # onecycle, torch defaults: start at max/25, cosine up for pct_start, cosine down to start/1e4
     total = epochs * steps_per_epoch
     up_end = sched.pct_start * total - 1
@@ -118,6 +120,20 @@ def _shape(sched: ScheduleConfig, base_lr: float, epochs: int, steps_per_epoch: 
             a, b, pct = 1.0, low, (step - up_end) / (total - 1 - up_end)
         return b + (a - b) / 2 * (1 + math.cos(math.pi * min(pct, 1.0)))
     return onecycle
+
+
+def _triangular(peak: float, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """ffcv-imagenet's "cyclic" schedule, per step: linear from 1e-4 up to 1 at epoch `peak`, then linear
+    down to 0 at the end of the phase (at fractional epoch step / steps_per_epoch)."""
+    if peak > epochs:
+        raise UserError(f"'schedule.peak_epoch' {peak} is past the phase's {epochs} epochs; "
+                        f"set it to at most {epochs}")
+    start = 1e-4
+
+    def triangular(step: int) -> float:
+        t = step / steps_per_epoch
+        return start + (1 - start) * t / peak if t < peak else (epochs - t) / (epochs - peak)
+    return triangular
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, sched: ScheduleConfig, *, epochs: int,
