@@ -1,8 +1,11 @@
-"""torchvision ResNets adapted to 32x32 images: `resnet18_cifar` and `resnet34_cifar`.
+"""torchvision ResNets: `resnet18_cifar` and `resnet34_cifar` adapted to 32x32 images, and `resnet18` /
+`resnet50` in the ImageNet layout (7x7 stride-2 stem and max-pool) for photos.
 
-The model is a plain torchvision `ResNet` (no wrapper), so its state dict loads into
+The CIFAR models are plain torchvision `ResNet`s (no wrapper), so their state dicts load into
 `torchvision.models.resnet34()` changed the same way: a 3x3 stride-1 `conv1` for C input channels,
-no stem max-pool, and `fc = Sequential(Dropout(p), Linear(512, num_classes))`.
+no stem max-pool, and `fc = Sequential(Dropout(p), Linear(512, num_classes))`. The ImageNet-layout
+models are torchvision's own with `fc` sized for the classes (and `conv1` replaced for C != 3), with
+optional BlurPool as in ffcv-imagenet; their state dicts keep torchvision's keys either way.
 
 `pretrained` starts from ImageNet weights: `true` downloads torchvision's IMAGENET1K_V1 (or uses the
 torch hub cache), a string is the path of a torchvision-format state dict (for offline machines).
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -114,3 +118,60 @@ def resnet18_cifar(num_classes: int, image_shape: ImageShape, opts: ResNetOption
 @register("resnet34_cifar", options=ResNetOptions, head="fc")
 def resnet34_cifar(num_classes: int, image_shape: ImageShape, opts: ResNetOptions) -> nn.Module:
     return _cifar_resnet("resnet34", num_classes, image_shape, opts)
+
+
+@dataclass
+class ImageNetResNetOptions:
+    blurpool: bool = False  # low-pass filter before every strided conv (ffcv-imagenet's use_blurpool)
+    pretrained: bool | str = False  # true: ImageNet weights via torchvision; a string: PATH to a state dict
+
+
+class BlurPoolConv2d(nn.Conv2d):
+    """A strided conv that first blurs its input with a 3x3 binomial filter (Zhang 2019, "Making
+    convolutional networks shift-invariant again"), as ffcv-imagenet's BlurPoolConv2d. Unlike that wrapper
+    it subclasses Conv2d and keeps the filter out of the state dict, so weights stay torchvision's."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                         bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        self.load_state_dict(conv.state_dict())
+        binomial = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (binomial[:, None] * binomial[None, :] / 16).expand(conv.in_channels, 1, 3, 3)
+        self.register_buffer("blur_filter", kernel.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.conv2d(x, self.blur_filter, padding=1, groups=self.in_channels))
+
+
+def add_blurpool(module: nn.Module) -> None:
+    """Replace, in place, every conv with stride > 1 and at least 16 input channels (ffcv-imagenet's rule:
+    not the stem, which sees the raw image) by its BlurPool version."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
+            setattr(module, name, BlurPoolConv2d(child))
+        else:
+            add_blurpool(child)
+
+
+def _imagenet_resnet(arch: str, num_classes: int, image_shape: ImageShape, opts: ImageNetResNetOptions) -> nn.Module:
+    model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    if image_shape[2] != 3:
+        model.conv1 = nn.Conv2d(image_shape[2], 64, 7, 2, 3, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    if opts.pretrained is not False:
+        log.info("%s", load_pretrained(model, opts.pretrained, arch))
+    if opts.blurpool:
+        add_blurpool(model)
+    return model
+
+
+@register("resnet18", options=ImageNetResNetOptions, head="fc")
+def resnet18(num_classes: int, image_shape: ImageShape, opts: ImageNetResNetOptions) -> nn.Module:
+    return _imagenet_resnet("resnet18", num_classes, image_shape, opts)
+
+
+@register("resnet50", options=ImageNetResNetOptions, head="fc")
+def resnet50(num_classes: int, image_shape: ImageShape, opts: ImageNetResNetOptions) -> nn.Module:
+    return _imagenet_resnet("resnet50", num_classes, image_shape, opts)

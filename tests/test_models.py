@@ -18,6 +18,7 @@ from models import (
     load_pretrained,
     model_summary,
 )
+from models.resnet import BlurPoolConv2d
 
 SHAPES = [(28, 28, 1), (32, 32, 3)]  # MNIST, CIFAR-10 (H, W, C)
 
@@ -34,8 +35,8 @@ def _forward_backward(model: nn.Module, shape: tuple[int, int, int], num_classes
 
 
 def test_registry_lists_all_models():
-    assert list_models() == sorted(
-        ["mlp", "residual_mlp", "simple_cnn", "residual_cnn", "resnet18_cifar", "resnet34_cifar"])
+    assert list_models() == sorted(["mlp", "residual_mlp", "simple_cnn", "residual_cnn", "resnet18_cifar",
+                                    "resnet34_cifar", "resnet18", "resnet50"])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -211,3 +212,71 @@ def test_unknown_name_and_kwargs():
         build_model("mlp", num_classes=10, image_shape=(32, 32))
     with pytest.raises(UserError, match="did you mean 'residual_cnn'"):
         head_module_name("residual_cn")
+
+
+@pytest.mark.parametrize("arch, blocks", [("resnet18", [2, 2, 2, 2]), ("resnet50", [3, 4, 6, 3])])
+def test_imagenet_resnets_are_torchvision_layout(arch, blocks):
+    model = build_model(arch, num_classes=2, image_shape=(224, 224, 3))
+    conv = model.conv1
+    assert (conv.in_channels, conv.kernel_size, conv.stride, conv.padding) == (3, (7, 7), (2, 2), (3, 3))
+    assert isinstance(model.maxpool, nn.MaxPool2d) and model.fc.out_features == 2
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == blocks
+    plain = getattr(torchvision.models, arch)(num_classes=2)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 96, 128)  # any size: the head pools globally
+    assert torch.equal(model.eval()(x), plain.eval()(x))
+
+
+def test_blurpool_blurs_before_strided_convs_only():
+    """ffcv-imagenet's rule: every conv with stride > 1 and >= 16 input channels (not the stem) gets the 3x3
+    binomial blur; the state dict keeps torchvision's keys, so the weights load either way."""
+    model = build_model("resnet18", num_classes=10, image_shape=(64, 64, 3), blurpool=True)
+    blurred = sorted(n for n, m in model.named_modules() if isinstance(m, BlurPoolConv2d))
+    assert blurred == ["layer2.0.conv1", "layer2.0.downsample.0", "layer3.0.conv1", "layer3.0.downsample.0",
+                       "layer4.0.conv1", "layer4.0.downsample.0"]
+    assert not isinstance(model.conv1, BlurPoolConv2d)
+    plain = build_model("resnet18", num_classes=10, image_shape=(64, 64, 3))
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(model.state_dict())
+    # the blurred conv = the plain conv applied to the input smoothed by [1 2 1]^T [1 2 1] / 16 (zero padded)
+    conv = model.layer2[0].conv1
+    x = torch.randn(1, 64, 9, 9)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    w = torch.tensor([1.0, 2.0, 1.0])
+    smooth = sum(w[i] * w[j] * padded[:, :, i:i + 9, j:j + 9] for i in range(3) for j in range(3)) / 16
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(smooth, conv.weight, stride=2, padding=1))
+    _forward_backward(model, (64, 64, 3), 10)
+
+
+def test_imagenet_resnet_pretrained_from_path_and_grey_input(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    source = torchvision.models.resnet18()
+    torch.save(source.state_dict(), path)
+    model = build_model("resnet18", num_classes=2, image_shape=(224, 224, 3), pretrained=str(path), blurpool=True)
+    own = model.state_dict()
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(own[key], value), key  # the stem too: it has 3 channels here
+    grey = build_model("resnet18", num_classes=2, image_shape=(28, 28, 1), pretrained=str(path))
+    report = load_pretrained(grey, path, "resnet18")
+    assert report.skipped == ["conv1.weight", "fc.bias", "fc.weight"]
+    with pytest.raises(UserError, match="do not fit resnet50"):
+        build_model("resnet50", num_classes=2, image_shape=(224, 224, 3), pretrained=str(path))
+
+
+def test_compiled_model_compiles_each_resolution_at_most_once():
+    """Progressive resizing under torch.compile (default dynamic=None): the first side compiles a static
+    graph, the first change recompiles once with dynamic height/width, and that graph serves every later
+    side, training or evaluation, so no side is compiled twice and the recompile limit is never reached."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = build_model("resnet18", num_classes=10, image_shape=(64, 64, 3), blurpool=True)
+    compiled = torch.compile(model, backend=counter)
+    compiles = []
+    for side in (64, 64, 96, 128, 96, 64, 128):
+        compiled(torch.randn(2, 3, side, side))
+        compiles.append(counter.frame_count)
+    assert compiles == [1, 1, 2, 2, 2, 2, 2]
+    torch._dynamo.reset()
