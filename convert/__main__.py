@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 
 from common.errors import run_cli
+from convert.archive import Limits
+from convert.beton import ENCODINGS
 from convert.build import convert_dataset
+from convert.images import DEFAULT_MAX_PIXELS
 from convert.sources import DATASETS
 
 EXAMPLES = """examples:
@@ -14,10 +17,19 @@ EXAMPLES = """examples:
   python -m convert mnist --src ../shared/data/mnist --out data               # the 4 IDX files, .gz or not
   python -m convert fashion-mnist --src ~/data/fashion --out data
   python -m convert imagefolder --src ../shared/data/cifar10-jpeg.tar.xz --out data   # -> data/cifar10-jpeg
-  python -m convert imagefolder --src ~/photos --out data --encode jpg --quality 90 --max-side 256
+  python -m convert imagefolder --src ../shared/data/hymenoptera_data.tar --out data --name hymenoptera \\
+      --encode jpg --max-side 500 --quality 90                 # photos, train/ + val/ (val becomes test.beton)
+  python -m convert imagefolder --src ~/imagenet --out data --encode mix --max-side 500 \\
+      --compress-probability 0.5 --quality 90                  # as ffcv-imagenet writes ImageNet
   python -m convert cifar10 --src ~/data --out data --download                # online only
 
-Output: DIR/NAME/{train,test}.beton (+ val.beton with --val-fraction) and DIR/NAME/manifest.json.
+Output: DIR/NAME/{train,test}.beton (+ val.beton with --val-fraction, or from an ImageFolder holding both
+val/ and test/) and DIR/NAME/manifest.json. An ImageFolder tree is <root>/train/<class>/* with val/ or test/
+beside it (optionally under one top-level folder); any image PIL reads becomes RGB, upright per its EXIF.
+Skipped (and listed in the manifest): .gif files (as torchvision's ImageFolder), unreadable or damaged
+images, decompression bombs (over --max-pixels), archive members that are links, devices, or have absolute
+or '..' paths. Ignored (and listed): hidden files such as .DS_Store. CIFAR pickles are read with an
+unpickler that builds only arrays, lists, strings and numbers: a pickle asking for anything else is refused.
 """
 
 
@@ -33,15 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "source's name without extension)")
     parser.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
                         help="carve a stratified, seeded val split of this fraction out of train")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the val split (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the val split and --encode mix (default 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an output exists")
     parser.add_argument("--strict", action="store_true",
-                        help="imagefolder: fail on unreadable or non-image files instead of skipping them")
-    parser.add_argument("--encode", choices=("raw", "jpg"), default="raw",
-                        help="RGB storage: raw uint8 (lossless, default) or JPEG")
-    parser.add_argument("--quality", type=int, default=90, metavar="N", help="JPEG quality for --encode jpg")
+                        help="fail on any file that would be skipped (unreadable, not an image, a .gif, a bomb, "
+                        "an unsafe archive member) instead of skipping and listing it")
+    parser.add_argument("--encode", choices=ENCODINGS, default="raw",
+                        help="RGB storage: raw uint8 (lossless, default), JPEG, or mix: a seeded "
+                        "--compress-probability fraction JPEG and the rest raw")
+    parser.add_argument("--quality", type=int, default=90, metavar="N", help="JPEG quality (default 90)")
+    parser.add_argument("--compress-probability", type=float, default=0.5, metavar="P",
+                        help="--encode mix: the fraction of images stored as JPEG (default 0.5)")
     parser.add_argument("--max-side", type=int, metavar="N",
                         help="imagefolder: shrink images so the longer side is at most N pixels")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="processes decoding images (default: every CPU); the output does not depend on it")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="skip images whose header claims more pixels, without decoding them (decompression "
+                        f"bombs; default {DEFAULT_MAX_PIXELS:,}, PIL's own limit)")
+    parser.add_argument("--max-files", type=int, default=Limits.max_files, metavar="N",
+                        help=f"stop on an archive with more members (default {Limits.max_files:,})")
+    parser.add_argument("--max-expansion", type=float, default=Limits.max_expansion, metavar="X",
+                        help="stop on an archive that decompresses to more than X times its size (and over 1 GiB): "
+                        f"a decompression bomb; images barely compress (default {Limits.max_expansion:g})")
     parser.add_argument("--download", action="store_true", help="download with torchvision into --src first")
     return parser
 
@@ -50,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     convert_dataset(args.dataset, args.src, args.out, name=args.name, val_fraction=args.val_fraction,
                     seed=args.seed, force=args.force, strict=args.strict, encode=args.encode,
-                    quality=args.quality, max_side=args.max_side, download_source=args.download)
+                    quality=args.quality, max_side=args.max_side, compress_probability=args.compress_probability,
+                    max_pixels=args.max_pixels, workers=args.workers,
+                    limits=Limits(args.max_files, args.max_expansion), download_source=args.download)
     return 0
 
 

@@ -18,23 +18,28 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError, did_you_mean
-from convert.beton import storage_for, verify_beton, write_beton
-from convert.sources import DATASETS, SourceData, SplitData, download, read_source, source_stem
+from convert.archive import Limits
+from convert.beton import ENCODINGS, jpeg_plan, storage_for, verify_beton, write_beton
+from convert.imagefolder import GIF_POLICY, IMAGE_SUFFIXES, read_imagefolder
+from convert.images import DEFAULT_MAX_PIXELS, DecodeOptions, default_workers
+from convert.sources import DATASETS, ReadOptions, SourceData, SplitData, download, read_source, source_stem
 from pipelines.dataset import MANIFEST, load_manifest
 
 FORMAT_VERSION = 1
-CONVERTER_VERSION = "1.0"
+CONVERTER_VERSION = "1.1"
 ALL_SPLITS = ("train", "val", "test")
 
 
 def convert_dataset(dataset: str, src: str | Path, out: str | Path, *, name: str | None = None,
                     val_fraction: float = 0.0, seed: int = 0, force: bool = False, strict: bool = False,
                     encode: str = "raw", quality: int = 90, max_side: int | None = None,
-                    download_source: bool = False, num_workers: int | None = None,
+                    compress_probability: float = 0.5, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    workers: int | None = None, limits: Limits | None = None, download_source: bool = False,
                     log: Callable[[str], None] = print) -> Path:
     """Convert `src` into `<out>/<name>/`; returns that folder (the one holding manifest.json)."""
     start = time.perf_counter()
-    _check_options(dataset, val_fraction, encode, quality, max_side)
+    _check_options(dataset, val_fraction, encode, quality, max_side, compress_probability, max_pixels, workers,
+                   limits)
     src = Path(src).expanduser()
     if download_source:
         src = download(dataset, src)
@@ -47,7 +52,8 @@ def convert_dataset(dataset: str, src: str | Path, out: str | Path, *, name: str
             raise UserError(f"output path {path} is a file, not a folder; choose another --out or --name")
 
     options = {"val_fraction": val_fraction, "seed": seed, "encode": encode, "quality": quality,
-               "max_side": max_side, "strict": strict}
+               "max_side": max_side, "compress_probability": compress_probability, "max_pixels": max_pixels,
+               "strict": strict}
     source = {"path": str(src.resolve()), "sha256": source_checksum(src)}
     state = _existing_output(dest, dataset, source["sha256"], options)
     if state == "current" and not force:
@@ -57,33 +63,54 @@ def convert_dataset(dataset: str, src: str | Path, out: str | Path, *, name: str
         raise UserError(f"{dest} already holds a different conversion (other source or options); "
                         "pass --force to rebuild it, or choose another --out or --name")
 
-    data = read_source(dataset, src, strict=strict, max_side=max_side)
-    splits = {"train": data.splits["train"], "test": data.splits["test"]}
+    workers = workers or default_workers()
+    read = ReadOptions(strict, DecodeOptions(max_side, max_pixels), workers, limits or Limits())
+    data = read_imagefolder(src, read) if dataset == "imagefolder" else read_source(dataset, src, read)
+    splits = dict(data.splits)
     if val_fraction > 0:
+        if "val" in splits:
+            raise UserError(f"{src} already has a val folder (and a test folder); drop --val-fraction")
         splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, seed, len(data.classes))
-    _write_all(dest, splits, encode=encode, quality=quality, num_workers=num_workers, seed=seed)
-    manifest = _manifest(dest, data, splits, source, options, storage_for(splits["train"], encode))
+        if data.split_folders:
+            data.split_folders["val"] = data.split_folders["train"]
+    jpeg = {split: jpeg_plan(len(part), encode, compress_probability, [seed, ALL_SPLITS.index(split)])
+            for split, part in splits.items()}
+    _write_all(dest, splits, jpeg, quality=quality, workers=workers, seed=seed)
+    manifest = _manifest(dest, data, splits, jpeg, source, options, storage_for(splits["train"], encode))
     _write_json_atomic(dest / MANIFEST, manifest)
 
+    seconds = time.perf_counter() - start
+    total = sum(len(part) for part in splits.values())
     counts = ", ".join(f"{s} {manifest['splits'][s]['count']:,}" for s in ALL_SPLITS if s in splits)
-    log(f"wrote {dest} ({counts}) in {time.perf_counter() - start:.1f} s")
+    log(f"wrote {dest} ({counts}) in {seconds:.1f} s: {total / seconds:,.0f} images/s")
     return dest
 
 
-def _check_options(dataset: str, val_fraction: float, encode: str, quality: int, max_side: int | None) -> None:
+def _check_options(dataset: str, val_fraction: float, encode: str, quality: int, max_side: int | None,
+                   compress_probability: float, max_pixels: int, workers: int | None,
+                   limits: Limits | None) -> None:
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset '{dataset}'{did_you_mean(dataset, DATASETS)}; "
                         f"choose one of {', '.join(DATASETS)}")
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if encode not in ("raw", "jpg"):
-        raise UserError(f"--encode must be raw or jpg, got {encode!r}")
-    if encode == "jpg" and dataset in ("mnist", "fashion-mnist"):
-        raise UserError(f"--encode jpg is for RGB images; {dataset} is stored as raw single-channel arrays")
+    if encode not in ENCODINGS:
+        raise UserError(f"--encode must be one of {', '.join(ENCODINGS)}, got {encode!r}")
+    if encode != "raw" and dataset in ("mnist", "fashion-mnist"):
+        raise UserError(f"--encode {encode} is for RGB images; {dataset} is stored as raw single-channel arrays")
     if not 1 <= quality <= 100:
         raise UserError(f"--quality must be in 1..100, got {quality}")
+    if not 0 <= compress_probability <= 1:
+        raise UserError(f"--compress-probability must be in [0, 1], got {compress_probability}")
     if max_side is not None and (dataset != "imagefolder" or max_side < 1):
         raise UserError("--max-side takes a positive number of pixels and applies to imagefolder only")
+    if max_pixels < 1:
+        raise UserError(f"--max-pixels must be a positive number of pixels, got {max_pixels}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if limits is not None and (limits.max_files < 1 or not limits.max_expansion > 0):
+        raise UserError(f"--max-files and --max-expansion must be positive, got {limits.max_files} and "
+                        f"{limits.max_expansion}")
 
 
 def _existing_output(dest: Path, dataset: str, source_sha: str, options: dict) -> str:
@@ -122,15 +149,15 @@ def _carve_val(train: SplitData, fraction: float, seed: int, num_classes: int) -
     return train.subset(np.flatnonzero(keep)), train.subset(val_idx)
 
 
-def _write_all(dest: Path, splits: dict[str, SplitData], *, encode: str, quality: int,
-               num_workers: int | None, seed: int) -> None:
+def _write_all(dest: Path, splits: dict[str, SplitData], jpeg: dict[str, np.ndarray], *, quality: int,
+               workers: int, seed: int) -> None:
     """Write and verify every split to temp files, then rename them into place (old manifest removed first)."""
     dest.mkdir(parents=True, exist_ok=True)
     temps = {split: dest / f".{split}.beton.partial" for split in splits}
     try:
         for split, data in splits.items():
-            write_beton(temps[split], data, encode=encode, quality=quality, num_workers=num_workers)
-            verify_beton(temps[split], data, quality=quality, seed=seed)
+            write_beton(temps[split], data, jpeg=jpeg[split], quality=quality, workers=workers)
+            verify_beton(temps[split], data, jpeg=jpeg[split], quality=quality, seed=seed)
         (dest / MANIFEST).unlink(missing_ok=True)  # from here on the folder must not look complete
         for split in ALL_SPLITS:
             if split in temps:
@@ -142,18 +169,20 @@ def _write_all(dest: Path, splits: dict[str, SplitData], *, encode: str, quality
             temp.unlink(missing_ok=True)
 
 
-def _manifest(dest: Path, data: SourceData, splits: dict[str, SplitData], source: dict, options: dict,
-              storage: str) -> dict:
+def _manifest(dest: Path, data: SourceData, splits: dict[str, SplitData], jpeg: dict[str, np.ndarray],
+              source: dict, options: dict, storage: str) -> dict:
     train = splits["train"]
     mean, std = channel_stats(train.images)
-    shapes = {im.shape for im in train.images} if isinstance(train.images, list) else {train.images.shape[1:]}
+    shapes = {im.shape for part in splits.values() for im in
+              (part.images if isinstance(part.images, list) else part.images[:1])}
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": dest.name,
         "dataset": data.dataset,
         "source": source,
         "classes": data.classes,
-        "splits": {split: _split_entry(dest / f"{split}.beton", part, len(data.classes))
+        "splits": {split: {**_split_entry(dest / f"{split}.beton", part, len(data.classes)),
+                           "jpeg_count": int(jpeg[split].sum())}
                    for split, part in splits.items()},
         "mean": mean,
         "std": std,
@@ -161,19 +190,29 @@ def _manifest(dest: Path, data: SourceData, splits: dict[str, SplitData], source
         "storage": storage,
         "fields": ["image", "label"] + (["coarse_label"] if train.coarse_labels is not None else []),
         "options": options,
+        "skipped_files": dict(sorted(data.skipped_files.items())),
         "converter_version": CONVERTER_VERSION,
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     if data.coarse_classes is not None:
         manifest["coarse_classes"] = data.coarse_classes
     if data.dataset == "imagefolder":
-        manifest["skipped_files"] = data.skipped_files
+        manifest.update(split_folders=data.split_folders, ignored_files=sorted(data.ignored_files),
+                        image_suffixes=list(IMAGE_SUFFIXES), gif=GIF_POLICY)
     return manifest
 
 
 def _split_entry(path: Path, split: SplitData, num_classes: int) -> dict:
     return {"count": len(split), "histogram": np.bincount(split.labels, minlength=num_classes).tolist(),
-            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            "bytes": path.stat().st_size, "sha256": sha256_file(path), "image_size": size_stats(split.images)}
+
+
+def size_stats(images: np.ndarray | list[np.ndarray]) -> dict[str, dict[str, float]]:
+    """Min, median and max of the images' heights and widths (as stored, after --max-side)."""
+    sizes = (np.array([im.shape[:2] for im in images]) if isinstance(images, list)
+             else np.tile(images.shape[1:3], (max(len(images), 1), 1)))
+    return {axis: {"min": int(sizes[:, k].min()), "median": float(np.median(sizes[:, k])),
+                   "max": int(sizes[:, k].max())} for k, axis in enumerate(("height", "width"))}
 
 
 def channel_stats(images: np.ndarray | list[np.ndarray]) -> tuple[list[float], list[float]]:

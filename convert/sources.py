@@ -1,34 +1,27 @@
 """Read the source formats users have on disk into plain uint8 arrays, validating as we go.
 
-CIFAR pickles (folder or .tar.gz), MNIST-style IDX files (gzipped or not) and ImageFolder trees (folder or
-tarball, streamed without extracting) all become a `SourceData`: a bad source fails here with one line,
-before anything is written.
+CIFAR pickles (folder or .tar.gz) and MNIST-style IDX files (gzipped or not) become a `SourceData` here,
+ImageFolder trees in `convert.imagefolder`: a bad source fails with one line, before anything is written.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
-import lzma
-import os
-import pickle
 import struct
-import tarfile
-import warnings
 import zlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from common.errors import UserError
+from convert.archive import Limits, walk
+from convert.images import DecodeOptions, default_workers
+from convert.unpickle import load_cifar_pickle
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
 SPLITS = ("train", "test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
 MNIST_CLASSES = [str(d) for d in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -67,20 +60,46 @@ class SourceData:
 
     dataset: str
     classes: list[str]
-    splits: dict[str, SplitData]
+    splits: dict[str, SplitData]  # "train", "test" and, from an ImageFolder with val/ and test/, "val"
     coarse_classes: list[str] | None = None
-    skipped_files: list[str] = field(default_factory=list)
+    skipped_files: dict[str, str] = field(default_factory=dict)  # path -> why it was not used
+    ignored_files: list[str] = field(default_factory=list)  # hidden files (.DS_Store, ._photo.jpg)
+    split_folders: dict[str, str] | None = None  # ImageFolder: split -> the folder it was read from
 
 
-def read_source(dataset: str, src: Path, *, strict: bool = False, max_side: int | None = None) -> SourceData:
-    """Read `src` as `dataset`; UserError for anything missing, corrupt or of the wrong kind."""
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read a source: what to do with bad files, image decoding, workers, archive limits."""
+
+    strict: bool = False
+    decode: DecodeOptions = DecodeOptions()
+    workers: int = field(default_factory=default_workers)
+    limits: Limits = Limits()
+
+
+class SkipList:
+    """Files left out and why; under --strict the first one is an error instead."""
+
+    def __init__(self, src: Path, strict: bool):
+        self.src, self.strict, self.files = src, strict, {}
+
+    def __call__(self, path: str, reason: str) -> None:
+        if self.strict:
+            raise UserError(f"{self.src}: {path} is {reason}; remove it, or drop --strict to skip such files")
+        self.files[path] = reason
+
+
+def read_source(dataset: str, src: Path, options: ReadOptions) -> SourceData:
+    """Read `src` as CIFAR or MNIST-style `dataset`; UserError for anything missing, corrupt or of the wrong kind."""
     if not src.exists():
         raise UserError(f"source {src} does not exist; pass --src with the downloaded files (or use --download)")
+    skipped = SkipList(src, options.strict)
     if dataset in CIFAR_FILES:
-        return _read_cifar(dataset, src)
-    if dataset in ("mnist", "fashion-mnist"):
-        return _read_idx_dataset(dataset, src)
-    return _read_imagefolder(src, strict=strict, max_side=max_side)
+        data = _read_cifar(dataset, src, skipped, options.limits)
+    else:
+        data = _read_idx_dataset(dataset, src, skipped, options.limits)
+    data.skipped_files = skipped.files
+    return data
 
 
 def source_stem(src: Path) -> str:
@@ -107,12 +126,12 @@ def download(dataset: str, root: Path) -> Path:
     return root / folder
 
 
-def _read_files(src: Path, wanted: set[str]) -> tuple[dict[str, bytes], list[str]]:
+def _read_files(src: Path, wanted: set[str], skip: SkipList, limits: Limits) -> tuple[dict[str, bytes], list[str]]:
     """The files named in `wanted` (by base name) from a tarball, or from a folder or its first subfolder
     that has any (torchvision's root layout), and the names seen (for telling what else `src` might be)."""
     if src.is_file():
         found, seen = {}, []
-        for parts, read in _walk(src):
+        for parts, read in walk(src, skip, limits):
             if read is not None:
                 seen.append(parts[-1])
                 if parts[-1] in wanted and parts[-1] not in found:
@@ -143,17 +162,6 @@ def _wrong_kind(dataset: str, src: Path, missing: str, seen: list[str]) -> UserE
     return UserError(f"{src} has no {missing}, so it is not a {dataset} source; {hint}")
 
 
-def _unpickle(data: bytes, name: str) -> dict:
-    """A CIFAR pickle as a dict with str keys (Python 2 originals have bytes or latin-1 keys)."""
-    try:
-        obj = pickle.loads(data, encoding="latin1")  # noqa: S301 - CIFAR ships as pickles
-    except Exception:  # a damaged pickle can raise almost anything
-        obj = None
-    if not isinstance(obj, dict):
-        raise UserError(f"{name} is truncated or not a CIFAR pickle; download the dataset again")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
 def _cifar_split(batches: list[tuple[str, dict]], label_keys: list[str], num_classes: list[int]) -> SplitData:
     """Concatenate CIFAR batches: rows of 3072 bytes, R, G, B planes of 32x32, into (N, 32, 32, 3)."""
     images, labels = [], [[] for _ in label_keys]
@@ -173,14 +181,14 @@ def _cifar_split(batches: list[tuple[str, dict]], label_keys: list[str], num_cla
     return SplitData(np.ascontiguousarray(np.concatenate(images)), label_arrays[0], coarse)
 
 
-def _read_cifar(dataset: str, src: Path) -> SourceData:
+def _read_cifar(dataset: str, src: Path, skip: SkipList, limits: Limits) -> SourceData:
     layout = CIFAR_FILES[dataset]
     names = [*layout["train"], *layout["test"], layout["meta"]]
-    found, seen = _read_files(src, set(names))
+    found, seen = _read_files(src, set(names), skip, limits)
     missing = [n for n in names if n not in found]
     if missing:
         raise _wrong_kind(dataset, src, ", ".join(missing), seen)
-    meta = _unpickle(found[layout["meta"]], layout["meta"])
+    meta = load_cifar_pickle(found[layout["meta"]], layout["meta"])
     name_keys = ["label_names"] if dataset == "cifar10" else ["fine_label_names", "coarse_label_names"]
     label_keys = ["labels"] if dataset == "cifar10" else ["fine_labels", "coarse_labels"]
     class_lists = []
@@ -191,7 +199,7 @@ def _read_cifar(dataset: str, src: Path) -> SourceData:
     splits = {}
     for split in SPLITS:
         with tqdm(layout[split], desc=f"reading {split}") as names:  # `with`: errors start on a fresh line
-            batches = [(n, _unpickle(found[n], n)) for n in names]
+            batches = [(n, load_cifar_pickle(found[n], n)) for n in names]
         splits[split] = _cifar_split(batches, label_keys, [len(c) for c in class_lists])
     return SourceData(dataset, class_lists[0], splits, coarse_classes=class_lists[1] if dataset == "cifar100" else None)
 
@@ -214,10 +222,10 @@ def _parse_idx(data: bytes, name: str, ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _read_idx_dataset(dataset: str, src: Path) -> SourceData:
+def _read_idx_dataset(dataset: str, src: Path, skip: SkipList, limits: Limits) -> SourceData:
     variants = {stem: [f"{stem}{sep}idx{nd}-ubyte{gz}" for sep in "-." for gz in ("", ".gz")]
                 for stems in IDX_FILES.values() for stem, nd in zip(stems, (3, 1))}
-    found, seen = _read_files(src, {v for names in variants.values() for v in names})
+    found, seen = _read_files(src, {v for names in variants.values() for v in names}, skip, limits)
     splits = {}
     for split, (image_stem, label_stem) in IDX_FILES.items():
         arrays = []
@@ -235,125 +243,3 @@ def _read_idx_dataset(dataset: str, src: Path) -> SourceData:
         splits[split] = SplitData(images[..., None], labels.astype(np.int64))
     classes = MNIST_CLASSES if dataset == "mnist" else FASHION_CLASSES
     return SourceData(dataset, list(classes), splits)
-
-
-def _walk(src: Path) -> Iterator[tuple[tuple[str, ...], Callable[[], bytes] | None]]:
-    """(path parts, reader) for every file of a folder or tarball, in order, and (parts, None) for folders.
-
-    Tarballs are streamed (`r|*`), so a reader must be called before the next item is taken.
-    """
-    if src.is_dir():
-        for dirpath, dirnames, filenames in os.walk(src):
-            dirnames.sort()
-            rel = Path(dirpath).relative_to(src).parts
-            if rel:
-                yield rel, None
-            for name in sorted(filenames):
-                yield (*rel, name), (Path(dirpath) / name).read_bytes
-        return
-    errors = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
-
-    def broken(exc: Exception) -> UserError:
-        return UserError(f"{src} is not a readable folder or tar archive ({exc}); "
-                         "pass a folder or a complete .tar/.tar.gz/.tar.xz")
-
-    def reader(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[], bytes]:
-        def read() -> bytes:
-            try:
-                return tar.extractfile(member).read()
-            except errors as exc:
-                raise broken(exc) from None
-        return read
-
-    try:
-        with tarfile.open(src, "r|*") as tar:
-            for member in tar:
-                parts = PurePosixPath(member.name).parts
-                if member.isdir():
-                    yield parts, None
-                elif member.isfile():
-                    yield parts, reader(tar, member)
-    except errors as exc:
-        raise broken(exc) from None
-
-
-def _decode(data: bytes, max_side: int | None) -> np.ndarray | None:
-    """An image file's RGB pixels (longer side shrunk to max_side), or None if it is not a readable image."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-    if max_side and max(img.size) > max_side:
-        scale = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.Resampling.LANCZOS)
-    return np.asarray(img)
-
-
-def _read_imagefolder(src: Path, *, strict: bool, max_side: int | None) -> SourceData:
-    """`<root>/<split>/<class>/*.{jpg,jpeg,png}`, optionally under one top-level folder; labels = sorted classes."""
-    samples: dict[str, dict[str, list[tuple[str, np.ndarray]]]] = {s: {} for s in SPLITS}
-    seen_splits: set[str] = set()
-    skipped: list[str] = []
-
-    def skip(path: str, reason: str) -> None:
-        if strict:
-            raise UserError(f"{src}: {path} is {reason}; remove it, or drop --strict to skip such files")
-        skipped.append(path)
-
-    with tqdm(_walk(src), desc=f"reading {src.name}", unit=" files") as entries:
-        for parts, read in entries:
-            key = parts if parts[0] in SPLITS else parts[1:] if len(parts) > 1 and parts[1] in SPLITS else None
-            if key is None:
-                continue  # outside the split folders (a README, a LICENSE)
-            seen_splits.add(key[0])
-            if len(key) >= 2 and (read is None or len(key) >= 3):
-                samples[key[0]].setdefault(key[1], [])
-            if read is None:
-                continue
-            path = "/".join(parts)
-            if len(key) < 3:
-                skip(path, "not inside a class folder")
-            elif not path.lower().endswith(IMAGE_SUFFIXES):
-                skip(path, f"not a {'/'.join(IMAGE_SUFFIXES)} image")
-            elif (image := _decode(read(), max_side)) is None:
-                skip(path, "an unreadable image")
-            else:
-                samples[key[0]][key[1]].append((path, image))
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable or non-image files in {src} (e.g. {skipped[0]}); "
-                      "they are listed in the manifest (use --strict to fail instead)", stacklevel=2)
-    return SourceData("imagefolder", _check_classes(src, samples, seen_splits),
-                      {split: _imagefolder_split(samples[split]) for split in SPLITS}, skipped_files=skipped)
-
-
-def _check_classes(src: Path, samples: dict[str, dict[str, list]], seen_splits: set[str]) -> list[str]:
-    """The sorted class names, after checking both splits exist, have classes, and agree."""
-    layout = "expected <root>/{train,test}/<class>/*.jpg (optionally under one top-level folder)"
-    for split in SPLITS:
-        if split not in seen_splits:
-            raise UserError(f"{src} has no '{split}' folder; {layout}")
-        if not samples[split]:
-            raise UserError(f"{src}: split '{split}' has no class folders; {layout}")
-        empty = sorted(c for c, items in samples[split].items() if not items)
-        if empty:
-            raise UserError(f"{src}: class folder {split}/{empty[0]} has no readable images; "
-                            "add images or remove the folder")
-    train, test = set(samples["train"]), set(samples["test"])
-    if train != test:
-        raise UserError(f"{src}: train and test have different classes (only in train: {sorted(train - test)}, "
-                        f"only in test: {sorted(test - train)}); both splits need the same class folders")
-    return sorted(train)
-
-
-def _imagefolder_split(by_class: dict[str, list[tuple[str, np.ndarray]]]) -> SplitData:
-    """Samples ordered by (class, path), so a folder and its tarball give identical files."""
-    images, labels = [], []
-    for label, cls in enumerate(sorted(by_class)):
-        for _, image in sorted(by_class[cls], key=lambda item: item[0]):
-            images.append(image)
-            labels.append(label)
-    if len({im.shape for im in images}) == 1:
-        images = np.stack(images)
-    return SplitData(images, np.asarray(labels, dtype=np.int64))

@@ -173,7 +173,7 @@ def test_imagefolder_raw_is_exact(tmp_path: Path, archive: str | None) -> None:
         data = open_split(out, split)
         np.testing.assert_array_equal(data.images, source[split][0])
         np.testing.assert_array_equal(data.labels, source[split][1])
-    assert data.classes == ["cat", "dog", "frog"] and data.manifest["skipped_files"] == []
+    assert data.classes == ["cat", "dog", "frog"] and data.manifest["skipped_files"] == {}
     assert data.manifest["image_shape"] == [20, 24, 3]
 
 
@@ -210,10 +210,14 @@ def test_imagefolder_skips_bad_files_or_fails_strict(tmp_path: Path, capsys: pyt
     with pytest.warns(UserWarning, match="skipped 2"):
         out = convert("imagefolder", root, tmp_path / "out")
     manifest = load_manifest(out)
-    assert manifest["skipped_files"] == ["train/cat/broken.jpg", "train/dog/notes.txt"]
+    assert list(manifest["skipped_files"]) == ["train/cat/broken.jpg", "train/dog/notes.txt"]
+    assert manifest["skipped_files"]["train/cat/broken.jpg"] == "not an image PIL can read"
     assert manifest["splits"]["train"]["count"] == 24
-    message = cli_fails(["imagefolder", "--src", str(root), "--out", str(tmp_path / "strict"), "--strict"], capsys)
-    assert "broken.jpg" in message and "--strict" in message
+    strict = ["imagefolder", "--src", str(root), "--out", str(tmp_path / "strict"), "--strict"]
+    assert "train/dog/notes.txt is not an image file" in cli_fails(strict, capsys)
+    (root / "train" / "dog" / "notes.txt").unlink()
+    message = cli_fails(strict, capsys)
+    assert "train/cat/broken.jpg is not an image PIL can read" in message and "--strict" in message
     assert not (tmp_path / "strict").exists()
 
 
@@ -347,10 +351,10 @@ def test_bad_idx_files(tmp_path: Path, capsys: pytest.CaptureFixture, damage: st
 
 
 @pytest.mark.parametrize("damage, expected", [
-    ("no_classes", "split 'test' has no class folders"),
-    ("empty_class", "test/dog has no readable images"),
+    ("no_classes", "split folder 'test' has no class folders"),
+    ("empty_class", "test/dog has no usable images"),
     ("class_sets", "different classes"),
-    ("no_test", "has no 'test' folder"),
+    ("no_test", "has a 'train' folder but no 'val' or 'test' folder"),
 ])
 def test_bad_imagefolder(tmp_path: Path, capsys: pytest.CaptureFixture, damage: str, expected: str) -> None:
     root = tmp_path / "tree"

@@ -14,11 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import load as weights_only_load
 from torch import nn
 
 from common.errors import UserError
@@ -151,8 +154,24 @@ def candidates(path: Path) -> list[Path]:
 
 
 def load(accelerator: Accelerator, checkpoint: Path) -> bool:
-    """Load one checkpoint into the prepared objects; False (with a warning) when it is corrupt."""
+    """Load one checkpoint into the prepared objects; False (with a warning) when it is corrupt or unsafe.
+
+    Accelerate reads weights, optimizer, scheduler and RNG files with `weights_only=True`, but registered
+    objects (the EMA) with `weights_only=False`, which runs whatever a crafted file names. So every pickle
+    in the folder is first read with the weights-only unpickler (plus Accelerate's numpy allowances for
+    RNG states): one that asks for anything else is refused before Accelerate unpickles it.
+    """
     try:
+        for path in sorted(checkpoint.glob("*.bin")) + sorted(checkpoint.glob("*.pkl")):
+            try:
+                weights_only_load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                asks = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+                if asks is None:
+                    raise
+                _warn(checkpoint, f"{path.name} holds more than tensors and numbers (it asks for {asks.group(1)}), "
+                      "so it was not unpickled")
+                return False
         accelerator.load_state(str(checkpoint))
         return True
     except Exception as exc:  # a corrupt file shows up as any of several exception types

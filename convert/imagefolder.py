@@ -1,0 +1,134 @@
+"""ImageFolder trees, a folder or a tarball: `<root>/train/<class>/*` with `val/` or `test/` (or both) beside it.
+
+The evaluation folder of a train/val tree (ImageNet's layout) becomes the `test` split, so every split name
+downstream stays the same; the manifest records which folder each split came from. Files that are not
+images are skipped and listed (or refused under --strict); hidden files (.DS_Store, ._photo.jpg) are
+ignored and listed. GIFs are skipped, as torchvision's ImageFolder does: they are mostly animations or
+placeholders. Decoding runs on a pool of workers; samples are ordered by (class, path), so the output does
+not depend on the number of workers, and a folder and its tarball give identical files.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from tqdm import tqdm
+
+from common.errors import UserError
+from convert.archive import walk
+from convert.images import decode_in_order
+from convert.sources import ReadOptions, SkipList, SourceData, SplitData
+
+SPLIT_FOLDERS = ("train", "val", "test")
+# torchvision's IMG_EXTENSIONS without .gif; compared in lower case, so .JPG and .JPEG count
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+GIF_POLICY = ("skipped and listed in skipped_files, as torchvision's ImageFolder ignores .gif "
+              "(animations and placeholders); convert a GIF to .png to include it")
+LAYOUT = "expected <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg or test/ (optionally under one folder)"
+
+Key = tuple[str, str, str]  # (split folder, class, path in the source)
+
+
+def read_imagefolder(src: Path, options: ReadOptions) -> SourceData:
+    """Read an ImageFolder tree; UserError for a wrong layout, and files that cannot be used are listed."""
+    if not src.exists():
+        raise UserError(f"source {src} does not exist; pass --src with the folder or tarball of images")
+    skipped = SkipList(src, options.strict)
+    ignored: list[str] = []
+    seen: set[str] = set()  # split folders present, even empty ones
+    classes: dict[str, set[str]] = {folder: set() for folder in SPLIT_FOLDERS}
+    samples: dict[str, dict[str, list[tuple[str, np.ndarray]]]] = {folder: {} for folder in SPLIT_FOLDERS}
+
+    def files() -> Iterator[tuple[Key, bytes]]:
+        with tqdm(walk(src, skipped, options.limits), desc=f"reading {src.name}", unit=" files") as entries:
+            for parts, read in entries:
+                key = _in_split(parts)
+                path = "/".join(parts)
+                if key is None:
+                    continue  # outside the split folders (a README, a LICENSE)
+                if any(part.startswith(".") for part in key):  # .DS_Store, ._photo.jpg, .ipynb_checkpoints/
+                    if read is not None:
+                        ignored.append(path)
+                    continue
+                seen.add(key[0])
+                if len(key) >= 2 and (read is None or len(key) >= 3):
+                    classes[key[0]].add(key[1])
+                if read is None:
+                    continue
+                suffix = PurePosixPath(path).suffix.lower()
+                if len(key) < 3:
+                    skipped(path, "not inside a class folder")
+                elif suffix == ".gif":
+                    skipped(path, "a .gif (not read, as in torchvision's ImageFolder)")
+                elif suffix not in IMAGE_SUFFIXES:
+                    skipped(path, f"not an image file ({' '.join(IMAGE_SUFFIXES)})")
+                else:
+                    yield (key[0], key[1], path), read()
+
+    for (folder, cls, path), image in decode_in_order(files(), options.decode, options.workers):
+        if isinstance(image, str):
+            skipped(path, image)
+        else:
+            samples[folder].setdefault(cls, []).append((path, image))
+    if skipped.files:
+        warnings.warn(f"skipped {len(skipped.files)} file(s) that are not usable images in {src} (e.g. "
+                      f"{next(iter(skipped.files))}); they are listed in the manifest (use --strict to fail instead)",
+                      stacklevel=2)
+    folders = _layout(src, seen)
+    names = _check_classes(src, classes, samples, folders)
+    splits = {split: _split(samples[folder], names) for split, folder in folders.items()}
+    return SourceData("imagefolder", names, splits, skipped_files=skipped.files, ignored_files=ignored,
+                      split_folders=folders)
+
+
+def _in_split(parts: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The path from its split folder on (`train/ants/1.jpg`), with or without one top-level folder above."""
+    if parts[0] in SPLIT_FOLDERS:
+        return parts
+    if len(parts) > 1 and parts[1] in SPLIT_FOLDERS:
+        return parts[1:]
+    return None
+
+
+def _layout(src: Path, seen: set[str]) -> dict[str, str]:
+    """Split name -> the folder it is read from: train, and val/ or test/ as the evaluation split."""
+    if "train" not in seen:
+        raise UserError(f"{src} has no 'train' folder; {LAYOUT}")
+    if "val" in seen and "test" in seen:
+        return {"train": "train", "val": "val", "test": "test"}
+    if "val" in seen or "test" in seen:
+        return {"train": "train", "test": "val" if "val" in seen else "test"}
+    raise UserError(f"{src} has a 'train' folder but no 'val' or 'test' folder to evaluate on; {LAYOUT}")
+
+
+def _check_classes(src: Path, classes: dict[str, set[str]], samples: dict[str, dict[str, list]],
+                   folders: dict[str, str]) -> list[str]:
+    """The sorted class names of train, after checking every used folder has the same, none of them empty."""
+    names = classes["train"]
+    for folder in folders.values():
+        if not classes[folder]:
+            raise UserError(f"{src}: split folder '{folder}' has no class folders; {LAYOUT}")
+        empty = sorted(c for c in classes[folder] if not samples[folder].get(c))
+        if empty:
+            raise UserError(f"{src}: class folder {folder}/{empty[0]} has no usable images; add images or remove "
+                            "the folder (from every split folder)")
+        if classes[folder] != names:
+            raise UserError(f"{src}: train and {folder} have different classes (only in train: "
+                            f"{sorted(names - classes[folder])}, only in {folder}: {sorted(classes[folder] - names)}); "
+                            "every split folder needs the same class folders")
+    return sorted(names)
+
+
+def _split(by_class: dict[str, list[tuple[str, np.ndarray]]], names: list[str]) -> SplitData:
+    """Samples ordered by (class, path), so a folder and its tarball give identical files."""
+    images, labels = [], []
+    for label, cls in enumerate(names):
+        for _, image in sorted(by_class[cls], key=lambda item: item[0]):
+            images.append(image)
+            labels.append(label)
+    if len({im.shape for im in images}) == 1:
+        images = np.stack(images)
+    return SplitData(images, np.asarray(labels, dtype=np.int64))

@@ -1,0 +1,263 @@
+"""Untrusted data runs no code and exhausts nothing: crafted CIFAR pickles, hostile tar members, decompression
+bombs and checkpoints that would run code are refused or skipped and listed, each built here in the test."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import tarfile
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import ImageFile
+
+from common.errors import UserError, run_cli
+from convert import archive, convert_dataset
+from convert.__main__ import main
+from convert.images import DecodeOptions, decode_image
+from pipelines.dataset import load_manifest, open_split
+from tests.data_fixtures import CIFAR10_CLASSES, structured_images, tar_folder, write_cifar10, write_imagefolder
+from tests.test_convert import cli_fails
+
+
+def quiet(*_: object) -> None:
+    """A log function for convert_dataset that prints nothing."""
+
+
+def convert(*args, **kwargs) -> Path:
+    return convert_dataset(*args, log=quiet, workers=1, **kwargs)
+
+
+class WritesMarker:
+    """Unpickling this calls open(marker, 'w'): the file appears if the loader runs what a pickle names."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+# ---- CIFAR pickles ----
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = write_cifar10(tmp_path / "src")["folder"]
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"data": WritesMarker(marker), "labels": [0] * 20}, protocol=2)
+    (folder / "data_batch_1").write_bytes(payload)
+    message = cli_fails(["cifar10", "--src", str(folder), "--out", str(tmp_path / "out")], capsys)
+    assert "data_batch_1 is not a plain CIFAR pickle" in message and "'io.open'" in message
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    pickle.loads(payload)  # the control: plain pickle does run it, so the assertion above could fail
+    assert marker.exists()
+
+
+def test_cifar_pickle_in_a_tarball_cannot_run_code_either(tmp_path: Path) -> None:
+    folder = write_cifar10(tmp_path / "src")["folder"]
+    marker = tmp_path / "pwned"
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [WritesMarker(marker)]}))
+    with pytest.raises(UserError, match=r"batches.meta is not a plain CIFAR pickle: it asks to call 'io.open'"):
+        convert("cifar10", tar_folder(folder, tmp_path / "cifar-10-python.tar.gz"), tmp_path / "out")
+    assert not marker.exists()
+
+
+def test_original_numpy1_pickles_still_load(tmp_path: Path) -> None:
+    """The 2009 files name numpy.core.multiarray (numpy 1.x); pixels and labels come through exactly."""
+    source = write_cifar10(tmp_path / "src")
+    for path in source["folder"].iterdir():
+        data = path.read_bytes()
+        path.write_bytes(data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+    assert b"cnumpy.core.multiarray\n" in (source["folder"] / "test_batch").read_bytes()
+    data = open_split(convert("cifar10", source["folder"], tmp_path / "out"), "test")
+    np.testing.assert_array_equal(data.images, source["test"][0])
+    np.testing.assert_array_equal(data.labels, source["test"][1])
+    assert data.classes == CIFAR10_CLASSES
+
+
+# ---- archives ----
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, link, len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _png(shape: tuple[int, int, int] = (20, 24, 3)) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(structured_images(np.array([1]), shape)[0]).save(out, "PNG")
+    return out.getvalue()
+
+
+UNSAFE = {
+    "../evil.png": "a path with '..'",
+    "/tmp/evil-absolute.png": "an absolute path",
+    "tree/train/cat/../../../../evil-up.png": "a path with '..'",
+    "tree/train/cat/link.png": "a link (links inside archives are never followed)",
+    "tree/train/dog/hard.png": "a link (links inside archives are never followed)",
+    "tree/train/dog/device.png": "a device, FIFO or other special file",
+}
+
+
+def test_tar_members_with_links_devices_absolute_or_dotdot_paths_are_skipped(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    source = write_imagefolder(tmp_path / "tree")
+    archive_path = tmp_path / "tree.tar"
+    with tarfile.open(archive_path, "w") as tar:
+        tar.add(tmp_path / "tree", arcname="tree")
+        for name in ("../evil.png", "/tmp/evil-absolute.png", "tree/train/cat/../../../../evil-up.png"):
+            _add(tar, name, _png())
+        _add(tar, "tree/train/cat/link.png", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        _add(tar, "tree/train/dog/hard.png", kind=tarfile.LNKTYPE, link="tree/train/cat/0000.png")
+        _add(tar, "tree/train/dog/device.png", kind=tarfile.CHRTYPE)
+    out = convert("imagefolder", archive_path, tmp_path / "out")
+    manifest = load_manifest(out)
+    assert manifest["skipped_files"] == UNSAFE
+    train = open_split(out, "train")
+    np.testing.assert_array_equal(train.images, source["train"][0])  # exactly the safe members
+    assert not list(tmp_path.rglob("evil*")) and not Path("/tmp/evil-absolute.png").exists()
+
+    message = cli_fails(["imagefolder", "--src", str(archive_path), "--out", str(tmp_path / "strict"), "--strict"],
+                        capsys)
+    assert message.startswith(f"error: {archive_path}: ../evil.png is a path with '..'; remove it, or drop --strict")
+    assert not (tmp_path / "strict").exists()
+
+
+def test_archive_with_absurd_member_count_stops(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_imagefolder(tmp_path / "tree")
+    archive_path = tar_folder(tmp_path / "tree", tmp_path / "tree.tar.gz")
+    argv = ["imagefolder", "--src", str(archive_path), "--out", str(tmp_path / "out")]
+    message = cli_fails([*argv, "--max-files", "20"], capsys)
+    assert "holds more than 20 members" in message and "--max-files" in message
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exc:  # the default limit leaves a real tree alone
+        run_cli(main, [*argv, "--workers", "1"])
+    assert exc.value.code == 0
+
+
+def test_decompression_bomb_archive_stops_before_filling_memory(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 60 KB .tar.gz that expands to 64 MB (a pax header of zeros: tarfile would read it all into memory)
+    stops once it has expanded more than --max-expansion times; the 1 GiB floor is lowered to 1 MiB here."""
+    monkeypatch.setattr(archive, "MIN_EXPANSION_BYTES", 1 << 20)
+    write_imagefolder(tmp_path / "tree")
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        _add(tar, "header", bytes(64 << 20), kind=tarfile.XHDTYPE)
+        tar.add(tmp_path / "tree", arcname="tree")
+    assert bomb.stat().st_size < 200_000
+    message = cli_fails(["imagefolder", "--src", str(bomb), "--out", str(tmp_path / "out")], capsys)
+    assert "bomb.tar.gz expands to more than" in message and "--max-expansion" in message
+    assert not (tmp_path / "out").exists()
+
+
+# ---- images ----
+
+def png_bomb(side: int) -> bytes:
+    """A valid greyscale PNG of side x side zeros: ~100 KB on disk for side 10,000 (100 megapixels)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    squeeze = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte 0, then the row
+    idat = b"".join(squeeze.compress(row) for _ in range(side)) + squeeze.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_png_bomb_is_skipped_and_never_decoded(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "tree"
+    source = write_imagefolder(root)
+    bomb = png_bomb(10_000)
+    assert len(bomb) < 200_000
+    (root / "train" / "cat" / "bomb.png").write_bytes(bomb)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+
+    def recording_load(self):
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    with warnings.catch_warnings(record=True):
+        out = convert("imagefolder", root, tmp_path / "out")
+    assert load_manifest(out)["skipped_files"] == {
+        "train/cat/bomb.png": "a decompression bomb: 10000x10000 pixels, over --max-pixels 89,478,485 (not decoded)"}
+    assert (24, 20) in decoded and (10_000, 10_000) not in decoded  # the others were decoded, the bomb not
+    np.testing.assert_array_equal(open_split(out, "train").images, source["train"][0])
+    message = cli_fails(["imagefolder", "--src", str(root), "--out", str(tmp_path / "strict"), "--strict"], capsys)
+    assert "train/cat/bomb.png is a decompression bomb" in message and not (tmp_path / "strict").exists()
+
+
+def test_max_pixels_option(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    write_imagefolder(root)  # 24 x 20 = 480 pixels each
+    (root / "train" / "dog" / "big.png").write_bytes(_png((30, 40, 3)))  # 1,200 pixels
+    with pytest.warns(UserWarning, match="skipped 1 file"):
+        out = convert("imagefolder", root, tmp_path / "out", max_pixels=1000)
+    manifest = load_manifest(out)
+    assert list(manifest["skipped_files"]) == ["train/dog/big.png"] and manifest["options"]["max_pixels"] == 1000
+    assert decode_image(_png((30, 40, 3)), DecodeOptions(max_pixels=1200)).shape == (30, 40, 3)
+
+
+# ---- checkpoints ----
+
+class Counter:
+    """A registered object, like the training loop's EMA: Accelerate unpickles it with weights_only=False."""
+
+    def __init__(self) -> None:
+        self.value = torch.zeros(3)
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    from trainer import checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    counter = Counter()
+    accelerator.register_for_checkpointing(counter)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    folder = tmp_path / "step-000000001"
+    accelerator.save_state(str(folder))
+
+    counter.value = torch.ones(3)
+    assert checkpoint.load(accelerator, folder)  # a genuine checkpoint passes the weights-only check
+    assert torch.equal(counter.value, torch.zeros(3))
+
+    marker = tmp_path / "pwned"
+    torch.save({"value": WritesMarker(marker)}, folder / "custom_checkpoint_0.pkl")
+    with pytest.warns(UserWarning, match=r"custom_checkpoint_0.pkl holds more than tensors and numbers \(it asks "
+                                         r"for io.open\), so it was not unpickled"):
+        assert not checkpoint.load(accelerator, folder)
+    assert not marker.exists()
+    accelerator.load_state(str(folder))  # the control: Accelerate alone unpickles it, and the file appears
+    assert marker.exists()
+    counter.value.close()
+
+
+# ---- real data still converts ----
+
+@pytest.mark.slow
+def test_real_cifar10_tarball_has_no_unsafe_or_skipped_member(cifar10_data: Path) -> None:
+    manifest = load_manifest(cifar10_data)
+    assert manifest["skipped_files"] == {} and manifest["ignored_files"] == []
+    assert [manifest["splits"][s]["count"] for s in ("train", "test")] == [50000, 10000]
+    assert manifest["split_folders"] == {"train": "train", "test": "test"}
