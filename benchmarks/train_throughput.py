@@ -2,21 +2,20 @@
 backend, side by side in one run with the ceiling (synthetic batches already on the device) and the
 torchvision DataLoader + PIL baseline, plus ablations of the ceiling (compile, channels-last, bf16 off).
 
-Every row times the same training step as train.py takes it: autocast forward, `train.loss_terms`,
-backward, the recipe's gradient clipping and an optimizer built by `trainer.optim` from c10_finetune's
-last phase; the backends and the baseline apply c10_finetune's augmentations. Warm-up steps (compilation,
-loader start-up) are excluded, the device is synchronized before the clock starts and stops (CUDA events
-on a GPU), and every batch is full, so a compiled model never recompiles. Reported: images/s, ratios to
-the ceiling and the baseline, MFU against the device's dense bf16 peak, peak device memory, and whether
-the H100 targets are met. Results are printed and written as CSV and markdown, with the device, versions,
-date and the exact command.
+Every row times the training step users run (`trainer.step.TrainStep`: Accelerate's autocast and loss
+scaler, the loss terms, backward, the recipe's gradient clipping, the fused optimizer and the schedule of
+c10_finetune's last phase, the running sums); the backends and the baseline apply c10_finetune's
+augmentations. Warm-up steps (compilation, loader start-up) are excluded, the device is synchronized
+before the clock starts and stops (CUDA events on a GPU), and every batch is full, so a compiled model
+never recompiles. Reported: images/s, ratios to the ceiling and the baseline, MFU against the device's
+dense bf16 peak, peak device memory, and whether the H100 targets are met. Results are printed and
+written as CSV and markdown, with the device, versions, date and the exact command.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import shlex
 import sys
@@ -26,9 +25,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 
-import train
 from benchmarks.flops import flops_per_image, peak_flops
 from benchmarks.loaders import ALL_BACKENDS, BASELINE, build, endless, environment, synchronize
 from common.errors import UserError, run_cli
@@ -36,7 +36,8 @@ from models import build_model
 from pipelines.base import LoaderOptions
 from pipelines.dataset import load_manifest
 from trainer.config import PhaseConfig, Recipe, load_recipe
-from trainer.optim import build_optimizer, param_groups
+from trainer.optim import build_optimizer, build_scheduler, param_groups
+from trainer.step import EpochSums, TrainStep
 
 RECIPE = "c10_finetune"  # its augmentations, loss, gradient clipping and optimizer
 CEILING = "ceiling"
@@ -44,7 +45,7 @@ TARGET_DEVICES = ("H100", "H200")
 TARGET_CEILING = 50_000  # images/s
 TARGET_VS_CEILING = 0.95  # every backend
 TARGET_VS_BASELINE = 3.0  # every backend
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+PRECISIONS = ("bf16", "fp16", "no")  # Accelerate's mixed_precision
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CONVERT_COMMAND = ("python -m convert imagefolder --src ../shared/data/cifar10-jpeg.tar.xz --out data "
                    "--name cifar10")
@@ -70,30 +71,22 @@ class Result:
     peak_mem_mb: float | None  # None off the GPU
 
 
-class TrainStep:
-    """One optimizer step on `model` as train.py takes it (fp16 adds the loss scaler that Accelerate uses)."""
-
-    def __init__(self, model: nn.Module, recipe: Recipe, config: StepConfig, device: torch.device,
-                 compile_mode: str):
-        fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-        model = model.to(device=device, memory_format=fmt).train()
-        opt = recipe.phases[-1].optimizer
-        self.optimizer = build_optimizer(param_groups(model, PhaseConfig(epochs=1, optimizer=opt)), opt)
-        self.model = torch.compile(model, mode=compile_mode) if config.compile else model
-        self.recipe, self.device_type = recipe, device.type
-        self.dtype = AUTOCAST_DTYPES[config.precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.model(images)
-            loss = train.loss_terms(self.recipe, logits.float(), targets, None)["loss"]
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip_norm or math.inf)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+def shared_step(model: nn.Module, recipe: Recipe, config: StepConfig, device: torch.device,
+                compile_mode: str) -> tuple[TrainStep, EpochSums]:
+    """The trainer's own step (Accelerate's autocast, scaler and wrappers, c10_finetune's last-phase
+    optimizer and schedule, the running sums) on `model`, set up as `config` says."""
+    AcceleratorState._reset_state(True)  # one Accelerator per row: each row has its own precision
+    accelerator = Accelerator(mixed_precision=config.precision, cpu=device.type == "cpu")
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt).train()
+    last = recipe.phases[-1]  # its optimizer and schedule, on every module (the model may lack its groups' names)
+    phase = PhaseConfig(epochs=last.epochs, optimizer=last.optimizer, schedule=last.schedule)
+    optimizer = build_optimizer(param_groups(model, phase), phase.optimizer, device.type)
+    scheduler = build_scheduler(optimizer, phase.schedule, epochs=phase.epochs, steps_per_epoch=10_000)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if config.compile:
+        model = torch.compile(model, mode=compile_mode)
+    return TrainStep(accelerator, model, optimizer, scheduler, recipe), EpochSums(device)
 
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -126,17 +119,17 @@ def device_seconds(device: torch.device, work: Callable[[], None]) -> float:
     return time.perf_counter() - start_s
 
 
-def images_per_second(step: TrainStep, batches: Batches, device: torch.device, warmup: int,
+def images_per_second(step: TrainStep, sums: EpochSums, batches: Batches, device: torch.device, warmup: int,
                       steps: int) -> float:
     for _ in range(warmup):
-        step(*next(batches))
+        step(*next(batches), sums, log=False)
     images = 0
 
     def timed_steps() -> None:
         nonlocal images
         for _ in range(steps):
             x, y = next(batches)
-            step(x, y)
+            step(x, y, sums, log=False)
             images += x.shape[0]
 
     seconds = device_seconds(device, timed_steps)
@@ -154,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
-    parser.add_argument("--precision", choices=tuple(AUTOCAST_DTYPES), default="bf16")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
@@ -288,12 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        step = TrainStep(new_model(), recipe, config, device, args.compile_mode)
-        rate = images_per_second(step, batches, device, args.warmup, args.steps)
+        step, sums = shared_step(new_model(), recipe, config, device, args.compile_mode)
+        rate = images_per_second(step, sums, batches, device, args.warmup, args.steps)
         batches.close()
         memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         results[name] = Result(name, config, rate, memory)
-        del step, batches
+        del step, sums, batches
         print(f"{name:<28} {config!s:<36} {rate:>10,.0f} images/s", flush=True)
 
     rows = table_rows(results, train_flops, peak)

@@ -313,7 +313,8 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     hue6 = torch.remainder(hue / 6 + shift[:, None, None], 1.0) * 6
     sat = chroma / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
     # closed-form HSV -> RGB: channel n is v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + hue6[:, None], 6)
+    offsets = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype)  # n = 5, 3, 1 for R, G, B; built on
+    k = torch.remainder(offsets[None, :, None, None] + hue6[:, None], 6)  # the device, not copied from the host
     return maxc[:, None] * (1 - sat[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from common.errors import UserError
 from pipelines.augment import EvalTransform
 from pipelines.dataset import open_split
-from train import make_model
+from trainer.modelio import make_model
 
 
 def check_run(folder: Path) -> Path:

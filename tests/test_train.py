@@ -14,13 +14,13 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-import train
 from common.errors import UserError
 from convert import convert_dataset
 from pipelines.dataset import open_split
 from tests.data_fixtures import write_cifar10, write_cifar100
 from tests.train_helpers import metrics, run_train
 from trainer.config import load_recipe
+from trainer.modelio import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_compile_and_ema_export_plain_weights(mnist_data, tmp_path):
     run_dir = tmp_path / "run"
     summary = run_train(["--recipe", "mnist_mlp_smoke", "--data", str(mnist_data), "--run-dir", str(run_dir),
                          "--cpu", "--set", "compile=true", "--set", "ema_decay=0.9"])
-    model = train.make_model(json.loads((run_dir / "model.json").read_text()))
+    model = make_model(json.loads((run_dir / "model.json").read_text()))
     model.load_state_dict(load_file(run_dir / "model.safetensors"), strict=True)
     assert summary["test_accuracy"] > 0.3  # 5 steps of an MLP on MNIST; chance is 0.10
 
@@ -187,7 +187,7 @@ def test_two_processes_count_every_test_sample_once(mnist_data, tmp_path):
     assert summary["processes"] == 2 and summary["test_samples"] == 10_000
     # the exported weights, evaluated here by one process over the whole test split, give the same accuracy
     spec = json.loads((run_dir / "model.json").read_text())
-    model = train.make_model(spec)
+    model = make_model(spec)
     model.load_state_dict(load_file(run_dir / "model.safetensors"))
     model.eval()
     split = open_split(mnist_data, "test")

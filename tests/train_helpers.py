@@ -9,15 +9,15 @@ from pathlib import Path
 
 from accelerate.state import AcceleratorState
 
-import train
 from trainer import checkpoint
+from trainer.cli import main as train_main
 
 
 def run_train(argv: list[str]) -> dict:
-    """train.main in this process, leaving no global state behind; the run's summary.json."""
+    """The train.py command line in this process, leaving no global state behind; the run's summary.json."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train.main(argv)
+        train_main(argv)
     finally:
         AcceleratorState._reset_state(True)
         for sig, handler in handlers.items():

@@ -57,7 +57,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def environment(seed: int, manifest: dict, num_processes: int, device: str) -> dict:
+def run_environment(seed: int, manifest: dict, num_processes: int, device: str) -> dict:
     """What it takes to repeat a run: versions, commit, data checksums, seed, hardware."""
     versions = {}
     for name in PACKAGES:

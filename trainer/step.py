@@ -1,0 +1,125 @@
+"""The one training step, shared by the trainer and the throughput benchmarks, and the epoch's running sums.
+
+Nothing in a step waits for the host: the loss, accuracy and gradient-norm sums stay on the device
+(`EpochSums`, read at logging steps and epoch ends), the parameter list is built once per phase, the
+gradient norm is computed only when it is clipped by or logged, the EMA is a foreach blend with
+host-side constants, and the optimizers are fused/foreach (`trainer.optim`), so fp16's loss scaler
+does not read `found_inf` on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from trainer.config import Recipe
+from trainer.ema import ModelEma
+from trainer.losses import loss_terms
+
+
+@dataclass
+class EpochTotals:
+    """The epoch's sums read back to the host (summed over ranks at the epoch's end)."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    grad_norm_sum: float = 0.0
+    grad_norms: float = 0.0  # how many gradient norms were summed (every step when clipping by norm)
+    kd_soft_sum: float = 0.0
+    kd_hard_sum: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def grad_norm(self) -> float:
+        return self.grad_norm_sum / max(self.grad_norms, 1)
+
+
+NAMES = [f.name for f in fields(EpochTotals)]
+
+
+class EpochSums:
+    """Running sums on the device, one 0-d float64 tensor per `EpochTotals` field but `seen` (host-known)."""
+
+    def __init__(self, device: torch.device, start: EpochTotals | None = None) -> None:
+        start = start or EpochTotals()
+        self.device = device
+        self.seen = int(start.seen)
+        self.values = {n: torch.full((), getattr(start, n), dtype=torch.float64, device=device)
+                       for n in NAMES if n != "seen"}
+
+    def add(self, terms: dict[str, torch.Tensor], logits: torch.Tensor, targets: torch.Tensor,
+            grad_norm: torch.Tensor | None) -> None:
+        n = targets.shape[0]
+        labels = targets.argmax(1) if targets.dtype.is_floating_point else targets
+        v = self.values
+        v["loss_sum"].add_(terms["loss"].detach(), alpha=n)
+        v["correct"].add_((logits.argmax(1) == labels).sum())
+        if grad_norm is not None:
+            v["grad_norm_sum"].add_(grad_norm.detach())
+            v["grad_norms"].add_(1)
+        if "kd_soft_loss" in terms:
+            v["kd_soft_sum"].add_(terms["kd_soft_loss"].detach(), alpha=n)
+            v["kd_hard_sum"].add_(terms["kd_hard_loss"].detach(), alpha=n)
+        self.seen += n
+
+    def stacked(self) -> torch.Tensor:
+        """All fields as one device tensor, in `NAMES` order (for a reduction across ranks)."""
+        seen = self.values["loss_sum"].new_full((), self.seen)  # a fill, not a host-to-device copy
+        return torch.stack([seen if n == "seen" else self.values[n] for n in NAMES])
+
+    @staticmethod
+    def totals(stacked: torch.Tensor) -> EpochTotals:
+        """Read a `stacked()` tensor back to the host: the one sync."""
+        return EpochTotals(*stacked.tolist())
+
+
+class TrainStep:
+    """Forward under autocast, loss terms, backward, clipping, optimizer, schedule, EMA, running sums."""
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, recipe: Recipe, *,
+                 teacher: nn.Module | None = None, ema: ModelEma | None = None) -> None:
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.recipe, self.teacher, self.ema = recipe, teacher, ema
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.steps = 0  # steps taken by this object (drives the EMA's every-k schedule)
+        self.last_lrs = scheduler.get_last_lr()  # the rates the latest step used (host floats)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, sums: EpochSums, *, log: bool) -> None:
+        """One optimizer step; `log` also computes the gradient norm when nothing clips by norm."""
+        with self.accelerator.autocast():
+            logits = self.model(images)
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images).float()
+            terms = loss_terms(self.recipe, logits.float(), targets, teacher_logits)
+        self.accelerator.backward(terms["loss"])
+        grad_norm = self._clip(log)
+        self.optimizer.step()
+        self.last_lrs = self.scheduler.get_last_lr()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        if self.ema is not None:
+            self.ema.update(self.steps)
+        sums.add(terms, logits, targets, grad_norm)
+
+    def _clip(self, log: bool) -> torch.Tensor | None:
+        """Clip as the recipe says; the gradient norm when it comes for free or `log` asks for it."""
+        if self.recipe.grad_clip_norm:
+            return self.accelerator.clip_grad_norm_(self.params, self.recipe.grad_clip_norm)
+        if self.recipe.grad_clip_value:
+            self.accelerator.clip_grad_value_(self.params, self.recipe.grad_clip_value)
+        elif log:
+            self.accelerator.unscale_gradients()
+        if not log:
+            return None
+        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])

@@ -1,0 +1,116 @@
+"""Catch host-device synchronisations in steady-state steps, on the CPU as well as on CUDA.
+
+A CUDA step that calls `.item()`, builds a tensor from Python data, indexes with a boolean mask or
+copies from pageable host memory makes the host wait for the device, and the GPU then waits for
+Python. CUDA can report these itself (`torch.cuda.set_sync_debug_mode("error")`); on a machine without
+a GPU the same operations are still visible to a dispatch mode and a function mode, which is how the
+test suite proves the training step and every loader free of them.
+
+`SyncCheck.watch(steady)` wraps one loop iteration (fetching the batch and the step): when `steady`
+is true (not a logging, checkpoint or epoch-boundary step) any such operation raises `HostSyncError`
+naming it and the line that called it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from common.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+            "aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
+HOST_METHODS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+COPIES = {"to", "cuda", "copy_"}
+
+
+class HostSyncError(UserError):
+    """A steady-state step did something that makes the host wait for the device."""
+
+
+def _caller() -> str:
+    """The innermost line of this project (outside this module) on the stack."""
+    for frame in reversed(traceback.extract_stack()):
+        path = Path(frame.filename)
+        if path.is_relative_to(ROOT) and path != Path(__file__) and ".venv" not in path.parts:
+            return f"{path.relative_to(ROOT)}:{frame.lineno} ({frame.line})"
+    return "outside the project"
+
+
+def _fail(what: str) -> None:
+    raise HostSyncError(f"host-device sync in a steady-state step: {what} at {_caller()}; keep it on the "
+                        "device, or move it to a logging step")
+
+
+def _target_device(args: tuple, kwargs: dict) -> torch.device | None:
+    """The device a `.to(...)`/`.cuda(...)` call moves to, if it names one (not only a dtype or format)."""
+    if "device" in kwargs:
+        return torch.device(kwargs["device"])
+    for arg in args[1:]:
+        if isinstance(arg, torch.device):
+            return arg
+        if isinstance(arg, str) or isinstance(arg, int) and not isinstance(arg, bool):
+            return torch.device(arg)
+    return None
+
+
+class _Dispatch(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name in SYNC_OPS:
+            _fail(f"{name} ({'a tensor built from host data' if 'lift_fresh' in name else 'waits for a value'})")
+        if name == "aten.index.Tensor" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                               for i in args[1]):
+            _fail("boolean-mask indexing (a data-dependent shape)")
+        return func(*args, **(kwargs or {}))
+
+
+class _Function(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in HOST_METHODS and args and isinstance(args[0], torch.Tensor):
+            _fail(f"Tensor.{name}()")
+        if name in COPIES and args and isinstance(args[0], torch.Tensor):
+            source, target = (args[1], args[0].device) if name == "copy_" else \
+                (args[0], torch.device("cuda") if name == "cuda" else _target_device(args, kwargs))
+            crosses = isinstance(source, torch.Tensor) and target is not None and target.type != source.device.type
+            if crosses and source.device.type == "cpu" and not source.is_pinned():
+                _fail(f"Tensor.{name}() from pageable host memory")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Raise HostSyncError on any operation that would synchronise a CUDA device with the host."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    previous = torch.cuda.get_sync_debug_mode() if cuda else 0
+    if cuda:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with _Function(), _Dispatch():
+            yield
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(previous)
+
+
+class SyncCheck:
+    """`watch(steady)` around each loop iteration: checks the steady ones when enabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.checked = 0  # iterations run under the check (a test asserts there were enough)
+
+    def watch(self, steady: bool) -> contextlib.AbstractContextManager:
+        if not (self.enabled and steady):
+            return contextlib.nullcontext()
+        self.checked += 1
+        return no_host_sync()

@@ -1,0 +1,71 @@
+"""Knowledge distillation's teacher: trained first when missing, then loaded frozen."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from common.errors import UserError
+from trainer.config import Recipe
+from trainer.modelio import make_model
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                   "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"}
+
+
+def train_teacher_first(recipe: Recipe, cpu: bool) -> None:
+    """Run the teacher's recipe into `loss.distill.teacher` when that folder holds no finished run yet.
+
+    One process trains it (a plain single-process train.py); under torchrun/accelerate the other ranks
+    wait for its summary.json, so no collective can time out while the teacher trains.
+    """
+    kd = recipe.loss.distill
+    folder = Path(kd.teacher)
+    if not kd.teacher_recipe or (folder / "summary.json").is_file():
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        while not (folder / "summary.json").is_file():
+            time.sleep(2)
+        return
+    print(f"training the teacher first: recipe {kd.teacher_recipe} -> {folder}", flush=True)
+    command = [sys.executable, str(TRAIN_SCRIPT), "--recipe", kd.teacher_recipe,
+               "--data", recipe.data.path, "--run-dir", str(folder)]
+    command += ["--cpu"] if cpu else []
+    command += ["--resume", "auto"] if (folder / "config.toml").is_file() else []  # an interrupted teacher
+    single = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV and not k.startswith("TORCHELASTIC")}
+    code = subprocess.run(command, env=single).returncode
+    if code != 0:
+        raise UserError(f"training the teacher with recipe '{kd.teacher_recipe}' failed (exit status {code}); "
+                        f"see its output above, fix it, and run again (it resumes from {folder})")
+
+
+def load_teacher(path: str, manifest: dict, device: torch.device) -> nn.Module:
+    """A frozen teacher from a run folder (model.json + model.safetensors) of an earlier run."""
+    folder = Path(path)
+    folder = folder.parent if folder.suffix == ".safetensors" else folder
+    if not (folder / "model.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise UserError(f"teacher {path} has no model.json and model.safetensors; point loss.distill.teacher "
+                        "at the run folder of a finished training run")
+    info = json.loads((folder / "model.json").read_text())
+    if info["num_classes"] != len(manifest["classes"]):
+        raise UserError(f"teacher {path} predicts {info['num_classes']} classes but the data has "
+                        f"{len(manifest['classes'])}; use a teacher trained on this dataset")
+    if list(info["image_shape"]) != list(manifest["image_shape"]):
+        raise UserError(f"teacher {path} takes images of shape {info['image_shape']} but the data has "
+                        f"{manifest['image_shape']}; use a teacher trained on this dataset")
+    teacher = make_model(info)
+    try:
+        teacher.load_state_dict(load_file(folder / "model.safetensors"))
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"teacher weights in {folder} do not fit its model.json ({str(exc).splitlines()[0]}); "
+                        "re-export the teacher run") from None
+    return teacher.to(device).eval().requires_grad_(False)
