@@ -11,7 +11,6 @@ checksums and load, warning about any that do not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -25,6 +24,7 @@ from accelerate.utils import load as weights_only_load
 from torch import nn
 
 from common.errors import UserError
+from common.files import fsync_path, sha256_file, write_json
 
 PROGRESS = "progress.json"
 KEEP = 2
@@ -38,30 +38,13 @@ def _complete(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path, sync: bool = False) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
 def _seal(folder: Path) -> dict[str, dict]:
     """Size and sha256 of every file in `folder`, each flushed to disk (a rename is only as durable as
     the data it publishes)."""
-    return {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path, sync=True)}
-            for path in sorted(p for p in folder.iterdir() if p.is_file())}
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for path in files:
+        fsync_path(path)
+    return {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)} for path in files}
 
 
 def _discard(folder: Path) -> None:
@@ -89,7 +72,7 @@ def save(accelerator: Accelerator, root: Path, progress: dict) -> Path:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json_atomic(tmp / PROGRESS, {**progress, "files": _seal(tmp)})
+            write_json(tmp / PROGRESS, {**progress, "files": _seal(tmp)})
             _discard(final)  # the same step written again after a resume from an older checkpoint
             os.replace(tmp, final)
             for old in _complete(root)[KEEP:]:
@@ -118,7 +101,7 @@ def problem(checkpoint: Path) -> str | None:
             size = path.stat().st_size
             if size != expected["bytes"]:
                 return f"{name} is {size} bytes, {expected['bytes']} were written"
-            if _sha256(path) != expected["sha256"]:
+            if sha256_file(path) != expected["sha256"]:
                 return f"{name} does not match its sha256"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{PROGRESS} is unreadable ({type(exc).__name__}: {exc})"

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.errors import UserError
+from common.files import write_json, write_text
 from common.schema import to_dict
 from models import count_parameters, model_summary
 from pipelines import build_loader
@@ -40,7 +41,7 @@ from trainer.ema import ModelEma
 from trainer.modelio import make_model, model_info, save_weights
 from trainer.optim import build_optimizer, build_scheduler, check_module_prefixes, param_groups, set_trainable
 from trainer.report import plot_history, write_reports
-from trainer.runlog import MetricsLog, new_run_dir, run_environment, write_json
+from trainer.runlog import MetricsLog, new_run_dir, run_environment
 from trainer.step import EpochSums, EpochTotals, TrainStep
 from trainer.syncs import SyncCheck
 from trainer.teacher import load_teacher, train_teacher_first
@@ -344,7 +345,7 @@ def start(recipe: Recipe, options: RunOptions) -> Run:
     run.resumed_phase = resume(run, resume_path)
     if run.main:
         if run.resumed_from is None:  # also a --resume of a run killed before its first checkpoint
-            (run_dir / "config.toml").write_text(recipe_to_toml(recipe))
+            write_text(run_dir / "config.toml", recipe_to_toml(recipe))
         write_json(run_dir / "environment.json", run_environment(recipe.seed, data.manifest,
                                                                  accelerator.num_processes, str(accelerator.device)))
         print(f"{model_summary(model)}\nrun folder: {run_dir}"

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from common.files import atomic_path
 from models import build_model
 from trainer.config import Recipe
 
@@ -34,6 +35,5 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_weights(model: nn.Module, path: Path) -> None:
     """Weights written to a temporary file and renamed into place: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(plain_state(model), str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(plain_state(model), str(tmp))

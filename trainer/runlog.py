@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
-import json
 import os
 import platform
 import shutil
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 from common.errors import UserError
+from common.files import atomic_path
 
 PACKAGES = ("torch", "torchvision", "accelerate", "timm", "numpy", "ffcv", "nvidia-dali-cuda130", "nvidia-dali-cuda120")
 
@@ -106,12 +106,10 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         self.rows.append(row)
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.path.with_name("metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.rows)
-        os.replace(tmp, self.path)
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
         if self.tb is not None:
             for key, value in numbers.items():
@@ -125,7 +123,3 @@ class MetricsLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -11,13 +11,13 @@ bundle.json (every file and part with its size, sha256 and group) into the outpu
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import UserError, run_cli
+from common.files import atomic_path, sha256_file, write_text
 
 PART_BYTES = 55_000_000  # at most 55 MB a part
 GROUP_BYTES = 60 * 2**20  # at most 60 MiB a call, leaving room for the working tree in its 64 MiB
@@ -25,14 +25,6 @@ MANIFEST = "bundle.json"
 PARTS = "parts"  # where `stash` collects the parts inside the bundle folder
 FORMAT = 1
 _CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def part_name(name: str, index: int) -> str:
@@ -57,14 +49,12 @@ def split_file(path: Path, out_dir: Path, limit: int) -> list[Path]:
 
 
 def join_parts(parts: Sequence[Path], dest: Path) -> Path:
-    """Concatenate `parts` in order into `dest`, atomically (a `.tmp` file renamed at the end)."""
+    """Concatenate `parts` in order into `dest`, atomically (a temporary file renamed at the end)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    with open(tmp, "wb") as out:
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
         for part in parts:
             with open(part, "rb") as src:
                 shutil.copyfileobj(src, out, _CHUNK)
-    tmp.replace(dest)
     return dest
 
 
@@ -120,7 +110,7 @@ def pack(payload: Path, out: Path, *, part_bytes: int = PART_BYTES, group_bytes:
                 "notes": notes or {}, "files": entries}
     text = json.dumps(manifest, indent=1) + "\n"
     for target in [out, *(out / f"group{g}" for g in range(1, count + 1))]:
-        (target / MANIFEST).write_text(text)
+        write_text(target / MANIFEST, text)
     return manifest
 
 
@@ -174,7 +164,7 @@ def stash(group_dir: Path, bundle: Path) -> list[int]:
         target = bundle / PARTS / part["name"]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(group_dir / part["name"], target)
-    known.write_text(json.dumps(manifest, indent=1) + "\n")
+    write_text(known, json.dumps(manifest, indent=1) + "\n")
     return missing_groups(manifest, bundle)
 
 
