@@ -26,31 +26,50 @@ Where DALI's operators differ from the spec's torchvision semantics:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.errors import UserError
 from pipelines.augment import AffineSpec, AugmentSpec, EraseSpec, JitterSpec, TrainTransform
-from pipelines.base import ArrayLoader, LoaderOptions
-from pipelines.dataset import Split
+from pipelines.base import (
+    CENTER_CROP_RATIO,
+    RRC_RATIO,
+    RRC_SCALE,
+    ArrayLoader,
+    LoaderOptions,
+    ShardedLoader,
+    varied_sizes,
+)
+from pipelines.dataset import BetonFile, Split, load_manifest
 
 # torch's "reflect" does not repeat the edge pixel, which is DALI's "reflect_101"
 OUT_OF_BOUNDS = {"constant": "pad", "reflect": "reflect_101"}
 
 
 class DaliLoader(ArrayLoader):
-    """Implements `pipelines.base.Loader` with a DALI pipeline per epoch."""
+    """Implements `pipelines.base.Loader` with a DALI pipeline per epoch. Opening a dataset of photos of
+    varied sizes gives a `DaliPhotoLoader`, which decodes inside the pipeline."""
+
+    def __new__(cls, options: LoaderOptions, split: Split | None = None):
+        if cls is DaliLoader and split is None and varied_sizes(load_manifest(options.data_dir)):
+            cls = DaliPhotoLoader
+        return super().__new__(cls)
 
     def __init__(self, options: LoaderOptions, split: Split | None = None):
         super().__init__(options, split)
-        split = self.split
-        self.images = split.images
-        self.spec = options.spec if options.train else AugmentSpec()
+        self.images = self.split.images
+        self._setup_dali(self.split.mean, self.split.std, self.split.num_classes)
+
+    def _setup_dali(self, mean: Sequence[float], std: Sequence[float], num_classes: int) -> None:
+        o = self.options
+        self.spec = o.spec if o.train else AugmentSpec()
         # DALI does every stage but MixUp/CutMix; with eval's empty spec, mix() only sets the memory layout
-        self.mix = TrainTransform(self.spec, mean=split.mean, std=split.std, num_classes=split.num_classes,
-                                  label_smoothing=options.label_smoothing, channels_last=options.channels_last).mix
-        device = options.device
+        self.mix = TrainTransform(self.spec, mean=mean, std=std, num_classes=num_classes,
+                                  label_smoothing=o.label_smoothing, channels_last=o.channels_last).mix
+        device = o.device
         self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else None
 
@@ -64,9 +83,9 @@ class DaliLoader(ArrayLoader):
         batches = [order[b * o.batch_size:(b + 1) * o.batch_size] for b in range(self._len)]
         seed = int(np.random.SeedSequence([o.seed, self.epoch, o.rank]).generate_state(1)[0] & 0x7FFFFFFF)
 
-        def source() -> Iterator[np.ndarray]:  # a generator function: DALI re-calls it to cycle
+        def source() -> Iterator[np.ndarray | list[np.ndarray]]:  # a generator function: DALI re-calls it to cycle
             for idx in batches:
-                yield self.images[idx]
+                yield self._source_batch(idx)
 
         pipe = self._pipeline(source, seed)
         outputs = DALIGenericIterator(pipe, ["images"], last_batch_policy=LastBatchPolicy.PARTIAL)
@@ -77,19 +96,32 @@ class DaliLoader(ArrayLoader):
             labels = self.labels[torch.from_numpy(batches[b]).to(o.device)]
             yield self.mix(images, labels, self._generator(b))
 
-    def _pipeline(self, source: Callable[[], Iterator[np.ndarray]], seed: int):
+    def _source_batch(self, idx: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """What `fn.external_source` yields for the samples `idx`: here their uint8 pixels."""
+        return self.images[idx]
+
+    def _read(self, source: Callable[[], Iterator[np.ndarray | list[np.ndarray]]]):
+        """The graph's input node: the source's images, uint8 HWC, on the pipeline's device."""
+        from nvidia.dali import fn, types
+
+        x = fn.external_source(source=source, batch=True, cycle="raise", layout="HWC", dtype=types.UINT8)
+        return x.gpu() if self.device_id is not None else x
+
+    def _output_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images `_read` gives."""
+        return self.images.shape[1:]
+
+    def _pipeline(self, source: Callable[[], Iterator[np.ndarray | list[np.ndarray]]], seed: int):
         """The spec as a DALI graph: crop -> flip -> affine -> jitter (uint8 HWC) -> normalize (float CHW)
         -> erase."""
         from nvidia.dali import Pipeline, fn, types
 
         s = self.spec
-        h, w, channels = self.images.shape[1:]
+        h, w, channels = self._output_shape()
         pipe = Pipeline(batch_size=self.options.batch_size, num_threads=max(1, self.options.num_workers),
                         device_id=self.device_id, seed=seed)
         with pipe:
-            x = fn.external_source(source=source, batch=True, cycle="raise", layout="HWC", dtype=types.UINT8)
-            if self.device_id is not None:
-                x = x.gpu()
+            x = self._read(source)
             if s.crop.active:
                 x = _pad_crop(x, s.crop.padding, s.crop.padding_mode, s.crop.fill, h, w)
             if s.flip.active:
@@ -104,6 +136,55 @@ class DaliLoader(ArrayLoader):
                 x = _erase(x, s.erase, h, w)
             pipe.set_outputs(x)
         return pipe
+
+
+class DaliPhotoLoader(DaliLoader):
+    """DALI over photos of varied sizes, decoded inside the pipeline (nvJPEG on the GPU, device "mixed";
+    libjpeg-turbo with device_id=None): `fn.decoders.image_random_crop` (area 8-100%, aspect 3/4-4/3, as
+    FFCV and torchvision) then a resize to the epoch's crop side for training; for evaluation, a resize of
+    the shorter side to side / (224/256) and a centre crop. Records stored as pixels (FFCV's mixed mode)
+    go in as binary PPM, which DALI's decoders read without loss. The rest of the graph is DaliLoader's."""
+
+    def __init__(self, options: LoaderOptions):
+        manifest = load_manifest(options.data_dir)
+        if options.split not in manifest["splits"]:
+            raise UserError(f"{options.data_dir} has no '{options.split}' split; "
+                            f"present: {', '.join(sorted(manifest['splits']))}")
+        self.beton = BetonFile(Path(options.data_dir) / f"{options.split}.beton")
+        ShardedLoader.__init__(self, options, n=len(self.beton), mean=manifest["mean"], std=manifest["std"],
+                               num_classes=len(manifest["classes"]))
+        self.labels = torch.from_numpy(self.beton.labels()).to(options.device)
+        self._setup_dali(manifest["mean"], manifest["std"], len(manifest["classes"]))
+
+    def _source_batch(self, idx: np.ndarray) -> list[np.ndarray]:
+        return [self._encoded(int(i)) for i in idx]
+
+    def _encoded(self, i: int) -> np.ndarray:
+        """Sample i as bytes DALI decodes: the stored JPEG, or the stored pixels behind a PPM header."""
+        if self.beton.is_jpeg(i):
+            return np.asarray(self.beton.stored_bytes(i))
+        pixels = self.beton.image(i)
+        header = f"P6\n{pixels.shape[1]} {pixels.shape[0]}\n255\n".encode()
+        return np.concatenate([np.frombuffer(header, dtype=np.uint8), pixels.reshape(-1)])
+
+    def _read(self, source: Callable[[], Iterator[list[np.ndarray]]]):
+        from nvidia.dali import fn, types
+
+        encoded = fn.external_source(source=source, batch=True, cycle="raise", dtype=types.UINT8)
+        device = "mixed" if self.device_id is not None else "cpu"
+        side = self.crop_side()
+        if self.options.train:
+            x = fn.decoders.image_random_crop(encoded, device=device, output_type=types.RGB,
+                                              random_area=list(RRC_SCALE), random_aspect_ratio=list(RRC_RATIO),
+                                              num_attempts=10)
+            return fn.resize(x, size=[side, side])
+        x = fn.decoders.image(encoded, device=device, output_type=types.RGB)
+        x = fn.resize(x, resize_shorter=round(side / CENTER_CROP_RATIO))
+        return fn.crop(x, crop=[side, side])
+
+    def _output_shape(self) -> tuple[int, int, int]:
+        side = self.crop_side()
+        return (side, side, 3)
 
 
 def _uniform(lo: float, hi: float):

@@ -137,6 +137,10 @@ class BetonFile:
         """Sample i's image exactly as stored (pixels, or JPEG bytes): a read-only view into the file."""
         return self._data[self._ptrs[i]:self._ptrs[i] + self._sizes[i]]
 
+    def is_jpeg(self, i: int) -> bool:
+        """Whether sample i is stored as JPEG bytes (else as pixels; a mixed-mode file holds both)."""
+        return self.storage != "ndarray" and bool(self._jpg[i])
+
     def image(self, i: int) -> np.ndarray:
         """Sample i as uint8 (H, W, C); a read-only view into the file for raw and ndarray storage."""
         buf = self.stored_bytes(i)

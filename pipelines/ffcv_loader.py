@@ -15,6 +15,14 @@ as early as possible (`ToDevice` right after `ToTensor`) and every augmentation 
 same `TrainTransform` as the tensor backend, keyed by the same `batch_generator(seed, epoch, batch,
 rank)`. One spec, one implementation: with the same seed the ffcv and tensor backends yield identical
 batches.
+
+Photos of varied sizes (the manifest records no image_shape) are decoded straight to square crops, as in
+ffcv-imagenet: `RandomResizedCropRGBImageDecoder` for training (area 8-100%, aspect 3/4-4/3) and
+`CenterCropRGBImageDecoder` (224/256 of the shorter side) for evaluation; the device ops follow. The crop
+side can change between epochs (progressive resizing): the decoder's `output_size` is set before each
+epoch, and FFCV sizes its buffers from it when the epoch starts. These crops are drawn by FFCV's own
+per-thread numba generator, which cannot be keyed by (seed, epoch, batch): the order and the device ops stay
+reproducible, the crop positions do not.
 """
 
 from __future__ import annotations
@@ -25,7 +33,14 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from pipelines.base import LoaderOptions, ShardedLoader
+from pipelines.base import (
+    CENTER_CROP_RATIO,
+    RRC_RATIO,
+    RRC_SCALE,
+    LoaderOptions,
+    ShardedLoader,
+    varied_sizes,
+)
 
 
 class FfcvLoader(ShardedLoader):
@@ -40,25 +55,53 @@ class FfcvLoader(ShardedLoader):
                             f"present: {', '.join(sorted(manifest['splits']))}")
         self.path = Path(options.data_dir) / f"{options.split}.beton"
         beton = BetonFile(self.path)  # one-line errors for a missing or corrupt file, before FFCV sees it
-        self.grey = beton.storage == "ndarray"
         super().__init__(options, n=len(beton), mean=manifest["mean"], std=manifest["std"],
                          num_classes=len(manifest["classes"]))
+        self.varied = varied_sizes(manifest)
+        self._loader = None  # FFCV's Loader, built at the first epoch
+        self.decoder = self._image_decoder(grey=beton.storage == "ndarray")
 
-    def _ffcv_loader(self, indices):
-        """An FFCV Loader that visits exactly `indices`, in that order."""
-        from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
+    def _image_decoder(self, grey: bool):
+        """Stored pixels as they are for fixed-size data; for photos of varied sizes, FFCV's crop-and-resize
+        decoders straight to a square of side `crop_side()` (set again each epoch: progressive resizing)."""
+        from ffcv.fields.decoders import (
+            CenterCropRGBImageDecoder,
+            NDArrayDecoder,
+            RandomResizedCropRGBImageDecoder,
+            SimpleRGBImageDecoder,
+        )
+
+        if grey:
+            return NDArrayDecoder()
+        if not self.varied:
+            return SimpleRGBImageDecoder()
+        side = (self.crop_side(),) * 2
+        if self.options.train:
+            return RandomResizedCropRGBImageDecoder(side, scale=RRC_SCALE, ratio=RRC_RATIO)
+        return CenterCropRGBImageDecoder(side, ratio=CENTER_CROP_RATIO)
+
+    def _ffcv_loader(self, first_order):
+        """The FFCV Loader, built once (its numba pipeline and memory manager cost ~1 s a build); each
+        epoch gives its SEQUENTIAL traversal that epoch's order as `indices`. Its length comes from `first_order`,
+        a full epoch's order, so the shorter order of a mid-epoch resume is never cut.
+
+        The copy to the device blocks FFCV's worker thread (never the training loop's): FFCV decodes into
+        a ring of pinned host slots, and a non-blocking copy could still be queued behind a lagging GPU
+        when the slot is decoded into again, a few batches later.
+        """
+        from ffcv.fields.decoders import IntDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
         device = self.options.device
         # Squeeze(1), not Squeeze(): a last batch of one sample must keep its batch dimension
-        decoder = NDArrayDecoder() if self.grey else SimpleRGBImageDecoder()
         return Loader(
             str(self.path), batch_size=self.options.batch_size, num_workers=self.options.num_workers,
-            order=OrderOption.SEQUENTIAL, indices=indices, os_cache=True, drop_last=self.options.train,
+            order=OrderOption.SEQUENTIAL, indices=first_order, os_cache=True, drop_last=self.options.train,
+            recompile=self.varied,  # progressive resizing changes the decoder's output size between epochs
             pipelines={
-                "image": [decoder, ToTensor(), ToDevice(device, non_blocking=True)],
-                "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)],
+                "image": [self.decoder, ToTensor(), ToDevice(device, non_blocking=False)],
+                "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=False)],
             })
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -66,7 +109,17 @@ class FfcvLoader(ShardedLoader):
         order, start = self._take_order()
         if start >= self._len:
             return
-        for b, (images, labels) in enumerate(self._ffcv_loader(order[start * o.batch_size:]), start):
-            images = images.permute(0, 3, 1, 2)  # NHWC -> NCHW view; the transform makes new tensors
-            labels = labels.clone()  # FFCV reuses its output buffers a few batches later
-            yield self._augment(images, labels, b)
+        if self.varied:  # FFCV sizes its buffers from output_size when an epoch starts (as ffcv-imagenet does)
+            self.decoder.output_size = (self.crop_side(),) * 2
+        if self._loader is None:
+            self._loader = self._ffcv_loader(order)
+        self._loader.traversal_order.indices = order[start * o.batch_size:]  # Sequential visits these
+        epoch = iter(self._loader)
+        try:
+            for b, (images, labels) in enumerate(epoch, start):
+                images = images.permute(0, 3, 1, 2)  # NHWC -> NCHW view; the transform makes new tensors
+                labels = labels.clone()  # FFCV reuses its output buffers a few batches later
+                yield self._augment(images, labels, b)
+        finally:
+            epoch.close()  # an epoch cut short (max_steps_per_epoch) stops FFCV's thread now, not at collection
+

@@ -11,14 +11,18 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipelines.base import ArrayLoader, LoaderOptions
-from pipelines.dataset import Split
+from common.errors import UserError
+from pipelines.base import ArrayLoader, LoaderOptions, varied_sizes
+from pipelines.dataset import Split, load_manifest
 
 
 class TensorLoader(ArrayLoader):
     """Implements `pipelines.base.Loader` over a split held on `options.device`."""
 
     def __init__(self, options: LoaderOptions, split: Split | None = None):
+        if split is None and varied_sizes(load_manifest(options.data_dir)):
+            raise UserError(f"{options.data_dir} holds images of varied sizes, which the tensor loader cannot hold "
+                            "as one array; use --loader ffcv or --loader dali (they crop and resize while decoding)")
         super().__init__(options, split)
         # one upload (copying on the host only if the array is read-only, e.g. a memory map);
         # the NHWC -> NCHW transpose runs on the device

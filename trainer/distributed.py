@@ -1,0 +1,68 @@
+"""What a run on several processes or nodes needs beyond Accelerate: the same data on every rank, the
+launcher's mixed-precision setting carried into the recipe, and the environment of elastic torchrun jobs.
+
+Each node may hold its own copy of the converted data at the same path; a stale or different copy
+would train silently on other samples, so every rank hashes the dataset it opened and compares with
+rank 0 before training starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from common.errors import UserError
+from pipelines.dataset import dataset_identity
+
+# torchrun shares its rendezvous TCPStore with the workers by default; a worker group restarted after a
+# lost worker then reads the previous group's gloo/NCCL addresses from it and cannot connect (pytorch
+# issues 135712 and 167288; reproduced here with torch 2.14 and gloo). Elastic jobs turn the sharing off.
+ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def check_same_data(accelerator: Accelerator, data_dir: str) -> None:
+    """Raise the same UserError on every rank when any rank's dataset at `data_dir` differs from rank 0's.
+
+    A rank that cannot open its copy (missing, truncated) reports its error instead of stopping alone,
+    so no other rank is left waiting in a collective. A single process has nothing to compare.
+    """
+    if accelerator.num_processes == 1:
+        return
+    try:
+        identity, error = dataset_identity(data_dir), None
+    except UserError as exc:
+        identity, error = None, str(exc)
+    ranks = gather_object([(accelerator.process_index, socket.gethostname(), identity, error)])
+    failed = [(rank, host, err) for rank, host, _, err in ranks if err]
+    if failed:
+        rank, host, err = failed[0]
+        if len(failed) == len(ranks) and len({err for *_, err in failed}) == 1:
+            raise UserError(err)  # the same problem everywhere: say it once, as a single process would
+        raise UserError(f"rank {rank} on host {host}: {err}" + _more(failed))
+    first = ranks[0]
+    differ = [(rank, host, identity) for rank, host, identity, _ in ranks if identity != first[2]]
+    if differ:
+        rank, host, identity = differ[0]
+        raise UserError(f"rank {rank} on host {host} reads a different dataset at {data_dir} than rank 0 on host "
+                        f"{first[1]} (records checksum {identity[:12]} vs {first[2][:12]})" + _more(differ)
+                        + f"; give every node the same conversion at {data_dir} (copy rank 0's, or convert again "
+                        "with the same command)")
+
+
+def _more(found: list[tuple]) -> str:
+    """' (and ranks 3, 5 on host b)' for the ranks after the first one named."""
+    if len(found) < 2:
+        return ""
+    hosts = sorted({host for _, host, _ in found[1:]})
+    return f" (and rank(s) {', '.join(str(r) for r, *_ in found[1:])} on host(s) {', '.join(hosts)})"
+
+
+def launcher_overrides() -> list[str]:
+    """Recipe overrides implied by the launcher: `accelerate launch` with a bf16/fp16 config (or
+    --mixed_precision) sets ACCELERATE_MIXED_PRECISION, which an explicit Accelerator argument would
+    otherwise ignore. Put before the user's --set, so those still win; recorded in the run's config.toml."""
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    return [f"precision={precision}"] if precision in ("fp16", "bf16") else []
