@@ -7,6 +7,7 @@ manifest mismatch) turn silent corruption into one-line errors before any traini
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Sequence
@@ -207,3 +208,27 @@ def open_split(data_dir: str | Path, split: str) -> Split:
     coarse = beton.labels("coarse_label") if beton.has_field("coarse_label") else None
     return Split(name=split, images=beton.images(), labels=beton.labels(), manifest=manifest, path=path,
                  coarse_labels=coarse)
+
+
+def dataset_identity(data_dir: str | Path) -> str:
+    """A sha256 over what the loaders read from a converted dataset, to tell two copies apart.
+
+    Hashed: the manifest's classes, mean and std, then every split in name order: its record count and
+    each record's image as stored (pixels with their shape; JPEG bytes for `--encode jpg`), then its
+    labels. Not the file bytes: FFCV's parallel writer lays identical records out differently, so two
+    conversions of the same source can differ as files while every record is equal.
+    """
+    manifest = load_manifest(data_dir)
+    digest = hashlib.sha256(json.dumps([manifest.get(k) for k in ("classes", "mean", "std")]).encode())
+    for split in sorted(manifest["splits"]):
+        beton = BetonFile(Path(data_dir) / f"{split}.beton")
+        digest.update(f"{split}:{len(beton)}".encode())
+        raw = beton.storage != "jpg"
+        for i in range(len(beton)):
+            if raw:
+                digest.update(np.asarray(beton.image(i).shape, dtype=np.int64).tobytes())
+            digest.update(beton.stored_bytes(i))
+        for field in ("label", "coarse_label"):
+            if beton.has_field(field):
+                digest.update(beton.labels(field).tobytes())
+    return digest.hexdigest()
