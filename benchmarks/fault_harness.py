@@ -7,6 +7,11 @@ checkpoint is being written (a `.tmp-*` folder appears), then resumed, until the
 every kill each complete checkpoint is checked against the sizes and hashes recorded with it. At the
 end `metrics.csv` (without the wall-time columns) and `model.safetensors` must equal the reference's
 byte for byte. Training runs as `python train.py` subprocesses on the CPU, like a user's.
+
+With `--nproc N` (N > 1) each faulted run is one elastic job, `torchrun --standalone --nproc_per_node N
+--max-restarts K train.py --run-dir RUN --resume auto`: the harness SIGKILLs one rank, chosen at random,
+at a random moment of each worker group; torchrun restarts the group, which resumes on its own from
+the newest good checkpoint. The reference is an uninterrupted torchrun job with the same N.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 from common.errors import UserError, run_cli
 from pipelines.dataset import load_manifest
 from trainer import checkpoint
+from trainer.distributed import ELASTIC_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 # measured time, not results: they differ between any two runs and are left out of the comparison
@@ -58,9 +64,18 @@ def train_command(recipe: str, data: Path, run_dir: Path, settings: list[str], r
             "--run-dir", str(run_dir), *sets, *(["--resume", "auto"] if resume else [])]
 
 
+def torchrun_command(recipe: str, data: Path, run_dir: Path, settings: list[str], nproc: int,
+                     max_restarts: int, resume: bool) -> list[str]:
+    """train_command's run as one torchrun job of `nproc` CPU processes that restarts up to `max_restarts` times."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max_restarts={max_restarts}", *train_command(recipe, data, run_dir, settings, resume)[1:]]
+
+
 def start(command: list[str], log: Path) -> subprocess.Popen:
+    """`command` (train.py, or a torchrun job with the environment elastic restarts need) writing to `log`."""
     with open(log, "ab") as out:
-        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **ELASTIC_ENV})
 
 
 def writing_checkpoint(run_dir: Path) -> bool:
@@ -68,9 +83,9 @@ def writing_checkpoint(run_dir: Path) -> bool:
     return folder.is_dir() and any(p.name.startswith(".tmp-") for p in folder.iterdir())
 
 
-def kill_when(proc: subprocess.Popen, run_dir: Path, delay: float | None, rng: random.Random) -> bool:
-    """SIGKILL `proc` after `delay` seconds, or (delay None) as soon as it writes a checkpoint.
-    False when it finished first."""
+def moment_came(proc: subprocess.Popen, run_dir: Path, delay: float | None, rng: random.Random) -> bool:
+    """Wait `delay` seconds, or (delay None) until a checkpoint is being written; False when `proc`
+    finished first."""
     deadline = time.monotonic() + (delay if delay is not None else 1e9)
     while proc.poll() is None:
         if delay is None and writing_checkpoint(run_dir):
@@ -79,11 +94,50 @@ def kill_when(proc: subprocess.Popen, run_dir: Path, delay: float | None, rng: r
         if time.monotonic() >= deadline:
             break
         time.sleep(0.001 if delay is None else 0.01)
-    if proc.poll() is not None:
+    return proc.poll() is None
+
+
+def kill_when(proc: subprocess.Popen, run_dir: Path, delay: float | None, rng: random.Random) -> bool:
+    """SIGKILL `proc` after `delay` seconds, or (delay None) as soon as it writes a checkpoint.
+    False when it finished first."""
+    if not moment_came(proc, run_dir, delay, rng):
         return False
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return True
+
+
+def _alive(pid: int) -> bool:
+    """Running (not exited, not a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def worker_pids(agent: int) -> dict[int, int]:
+    """{global rank: pid} of the live workers a torchrun agent started (its children with RANK set)."""
+    workers = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        ranks = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")]
+        if int(fields[1]) == agent and fields[0] != "Z" and ranks:
+            workers[ranks[0]] = int(stat.parent.name)
+    return workers
+
+
+def new_worker_group(job: subprocess.Popen, nproc: int, old: set[int]) -> dict[int, int]:
+    """The job's next complete worker group (none of `old` among them); {} when the job ended first."""
+    while job.poll() is None:
+        workers = worker_pids(job.pid)
+        if len(workers) == nproc and not old & set(workers.values()):
+            return workers
+        time.sleep(0.05)
+    return {}
 
 
 def damaged_checkpoints(run_dir: Path) -> list[str]:
@@ -101,10 +155,12 @@ def outputs(run_dir: Path) -> dict:
             "test": (summary["test_accuracy"], summary["test_loss"], summary["test_samples"])}
 
 
-def reference_run(recipe: str, data: Path, run_dir: Path, settings: list[str]) -> float:
-    """An uninterrupted run; its wall time in seconds."""
+def reference_run(recipe: str, data: Path, run_dir: Path, settings: list[str], nproc: int = 1) -> float:
+    """An uninterrupted run (a torchrun job when nproc > 1); its wall time in seconds."""
     began = time.monotonic()
-    proc = start(train_command(recipe, data, run_dir, settings, resume=False), run_dir.with_suffix(".log"))
+    command = torchrun_command(recipe, data, run_dir, settings, nproc, 0, resume=False) if nproc > 1 \
+        else train_command(recipe, data, run_dir, settings, resume=False)
+    proc = start(command, run_dir.with_suffix(".log"))
     if proc.wait() != 0:
         raise UserError(f"the uninterrupted reference run failed; see {run_dir.with_suffix('.log')}")
     return time.monotonic() - began
@@ -142,31 +198,79 @@ def faulted_run(recipe: str, data: Path, run_dir: Path, settings: list[str], pla
     return outputs(run_dir)
 
 
-def markdown(report: Report, command: str, reference_s: float, recipe: str, settings: list[str]) -> str:
+def elastic_run(recipe: str, data: Path, run_dir: Path, settings: list[str], nproc: int,
+                plan: list[float | None], rng: random.Random, report: Report, log=print) -> dict:
+    """One torchrun job allowed len(plan) restarts; one rank of each worker group is killed by `plan`,
+    torchrun restarts the group, which resumes with `--resume auto`; the job's outputs."""
+    log_file = run_dir.with_suffix(".log")
+    job = start(torchrun_command(recipe, data, run_dir, settings, nproc, len(plan), resume=True), log_file)
+    group: dict[int, int] = {}
+    for delay in plan:
+        group = new_worker_group(job, nproc, set(group.values()))
+        report.attempts += bool(group)
+        if not group or not moment_came(job, run_dir, delay, rng):
+            break
+        rank = rng.choice(sorted(group))
+        try:
+            os.kill(group[rank], signal.SIGKILL)
+        except ProcessLookupError:  # it finished in the meantime
+            continue
+        report.kills += 1
+        in_checkpoint = writing_checkpoint(run_dir)
+        report.during_checkpoint += in_checkpoint
+        report.before_run_folder += not run_dir.is_dir()
+        while any(map(_alive, group.values())):  # torchrun stops the others before it restarts the group
+            time.sleep(0.05)
+        damaged = damaged_checkpoints(run_dir)  # the new group needs seconds to start: nothing writes now
+        report.corrupt_checkpoints += len(damaged)
+        where = "while writing a checkpoint" if in_checkpoint else "not in a checkpoint write"
+        log(f"  kill {report.kills}: rank {rank} of {nproc} ({where}); damaged: {damaged or 'none'}")
+    else:
+        report.attempts += bool(new_worker_group(job, nproc, set(group.values())))
+    if job.wait() != 0:
+        raise UserError(f"the elastic job failed with status {job.returncode}; see {log_file}")
+    report.fallback_warnings += log_file.read_text(errors="replace").count("could not be loaded")
+    report.runs += 1
+    return outputs(run_dir)
+
+
+def markdown(report: Report, command: str, reference_s: float, recipe: str, settings: list[str],
+             nproc: int = 1) -> str:
     ok = not report.mismatches and report.survived == report.kills and not report.corrupt_checkpoints
     when = datetime.now().astimezone().isoformat(timespec="seconds")
+    if nproc > 1:
+        heading, attempts = f"## Fault harness, elastic torchrun ({nproc} processes)", "worker groups / jobs"
+        how = (f"as one `torchrun --standalone --nproc_per_node {nproc} --max_restarts K train.py ... --cpu "
+               "--run-dir RUN --resume auto` job per faulted run (K: its planned kills); in each worker group one "
+               "rank, chosen at random, killed with SIGKILL after a random delay up to the reference job's "
+               "duration (start-up, steps, evaluation, export) or, 3 times in 10, the moment a `.tmp-*` "
+               "checkpoint folder appeared; torchrun then restarts the group, which resumes on its own.")
+    else:
+        heading, attempts = "## Fault harness", "attempts / runs"
+        how = ("as `python train.py ... --cpu` subprocesses, each attempt killed with SIGKILL after a random delay "
+               "up to the reference run's duration (start-up, steps, evaluation, export) or, 3 times in 10, the "
+               "moment a `.tmp-*` checkpoint folder appeared.")
     return "\n".join([
-        "## Fault harness", "",
+        heading, "",
         f"`{command}` ({when}; {platform.node() or 'this machine'}: {os.cpu_count()}-core CPU, no GPU;"
         f" reference run {reference_s:.0f} s)", "",
         "| kills tried | survived | during a checkpoint write | before the run folder existed | "
-        "corrupt checkpoints found | resumes that fell back | attempts / runs | results equal |",
+        f"corrupt checkpoints found | resumes that fell back | {attempts} | results equal |",
         "|---:|---:|---:|---:|---:|---:|---:|---|",
         f"| {report.kills} | {report.survived} | {report.during_checkpoint} | {report.before_run_folder} | "
         f"{report.corrupt_checkpoints} | {report.fallback_warnings} | {report.attempts} / {report.runs} | "
         f"{'yes' if ok else 'NO: ' + '; '.join(report.mismatches)} |", "",
-        f"Recipe `{recipe}` with `{' '.join(settings)}`, as `python train.py ... --cpu` subprocesses, each "
-        "attempt killed with SIGKILL after a random delay up to the reference run's duration (start-up, "
-        "steps, evaluation, export) or, 3 times in 10, the moment a `.tmp-*` checkpoint folder appeared.", "",
+        f"Recipe `{recipe}` with `{' '.join(settings)}`, {how}", "",
         "Equal means: `metrics.csv` without the wall-time columns (" + ", ".join(WALL_COLUMNS) + ") and "
         "`model.safetensors` byte for byte, plus the final test accuracy and loss. The wall-time columns "
         "measure the machine, not the training, and differ between any two runs.", ""])
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace the '## Fault harness' section of a results file (or append it), keeping the rest."""
+    """Replace the section of a results file headed by `section`'s first line (or append it), keeping the rest."""
     text = path.read_text() if path.is_file() else "# Measured results\n"
-    begin = text.find("## Fault harness")
+    heading = section.splitlines()[0] + "\n"
+    begin = text.find(heading)
     if begin < 0:
         path.write_text(text.rstrip("\n") + "\n\n" + section)
         return
@@ -183,9 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"recipe overrides (default: {' '.join(DEFAULT_SETTINGS)})")
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs to send in all (faulted runs repeat)")
     parser.add_argument("--kills-per-run", type=int, default=8)
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes per run; > 1: elastic torchrun jobs, one rank killed at a time")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     parser.add_argument("--work", type=Path, help="folder for the runs (default: a temporary folder)")
-    parser.add_argument("--results", type=Path, help="also write the result as the '## Fault harness' "
+    parser.add_argument("--results", type=Path, help="also write the result as a '## Fault harness' "
                                                      "section of this markdown file (benchmarks/RESULTS.md)")
     return parser
 
@@ -198,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("the harness needs mid-epoch checkpoints: add --set checkpoint_every_steps=N")
     work = args.work or Path(tempfile.mkdtemp(prefix="fault-harness-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: pass 1 (plain runs) or more (elastic torchrun jobs)")
     rng = random.Random(args.seed)
     print(f"reference run in {work / 'reference'}")
-    reference_s = reference_run(args.recipe, args.data, work / "reference", settings)
+    reference_s = reference_run(args.recipe, args.data, work / "reference", settings, args.nproc)
     expected = outputs(work / "reference")
     report = Report()
     while report.kills < args.kills:
@@ -208,14 +316,17 @@ def main(argv: list[str] | None = None) -> int:
         before = report.kills
         print(f"faulted run {run_dir} (reference took {reference_s:.0f} s)")
         plan = kill_plan(min(args.kills_per_run, args.kills - report.kills), reference_s, rng)
-        got = faulted_run(args.recipe, args.data, run_dir, settings, plan, rng, report)
+        if args.nproc > 1:
+            got = elastic_run(args.recipe, args.data, run_dir, settings, args.nproc, plan, rng, report)
+        else:
+            got = faulted_run(args.recipe, args.data, run_dir, settings, plan, rng, report)
         mismatched = [key for key in expected if got[key] != expected[key]]
         if mismatched:
             report.mismatches.append(f"{run_dir.name}: {', '.join(mismatched)} differ")
         else:
             report.survived += report.kills - before
     command = "python -m benchmarks.fault_harness " + shlex.join(argv if argv is not None else sys.argv[1:])
-    section = markdown(report, command, reference_s, args.recipe, settings)
+    section = markdown(report, command, reference_s, args.recipe, settings, args.nproc)
     print(section)
     if args.results:
         write_section(args.results, section)
