@@ -4,6 +4,7 @@ order, disjoint rank shards."""
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,7 @@ def test_constructor_opens_the_split_and_uses_its_statistics(monkeypatch, tmp_pa
         return Split(name=split, images=images, labels=labels, manifest=manifest, path=tmp_path / f"{split}.beton")
 
     monkeypatch.setattr("pipelines.base.open_split", open_split)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "splits": {}, "image_shape": [H, W, C]}))
     options = LoaderOptions(data_dir=tmp_path, split="test", batch_size=50, train=False, spec=AugmentSpec(),
                             device=torch.device("cpu"))
     data = TensorLoader(options)
