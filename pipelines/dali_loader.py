@@ -89,11 +89,12 @@ class DaliLoader(ArrayLoader):
 
         pipe = self._pipeline(source, seed)
         outputs = DALIGenericIterator(pipe, ["images"], last_batch_policy=LastBatchPolicy.PARTIAL)
+        device_order = torch.from_numpy(order).to(o.device)  # one upload per epoch; batches slice it on the device
         for b, (out,) in enumerate(outputs):
             if b < start:
                 continue  # replayed only to advance DALI's generators to batch `start`
-            images = out["images"].to(o.device, non_blocking=True)
-            labels = self.labels[torch.from_numpy(batches[b]).to(o.device)]
+            images = out["images"]  # on the device already: DALI's GPU graph writes there, the CPU graph is the CPU
+            labels = self.labels[device_order[b * o.batch_size:(b + 1) * o.batch_size]]
             yield self.mix(images, labels, self._generator(b))
 
     def _source_batch(self, idx: np.ndarray) -> np.ndarray | list[np.ndarray]:
@@ -188,9 +189,12 @@ class DaliPhotoLoader(DaliLoader):
 
 
 def _uniform(lo: float, hi: float):
-    """One float per sample from U[lo, hi)."""
+    """One float per sample from U[lo, hi); the constant itself for an empty range (an unused affine part:
+    DALI refuses the range [0, 0))."""
     from nvidia.dali import fn
 
+    if lo == hi:
+        return fn.constant(fdata=float(lo), shape=[])
     return fn.random.uniform(range=[lo, hi])
 
 
@@ -202,7 +206,9 @@ def _pad_crop(x, padding: int, mode: str, fill: int, h: int, w: int):
     offsets = list(range(-padding, padding + 1))
     dy = fn.random.uniform(values=offsets, dtype=types.INT32)
     dx = fn.random.uniform(values=offsets, dtype=types.INT32)
-    return fn.slice(x, fn.stack(dy, dx), np.array([h, w], dtype=np.int32), axis_names="HW",
+    # start/shape as named arguments: argument inputs live on the CPU, so a GPU graph needs no constant
+    # uploaded for the window (positional anchor/shape inputs would be GPU data there)
+    return fn.slice(x, start=fn.stack(dy, dx), shape=[h, w], axis_names="HW",
                     out_of_bounds_policy=OUT_OF_BOUNDS[mode], fill_values=float(fill))
 
 

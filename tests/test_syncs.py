@@ -1,0 +1,108 @@
+"""No host-device sync in steady state, proven on the CPU.
+
+Every recipe's smoke twin runs at least 20 steady-state steps under `--check-syncs` (the dispatch and
+function modes of `trainer.syncs` that see what would make a CUDA host wait: `.item()`, `.tolist()`,
+`.cpu()`, tensors built from host data, boolean masks, copies from pageable memory), and every loader
+backend produces batches under the same check. A step with one `.item()` added must fail it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from convert import convert_dataset
+from pipelines import BACKENDS, build_loader
+from tests.data_fixtures import write_cifar10
+from tests.loader_helpers import options, require
+from tests.train_helpers import run_train
+from trainer.config import RECIPES_DIR, load_recipe
+from trainer.step import TrainStep
+from trainer.syncs import HostSyncError, no_host_sync
+
+STEPS = 24  # per epoch: 2 warm-up steps and the epoch's last (a logging step) are not checked
+PHOTO_RECIPES = ("imagenet", "hymenoptera")  # photos of varied sizes: checked through their loaders below
+SMOKE = sorted(p.stem for p in RECIPES_DIR.glob("*_smoke.toml") if not p.stem.startswith(PHOTO_RECIPES))
+
+
+@pytest.fixture(scope="module")
+def cifar_like_with_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic CIFAR-10 layout with a val split (recipes that early-stop on val_loss need one)."""
+    source = write_cifar10(tmp_path_factory.mktemp("sync-src"), batch_size=128, n_test=200, seed=3)
+    return convert_dataset("cifar10", source["folder"], tmp_path_factory.mktemp("sync-data"), val_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def teacher(cifar_like_with_val: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sync-teacher") / "run"
+    run_train(["--recipe", "c10_rescnn_smoke", "--data", str(cifar_like_with_val), "--run-dir", str(folder), "--cpu"])
+    return folder
+
+
+def smoke_argv(recipe: str, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The smoke twin, one epoch per phase of STEPS steps of 8 images (the step is the same at any size)."""
+    one_epoch = [f"--set=phases.{i}.epochs=1" for i in range(len(load_recipe(recipe).phases))]
+    return ["--recipe", recipe, "--data", str(data), "--run-dir", str(run_dir), "--cpu", "--check-syncs",
+            "--set", f"max_steps_per_epoch={STEPS}", "--set", "data.batch_size=8", *one_epoch, *extra]
+
+
+@pytest.mark.parametrize("recipe", SMOKE)
+def test_smoke_recipe_steps_never_sync(recipe, request, tmp_path):
+    mnist = recipe.startswith("mnist")
+    data = request.getfixturevalue("mnist_data" if mnist else "cifar_like_with_val")
+    extra = []
+    if load_recipe(recipe).loss.distill.teacher:
+        extra = ["--set", f"loss.distill.teacher={json.dumps(str(request.getfixturevalue('teacher')))}"]
+    summary = run_train(smoke_argv(recipe, data, tmp_path / "run", *extra))
+    assert summary["sync_checked_steps"] >= 20
+
+
+def test_a_step_that_calls_item_fails_the_check(mnist_data, tmp_path, monkeypatch):
+    """The check is not vacuous: the real step plus one `.item()` stops the run at the first checked step."""
+    real_step = TrainStep.__call__
+
+    def step_with_item(self, images, targets, sums, *, log):
+        real_step(self, images, targets, sums, log=log)
+        sums.values["loss_sum"].item()
+
+    monkeypatch.setattr(TrainStep, "__call__", step_with_item)
+    with pytest.raises(HostSyncError, match=r"Tensor\.item\(\) at tests/test_syncs\.py"):
+        run_train(smoke_argv("mnist_cnn_smoke", mnist_data, tmp_path / "run"))
+
+
+def test_the_check_sees_each_kind_of_sync():
+    x = torch.randn(8)
+    cases = {"Tensor.item": lambda: x[0].item(), "Tensor.tolist": x.tolist, "Tensor.cpu": x.cpu,
+             "built from host data": lambda: torch.tensor([1.0, 2.0]), "boolean-mask": lambda: x[x > 0],
+             "nonzero": x.nonzero}
+    for what, op in cases.items():
+        with pytest.raises(HostSyncError, match=what), no_host_sync():
+            op()
+    with no_host_sync():  # device-side work, fills and dtype changes are fine
+        (x * 2).sum(), x.new_full((), 3.0), x.to(torch.float64), torch.arange(3.0)
+
+
+FULL_CHAIN = {"crop": {"padding": 4}, "flip": {"p": 0.5}, "affine": {"degrees": 10.0},
+              "jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.1},
+              "erase": {"p": 0.5}, "mix": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_loader_batches_never_sync(backend, train, tiny_rgb_data):
+    """After the epoch's first batch (which sets the epoch up), five batches of the full augmentation chain
+    come out without a sync."""
+    if BACKENDS[backend][2]:
+        require(BACKENDS[backend][2])
+    loader = build_loader(backend, options(tiny_rgb_data, "train" if train else "test", train=train,
+                                           spec=FULL_CHAIN, batch_size=32, num_workers=1))
+    loader.set_epoch(1)
+    batches = iter(loader)
+    next(batches)
+    for _ in range(5):
+        with no_host_sync():
+            images, targets = next(batches)
+    assert images.shape[0] == 32 and targets.shape[0] == 32
