@@ -42,6 +42,17 @@ def cifar10_data(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
+def hymenoptera_data(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared hymenoptera tarball converted as ffcv-imagenet stores photos (JPEG quality 90, longer side at
+    most 500): train 244 (its one GIF skipped) / test 153 (from val/), varied sizes; ~15 s."""
+    from convert import convert_dataset
+
+    return convert_dataset("imagefolder", real_data_root / "hymenoptera_data.tar",
+                           tmp_path_factory.mktemp("hymenoptera-data"), name="hymenoptera", encode="jpg",
+                           max_side=500, quality=90)
+
+
+@pytest.fixture(scope="session")
 def tiny_rgb_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic CIFAR-like set (10 classes, 32x32 RGB, train 640 / test 200) through the cifar10 pickle path."""
     from convert import convert_dataset

@@ -116,7 +116,8 @@ def test_tar_members_with_links_devices_absolute_or_dotdot_paths_are_skipped(tmp
         _add(tar, "tree/train/cat/link.png", kind=tarfile.SYMTYPE, link="/etc/passwd")
         _add(tar, "tree/train/dog/hard.png", kind=tarfile.LNKTYPE, link="tree/train/cat/0000.png")
         _add(tar, "tree/train/dog/device.png", kind=tarfile.CHRTYPE)
-    out = convert("imagefolder", archive_path, tmp_path / "out")
+    with pytest.warns(UserWarning, match="skipped 6 file"):
+        out = convert("imagefolder", archive_path, tmp_path / "out")
     manifest = load_manifest(out)
     assert manifest["skipped_files"] == UNSAFE
     train = open_split(out, "train")
