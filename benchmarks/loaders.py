@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.torchvision_baseline import build_torchvision_loader
 from common.errors import UserError, run_cli
 from common.schema import from_dict
 from pipelines import BACKENDS, build_loader
 from pipelines.augment import AugmentSpec
 from pipelines.base import Loader, LoaderOptions
-from pipelines.torchvision_baseline import build_torchvision_loader
 
 BASELINE = "torchvision"
 ALL_BACKENDS = (BASELINE, *BACKENDS)

@@ -16,7 +16,7 @@ import torch
 from common.errors import UserError, run_cli
 from pipelines.dataset import load_manifest
 from studies import landscape, probes, trained
-from studies.catalog import SCALES, STUDIES, Run, Study, get_study, run_folder, study_runs
+from studies.catalog import SCALES, STUDIES, Run, Study, get_study, study_run_dir, study_runs
 from studies.plots import draw
 from studies.report import Section, markdown_table, write_report
 from studies.results import RunResult, load_result, summary_rows, table_columns
@@ -53,17 +53,17 @@ def train_runs(study: Study, runs: list[Run], study_dir: Path, data: Path | None
     """Train what is missing and read every run back (failed runs included)."""
     print(f"{study.name}: {len(runs)} runs in {study_dir / 'runs'}")
     errors = execute(plan(runs, study_dir, data), jobs)
-    return [load_result(run, run_folder(study_dir, run.label), errors.get(run.label, "")) for run in runs]
+    return [load_result(run, study_run_dir(study_dir, run.label), errors.get(run.label, "")) for run in runs]
 
 
 def probe(study: Study, folder: Path, data: Path | None, scale: str) -> tuple[list[Section], dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, spec = trained.load_model(folder, device)
+    model, info = trained.load_model(folder, device)
     data_dir = data or trained.run_data_path(folder)
     n_images, n_landscape, points_1d, points_2d = PROBE_SIZES[scale]
     if study.probe == "loss_landscape":
         _, images, labels = trained.sample_images(data_dir, "train", n_landscape, device)
-        fresh = trained.untrained_model(spec, device)
+        fresh = trained.untrained_model(info, device)
         return landscape.landscape_probe({"trained": model, "untrained": fresh}, images, labels,
                                          points_1d=points_1d, points_2d=points_2d)
     raw, images, _ = trained.sample_images(data_dir, "test", n_images, device)

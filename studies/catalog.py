@@ -243,5 +243,5 @@ def study_runs(study: Study, scale: str) -> list[Run]:
     return runs
 
 
-def run_folder(study_dir: Path, label: str) -> Path:
+def study_run_dir(study_dir: Path, label: str) -> Path:
     return study_dir / "runs" / label

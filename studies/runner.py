@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
-from studies.catalog import Run, run_folder
+from studies.catalog import Run, study_run_dir
 from trainer.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +39,10 @@ def plan(runs: list[Run], study_dir: Path, data: Path | None) -> list[Job]:
         if data is not None:
             overrides.append(f"data.path={json.dumps(str(data))}")
         if run.teacher:  # the study trains the teacher itself (first), with the study's settings
-            teacher = json.dumps(str(run_folder(study_dir, run.teacher)))
+            teacher = json.dumps(str(study_run_dir(study_dir, run.teacher)))
             overrides += [f"loss.distill.teacher={teacher}", 'loss.distill.teacher_recipe=""']
         expected = load_recipe(run.recipe, overrides)
-        folder = run_folder(study_dir, run.label)
+        folder = study_run_dir(study_dir, run.label)
         if (folder / "summary.json").is_file() and load_recipe(str(folder / "config.toml")) != expected:
             raise UserError(f"{folder} holds a finished run with other settings (another scale, data or "
                             "recipe version); choose another --out for this study")

@@ -27,17 +27,17 @@ def check_run(folder: Path) -> Path:
 
 
 def load_model(folder: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """The exported model of a run, in eval mode, and its model.json spec."""
-    spec = json.loads((folder / "model.json").read_text())
-    model = make_model(spec)
+    """The exported model of a run, in eval mode, and its model.json info."""
+    info = json.loads((folder / "model.json").read_text())
+    model = make_model(info)
     model.load_state_dict(load_file(folder / "model.safetensors"))
-    return model.to(device).eval(), spec
+    return model.to(device).eval(), info
 
 
-def untrained_model(spec: dict, device: torch.device, seed: int = 0) -> nn.Module:
+def untrained_model(info: dict, device: torch.device, seed: int = 0) -> nn.Module:
     """A fresh initialization of the same architecture (the "before training" reference)."""
     torch.manual_seed(seed)
-    return make_model(spec).to(device).eval()
+    return make_model(info).to(device).eval()
 
 
 def run_data_path(folder: Path) -> Path:

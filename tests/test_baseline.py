@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.torchvision_baseline import TorchvisionLoader, build_torchvision_loader
 from common.errors import UserError
 from pipelines.dataset import open_split
 from pipelines.tensor_loader import TensorLoader
-from pipelines.torchvision_baseline import TorchvisionLoader, build_torchvision_loader
 from tests.loader_helpers import (
     UNIT,
     as_pixels,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils.modeling import get_mixed_precision_context_manager
 from torch import nn
 
 from trainer.config import Recipe
@@ -88,25 +89,34 @@ class TrainStep:
                  teacher: nn.Module | None = None, ema: ModelEma | None = None) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.recipe, self.teacher, self.ema = recipe, teacher, ema
+        # Accelerate's context and optimizer wrappers look up optional packages and signatures on every call
+        # (~1 ms a step on a laptop CPU): take the autocast context once, and without a loss scaler or gradient
+        # accumulation (their only work here) backward, step and zero directly
+        self.autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+        direct = accelerator.scaler is None and accelerator.gradient_accumulation_steps == 1
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self.backward = torch.Tensor.backward if direct else accelerator.backward
+        self.optimizer_step = inner.step if direct else optimizer.step
+        self.zero_grad = inner.zero_grad if direct else optimizer.zero_grad
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.steps = 0  # steps taken by this object (drives the EMA's every-k schedule)
         self.last_lrs = scheduler.get_last_lr()  # the rates the latest step used (host floats)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, sums: EpochSums, *, log: bool) -> None:
         """One optimizer step; `log` also computes the gradient norm when nothing clips by norm."""
-        with self.accelerator.autocast():
+        with self.autocast:
             logits = self.model(images)
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(images).float()
             terms = loss_terms(self.recipe, logits.float(), targets, teacher_logits)
-        self.accelerator.backward(terms["loss"])
+        self.backward(terms["loss"])
         grad_norm = self._clip(log)
-        self.optimizer.step()
+        self.optimizer_step()
         self.last_lrs = self.scheduler.get_last_lr()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad(set_to_none=True)
         self.steps += 1
         if self.ema is not None:
             self.ema.update(self.steps)

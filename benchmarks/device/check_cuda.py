@@ -29,14 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.loaders import environment
-from common.errors import UserError, run_cli
-from common.schema import from_dict
-from pipelines import BACKENDS, build_loader
-from pipelines.augment import AugmentSpec
-from pipelines.base import LoaderOptions, rank_indices
-from pipelines.dataset import open_split
-from tests.loader_helpers import (
+from benchmarks.loader_checks import (
     UNIT,
     as_pixels,
     check_uniform_offsets,
@@ -46,6 +39,13 @@ from tests.loader_helpers import (
     installed,
     position_images,
 )
+from benchmarks.loaders import environment
+from common.errors import UserError, run_cli
+from common.schema import from_dict
+from pipelines import BACKENDS, build_loader
+from pipelines.augment import AugmentSpec
+from pipelines.base import LoaderOptions, rank_indices
+from pipelines.dataset import open_split
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAIN = {"crop": {"padding": 4}, "flip": {"p": 0.5}, "jitter": {"brightness": 0.3, "contrast": 0.3},
