@@ -2,9 +2,9 @@
 augmentation chain, side by side in one run on one machine, with ratios against the torchvision baseline.
 
 Each (backend, chain) gets a fresh train loader; warm-up batches (FFCV's JIT, DALI's pipeline build,
-worker start-up) are excluded, and the device is synchronized before the clock is read at both ends.
-Epochs are chained, so a run longer than an epoch includes each backend's per-epoch set-up, as in
-training. Results are printed and written as CSV and as a markdown table with the device, versions,
+worker start-up) are excluded, then at least two whole epochs are timed, so each backend's per-epoch
+set-up is in the figure, as in training; the device is synchronized before the clock is read at both
+ends. Results are printed and written as CSV and as a markdown table with the device, versions,
 date and the exact command.
 """
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=Path("data/cifar10-jpeg"),
                         help="a converted dataset folder (default: data/cifar10-jpeg)")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--batches", type=int, default=50, help="timed batches per (backend, chain)")
+    parser.add_argument("--epochs", type=int, default=2, help="timed whole epochs per (backend, chain), at least 2")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--backends", nargs="+", choices=ALL_BACKENDS, default=list(ALL_BACKENDS))
@@ -81,20 +81,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def images_per_second(loader: Loader, device: torch.device, warmup: int, batches: int) -> float:
-    stream = endless(loader)
+def images_per_second(loader: Loader, device: torch.device, warmup: int, epochs: int) -> float:
+    """Images/s over `epochs` whole epochs after `warmup` batches of a first one, so that what a backend pays
+    once per epoch (building its pipeline, uploading the order) is in the figure."""
+    loader.set_epoch(0)
+    stream = iter(loader)
     for _ in range(warmup):
-        next(stream)
+        next(stream, None)
+    stream.close()
     synchronize(device)
     start = time.perf_counter()
     images = 0
-    for _ in range(batches):
-        x, _ = next(stream)
-        images += x.shape[0]
+    for epoch in range(1, epochs + 1):
+        loader.set_epoch(epoch)
+        for x, _ in loader:
+            images += x.shape[0]
     synchronize(device)
-    elapsed = time.perf_counter() - start
-    stream.close()
-    return images / elapsed
+    return images / (time.perf_counter() - start)
 
 
 def version(module: str) -> str:
@@ -142,15 +145,17 @@ def markdown(results: dict, backends: list[str], chains: list[str], header: dict
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
-        args.batch_size, args.batches, args.warmup, args.workers = 32, 2, 1, 1
+        args.batch_size, args.warmup, args.workers = 32, 1, 1
     if not (args.data / "manifest.json").is_file():
         raise UserError(f"no converted dataset at {args.data}; create it with `{CONVERT_COMMAND}` "
                         "(or pass --data DIR)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if args.epochs < 2:
+        raise UserError(f"--epochs {args.epochs}: time at least 2 whole epochs, so per-epoch costs show")
     device = torch.device(args.device)
     header = {**environment(device), "data": str(args.data), "batch size": str(args.batch_size),
-              "timed batches": f"{args.batches} after {args.warmup} warm-up", "workers": str(args.workers),
+              "timed": f"{args.epochs} whole epochs after {args.warmup} warm-up batches", "workers": str(args.workers),
               "command": "python -m benchmarks.loaders " + shlex.join(sys.argv[1:] if argv is None else argv)}
 
     results: dict[tuple[str, str], float] = {}
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             except UserError as exc:  # a backend that cannot run here (package missing) is reported, not fatal
                 notes.append(f"{backend}: {exc}")
                 continue
-            results[backend, chain] = images_per_second(loader, device, args.warmup, args.batches)
+            results[backend, chain] = images_per_second(loader, device, args.warmup, args.epochs)
             del loader
             print(f"{chain:<30} {backend:<12} {results[backend, chain]:>10,.0f} images/s", flush=True)
 
@@ -177,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["backend", "chain", "images_per_s", "ratio_vs_" + BASELINE, "device", "batch_size",
-                         "batches", "date"])
+                         "epochs", "date"])
         for (backend, chain), rate in results.items():
             base = results.get((BASELINE, chain))
             writer.writerow([backend, chain, f"{rate:.1f}", f"{rate / base:.3f}" if base else "", header["device"],
-                             args.batch_size, args.batches, header["date"]])
+                             args.batch_size, args.epochs, header["date"]])
     args.out.with_suffix(".md").write_text(table)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0

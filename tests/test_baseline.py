@@ -88,7 +88,7 @@ def test_benchmark_smoke_run_writes_csv_and_markdown(tiny_rgb_data, tmp_path):
         rows = list(csv.DictReader(fh))
     ran = [b for b in ALL_BACKENDS if b != "dali" or installed("nvidia.dali")]
     assert {(r["backend"], r["chain"]) for r in rows} == {(b, c) for b in ran for c in CHAINS}
-    assert all(float(r["images_per_s"]) > 0 for r in rows)
+    assert all(float(r["images_per_s"]) > 0 and r["epochs"] == "2" for r in rows)  # two whole epochs timed
     assert all(float(r["ratio_vs_torchvision"]) == 1.0 for r in rows if r["backend"] == BASELINE)
     table = out.with_suffix(".md").read_text()
     assert "| chain | torchvision | tensor | ffcv | dali |" in table
