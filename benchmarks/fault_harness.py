@@ -199,9 +199,9 @@ def faulted_run(recipe: str, data: Path, run_dir: Path, settings: list[str], pla
 
 
 def elastic_run(recipe: str, data: Path, run_dir: Path, settings: list[str], nproc: int,
-                plan: list[float | None], rng: random.Random, report: Report, log=print) -> dict:
+                plan: list[float | None], rng: random.Random, report: Report, log=print) -> dict | str:
     """One torchrun job allowed len(plan) restarts; one rank of each worker group is killed by `plan`,
-    torchrun restarts the group, which resumes with `--resume auto`; the job's outputs."""
+    torchrun restarts the group, which resumes with `--resume auto`. The job's outputs, or why it failed."""
     log_file = run_dir.with_suffix(".log")
     job = start(torchrun_command(recipe, data, run_dir, settings, nproc, len(plan), resume=True), log_file)
     group: dict[int, int] = {}
@@ -227,9 +227,11 @@ def elastic_run(recipe: str, data: Path, run_dir: Path, settings: list[str], npr
         log(f"  kill {report.kills}: rank {rank} of {nproc} ({where}); damaged: {damaged or 'none'}")
     else:
         report.attempts += bool(new_worker_group(job, nproc, set(group.values())))
+    text = log_file.read_text(errors="replace")
     if job.wait() != 0:
-        raise UserError(f"the elastic job failed with status {job.returncode}; see {log_file}")
-    report.fallback_warnings += log_file.read_text(errors="replace").count("could not be loaded")
+        errors = [line for line in text.splitlines() if line.startswith("error: ")]
+        return f"the job failed (status {job.returncode}; last: {errors[-1] if errors else 'see ' + log_file.name})"
+    report.fallback_warnings += text.count("could not be loaded")
     report.runs += 1
     return outputs(run_dir)
 
@@ -242,7 +244,7 @@ def markdown(report: Report, command: str, reference_s: float, recipe: str, sett
         heading, attempts = f"## Fault harness, elastic torchrun ({nproc} processes)", "worker groups / jobs"
         how = (f"as one `torchrun --standalone --nproc_per_node {nproc} --max_restarts K train.py ... --cpu "
                "--run-dir RUN --resume auto` job per faulted run (K: its planned kills); in each worker group one "
-               "rank, chosen at random, killed with SIGKILL after a random delay up to the reference job's "
+               "rank, chosen at random, killed with SIGKILL after a random delay up to half the reference job's "
                "duration (start-up, steps, evaluation, export) or, 3 times in 10, the moment a `.tmp-*` "
                "checkpoint folder appeared; torchrun then restarts the group, which resumes on its own.")
     else:
@@ -315,11 +317,17 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = work / f"faulted-{report.runs}"
         before = report.kills
         print(f"faulted run {run_dir} (reference took {reference_s:.0f} s)")
-        plan = kill_plan(min(args.kills_per_run, args.kills - report.kills), reference_s, rng)
-        if args.nproc > 1:
-            got = elastic_run(args.recipe, args.data, run_dir, settings, args.nproc, plan, rng, report)
+        kills = min(args.kills_per_run, args.kills - report.kills)
+        if args.nproc > 1:  # a restarted group has less left to do: kill within half the reference's time
+            got = elastic_run(args.recipe, args.data, run_dir, settings, args.nproc,
+                              kill_plan(kills, reference_s / 2, rng), rng, report)
         else:
-            got = faulted_run(args.recipe, args.data, run_dir, settings, plan, rng, report)
+            got = faulted_run(args.recipe, args.data, run_dir, settings, kill_plan(kills, reference_s, rng), rng,
+                              report)
+        if isinstance(got, str):
+            report.runs += 1
+            report.mismatches.append(f"{run_dir.name}: {got}")
+            continue
         mismatched = [key for key in expected if got[key] != expected[key]]
         if mismatched:
             report.mismatches.append(f"{run_dir.name}: {', '.join(mismatched)} differ")
