@@ -38,6 +38,7 @@ from pipelines.dataset import load_manifest
 from trainer.config import PhaseConfig, Recipe, load_recipe
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.step import EpochSums, TrainStep
+from trainer.timing import StepTimer
 
 RECIPE = "c10_finetune"  # its augmentations, loss, gradient clipping and optimizer
 CEILING = "ceiling"
@@ -68,6 +69,7 @@ class Result:
     name: str
     config: StepConfig
     images_per_s: float
+    data_wait_fraction: float  # of the timed steps, waiting for the next batch
     peak_mem_mb: float | None  # None off the GPU
 
 
@@ -120,20 +122,26 @@ def device_seconds(device: torch.device, work: Callable[[], None]) -> float:
 
 
 def images_per_second(step: TrainStep, sums: EpochSums, batches: Batches, device: torch.device, warmup: int,
-                      steps: int) -> float:
+                      steps: int) -> tuple[float, float]:
+    """Images/s over `steps` steps after `warmup`, and the fraction of that time the device waited for data
+    (the trainer's own `StepTimer`: CUDA events on a GPU, wall clocks on the CPU)."""
     for _ in range(warmup):
         step(*next(batches), sums, log=False)
     images = 0
+    timer = StepTimer(device)
 
     def timed_steps() -> None:
         nonlocal images
         for _ in range(steps):
+            timer.mark()
             x, y = next(batches)
+            timer.mark()
             step(x, y, sums, log=False)
+            timer.mark()
             images += x.shape[0]
 
     seconds = device_seconds(device, timed_steps)
-    return images / seconds
+    return images / seconds, timer.read().data_wait_s / seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +217,7 @@ def table_rows(results: dict[str, Result], train_flops: float, peak: float | Non
         rate = result.images_per_s
         rows.append({
             "name": result.name, "config": str(result.config), "images_per_s": f"{rate:.1f}",
+            "data_wait_fraction": f"{result.data_wait_fraction:.3f}",
             "ratio_vs_ceiling": f"{rate / ceiling.images_per_s:.3f}" if ceiling else "",
             "ratio_vs_" + BASELINE: f"{rate / baseline.images_per_s:.3f}" if baseline else "",
             "mfu": f"{rate * train_flops / peak:.3f}" if peak else "n/a",
@@ -282,12 +291,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         step, sums = shared_step(new_model(), recipe, config, device, args.compile_mode)
-        rate = images_per_second(step, sums, batches, device, args.warmup, args.steps)
+        rate, wait = images_per_second(step, sums, batches, device, args.warmup, args.steps)
         batches.close()
         memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        results[name] = Result(name, config, rate, memory)
+        results[name] = Result(name, config, rate, wait, memory)
         del step, sums, batches
-        print(f"{name:<28} {config!s:<36} {rate:>10,.0f} images/s", flush=True)
+        print(f"{name:<28} {config!s:<36} {rate:>10,.0f} images/s  data wait {wait:6.1%}", flush=True)
 
     rows = table_rows(results, train_flops, peak)
     targets = target_lines(results, env["device"])

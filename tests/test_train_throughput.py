@@ -60,6 +60,9 @@ def test_smoke_table(tiny_rgb_data, tmp_path):
         assert float(row["ratio_vs_torchvision"]) == pytest.approx(rates[name] / rates["torchvision"],
                                                                    rel=2e-3, abs=2e-3)
         assert row["mfu"] == "n/a" and row["model"] == "simple_cnn" and row["batch_size"] == "32"
+    waits = {name: float(row["data_wait_fraction"]) for name, row in rows.items()}
+    assert all(0 <= w < 1 for w in waits.values())
+    assert waits["ceiling"] < 0.05 < waits["torchvision"]  # batches already on the device vs. a PIL DataLoader
     assert rows["ceiling, fp32"]["config"] == "fp32, eager, channels-last"
     assert rows["ceiling, channels-last off"]["config"] == "bf16, eager, contiguous"
     table = out.with_suffix(".md").read_text()
@@ -68,7 +71,7 @@ def test_smoke_table(tiny_rgb_data, tmp_path):
 
 def test_targets_and_mfu_on_an_h100():
     config = tt.StepConfig("bf16", True, True)
-    results = {name: tt.Result(name, config, rate, 1000.0) for name, rate in
+    results = {name: tt.Result(name, config, rate, 0.0, 1000.0) for name, rate in
                (("ceiling", 60_000), ("torchvision", 10_000), ("tensor", 58_000), ("ffcv", 40_000))}
     lines = tt.target_lines(results, H100)
     assert lines[0] == "ceiling >= 50,000 images/s: met (60,000)"

@@ -37,7 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-syncs", action="store_true",
                         help="stop at the first host-device sync in a steady-state step (CUDA's sync debug mode; "
                              "an operation recorder on the CPU)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N steps after warm-up with torch.profiler: a Chrome/Perfetto trace "
+                             "(profile-rank0.json) and a table (profile.txt) in the run folder")
     args = parser.parse_args(argv)
+    if args.profile < 0:
+        raise UserError(f"--profile {args.profile}: give the number of steps to profile (e.g. --profile 20)")
     if args.data:
         args.overrides.append(f"data.path={json.dumps(args.data)}")
     if args.loader:
@@ -53,5 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     train(recipe, RunOptions(run_dir=args.run_dir, resume=args.resume, cpu=args.cpu,
-                             deterministic=args.deterministic, check_syncs=args.check_syncs))
+                             deterministic=args.deterministic, check_syncs=args.check_syncs,
+                             profile_steps=args.profile))
     return 0

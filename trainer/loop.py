@@ -10,12 +10,14 @@ It runs on one device or as one of N processes under `accelerate launch` / `torc
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +28,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file
 from torch import nn
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widget bars in notebooks (trainer.api), the console bar elsewhere
 
 from common.errors import UserError
 from common.files import write_json, write_text
@@ -34,17 +36,20 @@ from common.schema import to_dict
 from models import count_parameters, model_summary
 from pipelines import build_loader
 from pipelines.base import Loader, LoaderOptions
-from pipelines.dataset import load_manifest
+from pipelines.dataset import Split, load_manifest
+from pipelines.tensor_loader import TensorLoader
 from trainer import checkpoint
 from trainer.config import EarlyStoppingConfig, PhaseConfig, Recipe, load_recipe, recipe_differences, recipe_to_toml
 from trainer.ema import ModelEma
 from trainer.modelio import make_model, model_info, save_weights
 from trainer.optim import build_optimizer, build_scheduler, check_module_prefixes, param_groups, set_trainable
+from trainer.profiling import StepProfiler
 from trainer.report import plot_history, write_reports
 from trainer.runlog import MetricsLog, new_run_dir, run_environment
 from trainer.step import EpochSums, EpochTotals, TrainStep
 from trainer.syncs import SyncCheck
 from trainer.teacher import load_teacher, train_teacher_first
+from trainer.timing import EpochTimes, StepTimer, starvation_warning
 
 LOG_EVERY = 50  # steps between progress-bar loss updates and non-finite checks (each one syncs the device)
 WARMUP_STEPS = 2  # first steps of an epoch the sync check leaves alone (epoch set-up, lazy optimizer state)
@@ -52,13 +57,17 @@ WARMUP_STEPS = 2  # first steps of an epoch the sync check leaves alone (epoch s
 
 @dataclass
 class RunOptions:
-    """What the command line decides besides the recipe."""
+    """What the command line decides besides the recipe, and what the Python API (`trainer.api`) builds in Python."""
 
     run_dir: str | None = None
     resume: str | None = None  # "auto" (the newest good checkpoint of run_dir, if any) or a run/checkpoint path
     cpu: bool = False
     deterministic: bool = False
     check_syncs: bool = False  # fail on any host-device sync in a steady-state step
+    profile_steps: int = 0  # profile this many steps after warm-up (trace and table in the run folder)
+    model: nn.Module | None = None  # trained in place of the registry model (recipe.model.name "custom:<Class>")
+    splits: dict[str, Split] | None = None  # in-memory data for the tensor backend, in place of data.path
+    metrics: dict[str, Callable] = field(default_factory=dict)  # name -> fn(logits, labels), on val and test
 
 
 @dataclass
@@ -150,37 +159,48 @@ class Data:
     test: Loader
 
 
-def build_data(recipe: Recipe, accelerator: Accelerator) -> Data:
+def split_loader(recipe: Recipe, accelerator: Accelerator, split: str, train: bool,
+                 memory: dict[str, Split] | None = None) -> Loader:
+    """One split's loader, sharded over the processes: the recipe's backend over the files at data.path, or
+    the tensor backend over an in-memory split (`memory`, from the Python API)."""
+    options = LoaderOptions(
+        data_dir=Path(recipe.data.path), split=split, train=train, spec=recipe.augment,
+        batch_size=recipe.data.batch_size if train else recipe.data.eval_batch_size,
+        device=accelerator.device, seed=recipe.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, num_workers=recipe.data.num_workers,
+        label_smoothing=recipe.loss.label_smoothing, channels_last=recipe.channels_last)
+    return TensorLoader(options, memory[split]) if memory else build_loader(recipe.data.loader, options)
+
+
+def build_data(recipe: Recipe, accelerator: Accelerator, memory: dict[str, Split] | None = None) -> Data:
     """The three loaders, each sharded over the processes and producing batches on the device."""
     if not recipe.data.path:
         raise UserError("no dataset: pass --data DIR (a folder made by `python -m convert`) or set data.path")
-    manifest = load_manifest(recipe.data.path)
+    manifest = memory["train"].manifest if memory else load_manifest(recipe.data.path)
     if recipe.data.val_split and recipe.data.val_split not in manifest["splits"]:
         raise UserError(f"the recipe validates on split '{recipe.data.val_split}' but {recipe.data.path} has only "
                         f"{', '.join(manifest['splits'])}; convert again with --val-fraction 0.1")
 
     def loader(split: str, train: bool) -> Loader:
-        return build_loader(recipe.data.loader, LoaderOptions(
-            data_dir=Path(recipe.data.path), split=split, train=train, spec=recipe.augment,
-            batch_size=recipe.data.batch_size if train else recipe.data.eval_batch_size,
-            device=accelerator.device, seed=recipe.seed, rank=accelerator.process_index,
-            world_size=accelerator.num_processes, num_workers=recipe.data.num_workers,
-            label_smoothing=recipe.loss.label_smoothing, channels_last=recipe.channels_last))
+        return split_loader(recipe, accelerator, split, train, memory)
 
     val = loader(recipe.data.val_split, False) if recipe.data.val_split else None
     return Data(manifest, loader("train", True), val, loader("test", False))
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Loader, recipe: Recipe, accelerator: Accelerator,
-             collect: bool = False) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor | None]:
-    """Loss and accuracy over every sample of the split exactly once (sums reduced across ranks);
-    with `collect`, also every prediction and label (gathered to the host once, at the end)."""
+def evaluate(model: nn.Module, loader: Loader, recipe: Recipe, accelerator: Accelerator, collect: bool = False,
+             extra: dict[str, Callable] | None = None
+             ) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor | None]:
+    """Loss and accuracy over every sample of the split exactly once (sums reduced across ranks), or over
+    each rank's first `max_eval_batches` batches (smoke runs); with `collect`, also every prediction and
+    label (gathered to the host once, at the end). `extra` metrics (the Python API's) are functions of the
+    split's logits and labels, all of them, gathered to the host once."""
     model.eval()
     sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
-    preds, labels = [], []
+    preds, labels, outputs = [], [], []
     loader.set_epoch(0)
-    for images, targets in loader:
+    for images, targets in itertools.islice(loader, recipe.max_eval_batches or None):
         with accelerator.autocast():
             logits = model(images)
             if recipe.tta_flip:
@@ -191,13 +211,19 @@ def evaluate(model: nn.Module, loader: Loader, recipe: Recipe, accelerator: Acce
         sums += torch.stack([loss.double(), (pred == targets).sum().double(), sums.new_full((), targets.numel())])
         if collect:
             preds.append(pred)
+        if collect or extra:
             labels.append(targets)
+        if extra:
+            outputs.append(logits)
     loss_sum, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
     metrics = {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
+    all_labels = torch.cat(gather_object([torch.cat(labels).cpu()])) if collect or extra else None
+    if extra:
+        all_logits = torch.cat(gather_object([torch.cat(outputs).cpu()]))
+        metrics.update({name: float(fn(all_logits, all_labels)) for name, fn in extra.items()})
     if not collect:
         return metrics, None, None
     all_preds = torch.cat(gather_object([torch.cat(preds).cpu()]))
-    all_labels = torch.cat(gather_object([torch.cat(labels).cpu()]))
     return metrics, all_preds, all_labels
 
 
@@ -244,6 +270,9 @@ class Run:
     syncs: SyncCheck = field(default_factory=lambda: SyncCheck(False))
     finite: FiniteWatch | None = None
     resumed_phase: Phase | None = None  # the phase a checkpoint was loaded into
+    timer: StepTimer | None = None  # data wait vs. step, per epoch
+    profiler: StepProfiler | None = None
+    epoch_times: EpochTimes | None = None  # the last epoch's
     train_start: float = 0.0
     finished_early: bool = False
 
@@ -279,11 +308,13 @@ def prepare_phase(run: Run, index: int) -> Phase:
     return Phase(index, config, step, [g["name"] for g in groups], trainable)
 
 
-def build_model(recipe: Recipe, data: Data, accelerator: Accelerator) -> tuple[dict, nn.Module]:
-    """The recipe's model on the device, after checking that every name the recipe uses exists and that
-    a batch of this data goes through it (before any file is written)."""
-    info = model_info(recipe, data.manifest)
-    model = make_model(info, recipe.model.pretrained)
+def build_model(recipe: Recipe, data: Data, accelerator: Accelerator,
+                given: nn.Module | None = None) -> tuple[dict, nn.Module]:
+    """The recipe's model (or `given`, one built in Python) on the device, after checking that every name the
+    recipe uses exists and that a batch of this data goes through it (before any file is written).
+    model.json also records the normalization, which anyone feeding the exported model needs."""
+    info = {**model_info(recipe, data.manifest), "mean": data.manifest["mean"], "std": data.manifest["std"]}
+    model = given if given is not None else make_model(info, recipe.model.pretrained)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(accelerator.device)
@@ -318,11 +349,12 @@ def start(recipe: Recipe, options: RunOptions) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not options.deterministic  # fixed shapes: cuDNN picks its fastest kernels
     set_seed(recipe.seed)
-    if accelerator.is_main_process:  # the model builders report what they did (e.g. pretrained tensors loaded)
-        logging.getLogger("models").addHandler(logging.StreamHandler(sys.stdout))
-        logging.getLogger("models").setLevel(logging.INFO)
-    data = build_data(recipe, accelerator)
-    info, model = build_model(recipe, data, accelerator)
+    models_log = logging.getLogger("models")
+    if accelerator.is_main_process and not models_log.handlers:  # the model builders report what they did
+        models_log.addHandler(logging.StreamHandler(sys.stdout))  # once per process (the API runs many)
+        models_log.setLevel(logging.INFO)
+    data = build_data(recipe, accelerator, options.splits)
+    info, model = build_model(recipe, data, accelerator, options.model)
     if recipe.loss.distill.teacher:
         train_teacher_first(recipe, options.cpu)
     teacher = load_teacher(recipe.loss.distill.teacher, data.manifest, accelerator.device) \
@@ -340,12 +372,16 @@ def start(recipe: Recipe, options: RunOptions) -> Run:
     steps = len(data.train) if not recipe.max_steps_per_epoch else min(len(data.train), recipe.max_steps_per_epoch)
     run = Run(recipe, options, accelerator, data, info, model, teacher, ema, run_dir,
               Progress(num_processes=accelerator.num_processes), steps,
-              syncs=SyncCheck(options.check_syncs),
+              syncs=SyncCheck(options.check_syncs), timer=StepTimer(accelerator.device),
+              profiler=StepProfiler(options.profile_steps, run_dir, accelerator.device, accelerator.process_index,
+                                    accelerator.is_main_process),
               finite=FiniteWatch(check_grads=recipe.precision != "fp16", ckpt_root=run_dir / "checkpoints"))
     run.resumed_phase = resume(run, resume_path)
     if run.main:
         if run.resumed_from is None:  # also a --resume of a run killed before its first checkpoint
             write_text(run_dir / "config.toml", recipe_to_toml(recipe))
+            if hasattr(model, "pretrained_report"):  # what pretrained loading copied, and what it left fresh
+                write_json(run_dir / "pretrained.json", dataclasses.asdict(model.pretrained_report))
         write_json(run_dir / "environment.json", run_environment(recipe.seed, data.manifest,
                                                                  accelerator.num_processes, str(accelerator.device)))
         print(f"{model_summary(model)}\nrun folder: {run_dir}"
@@ -377,7 +413,9 @@ def resume(run: Run, resume_path: Path | None) -> Phase | None:
         if saved is None:
             continue
         candidate = Progress.from_dict(saved)
-        phase = prepare_phase(run, candidate.phase)
+        # saved at the end of a phase (as the start of the next): it holds the finished phase's optimizer
+        boundary = candidate.phase > 0 and candidate.epoch == 0 and candidate.batch == 0
+        phase = prepare_phase(run, candidate.phase - boundary)
         if not checkpoint.load(run.accelerator, ckpt):
             continue
         if candidate.num_processes == run.accelerator.num_processes:
@@ -386,6 +424,8 @@ def resume(run: Run, resume_path: Path | None) -> Phase | None:
             candidate.batch, candidate.num_processes, candidate.sums = 0, run.accelerator.num_processes, {}
             checkpoint.fast_forward(phase.step.scheduler, candidate.epoch * run.steps_per_epoch)
         phase.step.last_lrs = phase.step.scheduler.get_last_lr()
+        if boundary:  # the new phase starts with its own fresh optimizer and schedule, as in an uninterrupted run
+            phase = start_phase(run, candidate.phase)
         if candidate.epoch == 0 and run.main:  # no best weights of this phase yet: any are an earlier phase's
             run.best_path.unlink(missing_ok=True)
         run.progress, run.resumed_from = candidate, ckpt
@@ -427,9 +467,17 @@ def train_one_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int) -> tu
         save_now = (bool(every) and (p.global_step + 1) % every == 0 or run.stop.requested) \
             and done < run.steps_per_epoch
         log_now = done % LOG_EVERY == 0 or done == run.steps_per_epoch or save_now
+        run.profiler.before_step()
+        step.label = run.profiler.label
         with run.syncs.watch(steady=not log_now and index - start_batch >= WARMUP_STEPS):
-            images, targets = next(batches)
+            run.timer.mark()
+            with step.label("data"):
+                images, targets = next(batches)
+            run.timer.mark()
             step(images, targets, sums, log=log_now)
+            run.timer.mark()
+        run.timer.count(targets.shape[0])
+        run.profiler.after_step()
         p.global_step += 1
         bar.update(1)
         if log_now:
@@ -443,6 +491,7 @@ def train_one_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int) -> tu
                                 f"continue with --run-dir {run.run_dir} --resume auto")
     bar.close()
     epoch_time = time.perf_counter() - epoch_start
+    run.epoch_times = run.timer.read()
     totals = EpochSums.totals(accelerator.reduce(sums.stacked(), reduction="sum"))
     run.finite.check(totals, p.global_step, step.last_lrs[0])
     return totals, epoch_time, start_batch
@@ -457,11 +506,14 @@ def end_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int, totals: Epo
     if run.teacher is not None:
         row["kd_soft_loss"], row["kd_hard_loss"] = totals.kd_soft_sum / totals.seen, totals.kd_hard_sum / totals.seen
     for name, loader in ([("val", run.data.val)] if run.data.val else []) + [("test", run.data.test)]:
-        metrics, _, _ = evaluate(run.eval_model(phase), loader, run.recipe, accelerator)
-        row[f"{name}_loss"], row[f"{name}_accuracy"] = metrics["loss"], metrics["accuracy"]
+        metrics, _, _ = evaluate(run.eval_model(phase), loader, run.recipe, accelerator, extra=run.options.metrics)
+        row.update({f"{name}_{key}": value for key, value in metrics.items() if key != "count"})
     row.update({f"lr_{n}": lr for n, lr in zip(phase.group_names, phase.step.last_lrs)})
     row.update(epoch_time_s=epoch_time, images_per_s=totals.seen / epoch_time if start_batch == 0 else "",
                peak_mem_mb=peak_memory_mb(accelerator.device))
+    times = run.epoch_times  # this process's: waiting for batches vs. in the step
+    row.update(data_wait_s=times.data_wait_s, step_s=times.step_s, data_wait_fraction=times.data_wait_s / epoch_time,
+               loader_images_per_s=times.loader_images_per_s or "")
     stopping = EarlyStopping(phase.config.early_stopping, p)
     if stopping.observe(row) and run.main:
         save_weights(plain_model(accelerator, run.eval_model(phase)), run.best_path)
@@ -499,6 +551,7 @@ def start_phase(run: Run, index: int) -> Phase:
 def finish(run: Run, phase: Phase) -> dict:
     """Test the deciding phase's best weights (or the last ones), export them, write reports and summary."""
     accelerator = run.accelerator
+    run.profiler.finish()  # a run shorter than --profile asked for still writes what it profiled
     final = plain_model(accelerator, run.eval_model(phase))
     if run.best_path.is_file():
         final.load_state_dict(load_file(run.best_path))
@@ -518,10 +571,21 @@ def finish(run: Run, phase: Phase) -> dict:
                    "images_per_s": sum(rates) / len(rates) if rates else None, "wall_s": wall,
                    "parameters": count_parameters(final), "processes": accelerator.num_processes,
                    "run_dir": str(run.run_dir), "plots": [p.name for p in plots]}
+        if run.syncs.enabled:
+            summary["sync_checked_steps"] = run.syncs.checked  # steady-state steps run under --check-syncs
+        waits = [(float(r["data_wait_fraction"]), int(r["epoch"])) for r in run.log.rows
+                 if r.get("data_wait_fraction") not in ("", None)]
+        worst_wait, worst_epoch = max(waits) if waits else (None, None)
+        summary.update(worst_data_wait_fraction=worst_wait, worst_data_wait_epoch=worst_epoch)
         write_json(run.run_dir / "summary.json", summary)
         print(report)
         print(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  ({test['count']} images)  "
-              f"{summary['images_per_s'] or 0:,.0f} images/s  {wall:.1f}s\nrun folder: {run.run_dir}")
+              f"{summary['images_per_s'] or 0:,.0f} images/s  "
+              + (f"data wait {worst_wait:.1%} (worst epoch)  " if waits else "")
+              + f"{wall:.1f}s\nrun folder: {run.run_dir}")
+        warning = starvation_warning(worst_wait, worst_epoch, run.recipe.data.loader) if waits else None
+        if warning:
+            print(warning)
     accelerator.end_training()
     return summary
 

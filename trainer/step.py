@@ -19,6 +19,7 @@ from torch import nn
 from trainer.config import Recipe
 from trainer.ema import ModelEma
 from trainer.losses import loss_terms
+from trainer.profiling import unlabelled
 
 
 @dataclass
@@ -101,26 +102,29 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.steps = 0  # steps taken by this object (drives the EMA's every-k schedule)
         self.last_lrs = scheduler.get_last_lr()  # the rates the latest step used (host floats)
+        self.label = unlabelled  # torch.profiler.record_function while --profile runs
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, sums: EpochSums, *, log: bool) -> None:
         """One optimizer step; `log` also computes the gradient norm when nothing clips by norm."""
-        with self.autocast:
+        with self.label("forward"), self.autocast:
             logits = self.model(images)
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(images).float()
             terms = loss_terms(self.recipe, logits.float(), targets, teacher_logits)
-        self.backward(terms["loss"])
-        grad_norm = self._clip(log)
-        self.optimizer_step()
-        self.last_lrs = self.scheduler.get_last_lr()
-        self.scheduler.step()
-        self.zero_grad(set_to_none=True)
-        self.steps += 1
-        if self.ema is not None:
-            self.ema.update(self.steps)
-        sums.add(terms, logits, targets, grad_norm)
+        with self.label("backward"):
+            self.backward(terms["loss"])
+        with self.label("optimizer"):
+            grad_norm = self._clip(log)
+            self.optimizer_step()
+            self.last_lrs = self.scheduler.get_last_lr()
+            self.scheduler.step()
+            self.zero_grad(set_to_none=True)
+            self.steps += 1
+            if self.ema is not None:
+                self.ema.update(self.steps)
+            sums.add(terms, logits, targets, grad_norm)
 
     def _clip(self, log: bool) -> torch.Tensor | None:
         """Clip as the recipe says; the gradient norm when it comes for free or `log` asks for it."""
