@@ -41,6 +41,37 @@ def test_identity_rgb_eval_and_train(tiny_rgb_data):
     assert not np.array_equal(orders[0], orders[1])
 
 
+def test_one_ffcv_loader_for_every_epoch_and_resume(tiny_rgb_data):
+    """FFCV's Loader (numba pipeline, memory manager) is built once and given each epoch's order, also the
+    shorter order of a mid-epoch resume, then the full order again; a resume as the very first epoch too."""
+    split = open_split(tiny_rgb_data, "test")
+    n = len(split.labels)
+    loader = build_loader("ffcv", options(tiny_rgb_data, "test", train=True, seed=5))
+    loader.set_epoch(0, start_batch=2)  # the first iteration is a resume: FFCV's length must still be an epoch's
+    order0 = rank_indices(n, epoch=0, seed=5, rank=0, world_size=1, train=True, batch_size=64)
+    check_identity(loader, split, order0[2 * 64:])
+    built = loader._loader
+    for epoch in (1, 2):
+        loader.set_epoch(epoch)
+        check_identity(loader, split, rank_indices(n, epoch=epoch, seed=5, rank=0, world_size=1, train=True,
+                                                   batch_size=64))
+    assert loader._loader is built
+
+
+def test_device_copies_block_ffcvs_thread_not_the_loop(tiny_rgb_data):
+    """FFCV decodes into a ring of pinned slots and reuses each a few batches later: its copies to the device
+    must complete in FFCV's worker thread (non_blocking=False), or a lagging GPU could read a slot that is
+    already being overwritten. The held batches of a whole epoch are all intact (check_identity keeps them)."""
+    from ffcv.transforms import ToDevice
+
+    split = open_split(tiny_rgb_data, "test")
+    loader = build_loader("ffcv", options(tiny_rgb_data, "test", train=False, batch_size=16))
+    check_identity(loader, split, np.arange(len(split.labels)))  # 13 batches held at once, slots reused
+    copies = [op for spec in loader._loader.pipeline_specs.values() for op in spec.transforms
+              if isinstance(op, ToDevice)]
+    assert len(copies) == 2 and not any(op.non_blocking for op in copies)
+
+
 def test_identity_grey_mnist(mnist_data):
     split = open_split(mnist_data, "test")
     loader = build_loader("ffcv", options(mnist_data, "test", train=False, batch_size=1000, world_size=3, rank=1))
