@@ -89,17 +89,18 @@ class _Function(TorchFunctionMode):
 
 @contextlib.contextmanager
 def no_host_sync() -> Iterator[None]:
-    """Raise HostSyncError on any operation that would synchronise a CUDA device with the host."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    previous = torch.cuda.get_sync_debug_mode() if cuda else 0
-    if cuda:
+    """Raise on any operation that would synchronise a CUDA device with the host: CUDA's own sync debug mode
+    where a GPU is in use (no overhead), else the dispatch and function modes above (HostSyncError)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
-    try:
-        with _Function(), _Dispatch():
+        try:
             yield
-    finally:
-        if cuda:
+        finally:
             torch.cuda.set_sync_debug_mode(previous)
+        return
+    with _Function(), _Dispatch():
+        yield
 
 
 class SyncCheck:
