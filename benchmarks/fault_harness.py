@@ -244,7 +244,7 @@ def markdown(report: Report, command: str, reference_s: float, recipe: str, sett
         heading, attempts = f"## Fault harness, elastic torchrun ({nproc} processes)", "worker groups / jobs"
         how = (f"as one `torchrun --standalone --nproc_per_node {nproc} --max_restarts K train.py ... --cpu "
                "--run-dir RUN --resume auto` job per faulted run (K: its planned kills); in each worker group one "
-               "rank, chosen at random, killed with SIGKILL after a random delay up to half the reference job's "
+               "rank, chosen at random, killed with SIGKILL after a random delay up to the reference job's "
                "duration (start-up, steps, evaluation, export) or, 3 times in 10, the moment a `.tmp-*` "
                "checkpoint folder appeared; torchrun then restarts the group, which resumes on its own.")
     else:
@@ -317,13 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = work / f"faulted-{report.runs}"
         before = report.kills
         print(f"faulted run {run_dir} (reference took {reference_s:.0f} s)")
-        kills = min(args.kills_per_run, args.kills - report.kills)
-        if args.nproc > 1:  # a restarted group has less left to do: kill within half the reference's time
-            got = elastic_run(args.recipe, args.data, run_dir, settings, args.nproc,
-                              kill_plan(kills, reference_s / 2, rng), rng, report)
+        plan = kill_plan(min(args.kills_per_run, args.kills - report.kills), reference_s, rng)
+        if args.nproc > 1:
+            got = elastic_run(args.recipe, args.data, run_dir, settings, args.nproc, plan, rng, report)
         else:
-            got = faulted_run(args.recipe, args.data, run_dir, settings, kill_plan(kills, reference_s, rng), rng,
-                              report)
+            got = faulted_run(args.recipe, args.data, run_dir, settings, plan, rng, report)
         if isinstance(got, str):
             report.runs += 1
             report.mismatches.append(f"{run_dir.name}: {got}")
