@@ -98,7 +98,6 @@ class FfcvLoader(ShardedLoader):
         return Loader(
             str(self.path), batch_size=self.options.batch_size, num_workers=self.options.num_workers,
             order=OrderOption.SEQUENTIAL, indices=first_order, os_cache=True, drop_last=self.options.train,
-            recompile=self.varied,  # progressive resizing changes the decoder's output size between epochs
             pipelines={
                 "image": [self.decoder, ToTensor(), ToDevice(device, non_blocking=False)],
                 "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=False)],
@@ -109,8 +108,8 @@ class FfcvLoader(ShardedLoader):
         order, start = self._take_order()
         if start >= self._len:
             return
-        if self.varied:  # FFCV sizes its buffers from output_size when an epoch starts (as ffcv-imagenet does)
-            self.decoder.output_size = (self.crop_side(),) * 2
+        if self.varied:  # FFCV sizes its buffers from output_size when an epoch starts (as ffcv-imagenet does);
+            self.decoder.output_size = (self.crop_side(),) * 2  # its compiled code takes sizes from the buffers
         if self._loader is None:
             self._loader = self._ffcv_loader(order)
         self._loader.traversal_order.indices = order[start * o.batch_size:]  # Sequential visits these
