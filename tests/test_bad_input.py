@@ -2,7 +2,7 @@
 run stops with status 2, and nothing is written into the run folder it points at.
 
 Every case (except the --run-dir ones) points --run-dir at a finished run; that folder's listing and
-file contents are compared before and after. Most cases call train.main in this process; a few run the
+file contents are compared before and after. The cases call train.main in this process; one more runs the
 real CLI to check the exit status and that stderr is exactly one `error: ...` line.
 """
 
@@ -164,7 +164,7 @@ CASES = [
      "already holds a run; continue it with --resume auto, or choose another"),
     ("run-folder-is-a-file", lambda p: ["--run-dir", str(p.run / "summary.json")],
      "is a file; pass --run-dir with a folder"),
-    ("resume-missing-folder", lambda p: ["--run-dir", str(p.fresh), "--resume", "auto"],
+    ("resume-missing-folder", lambda p: ["--run-dir", "", "--resume", str(p.fresh)],
      "the folder does not exist; drop --resume to start a new run"),
     ("resume-auto-without-run-dir", lambda p: ["--resume", "auto", "--run-dir", ""],
      "--resume auto needs --run-dir"),
@@ -219,27 +219,17 @@ def test_bad_input_is_one_line_and_writes_nothing(extra, fragment, paths):
     assert not paths.fresh.exists()
 
 
-def test_catalogue_is_complete():
-    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
-
-
-@pytest.mark.parametrize("argv, expected", [
-    (["--set", "data.batch_size"],
-     "error: bad --set 'data.batch_size': write key=value, e.g. --set data.batch_size=256"),
-    (["--resume", "{run}"], "error: --resume PATH and --run-dir both name a run folder: pass one of them"),
-    (["--data", "{garbage}"],
-     "error: {garbage}/train.beton is truncated or not a .beton file; convert the dataset again "
-     "with --force"),
-], ids=["bad-set", "conflicting-flags", "corrupt-beton"])
-def test_cli_exits_2_with_one_error_line(argv, expected, paths):
+def test_cli_exits_2_with_one_error_line(paths):
+    """The real command line: status 2 and exactly one `error: ...` line on stderr (the messages themselves
+    are the catalogue's)."""
     before = snapshot(paths.run)
-    values = {"run": str(paths.run), "garbage": paths.broken["garbage"]}
-    argv = [a.format(**values) for a in argv]
-    command = [sys.executable, "train.py", "--recipe", "mnist_cnn_smoke", "--data", paths.mnist, "--cpu",
-               "--run-dir", str(paths.run), *argv]
+    garbage = paths.broken["garbage"]
+    command = [sys.executable, "train.py", "--recipe", "mnist_cnn_smoke", "--data", garbage, "--cpu",
+               "--run-dir", str(paths.run)]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.splitlines() == [expected.format(**values)]
+    assert out.stderr.splitlines() == [f"error: {garbage}/train.beton is truncated or not a .beton file; convert "
+                                       "the dataset again with --force"]
     assert snapshot(paths.run) == before
 
 

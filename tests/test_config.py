@@ -99,32 +99,18 @@ def test_overrides_dotted_indexed_and_suffix():
     assert r.augment.erase.scale == (0.1, 0.2)
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("data.batch_sise=3", "did you mean 'batch_size'"),
-    ("data.batch_size=big", "'data.batch_size' must be an integer"),
-    ("data.batch_size=0", "'data.batch_size' must be >= 1"),
-    ("precision=fp8", "must be one of"),
-    ("phases.5.epochs=1", "index"),
-    ("noequals", "write key=value"),
-    ("epochs=3", "write phases.0.epochs"),
-    ("augment.flip.p=1.5", "'augment.flip.p' must be <= 1"),
-    ("grad_clip_value=0.1", "choose one"),
-    ("data.loader=dask", "must be one of"),
+@pytest.mark.parametrize("override, fragment", [  # the other recipe mistakes are in test_bad_input's catalogue
     ("data.resolution=4", "'data.resolution' must be >= 8"),
     ("data.max_res=100", "'data.min_res' must be >= 8"),
     ("data.min_res=200", "'data.max_res' must be >= 200"),
     ("phases.0.schedule.peak_epoch=-1", "'phases[0].schedule.peak_epoch' must be >= 0"),
+    ("max_eval_batches=-1", "'max_eval_batches' must be >= 0"),
 ])
 def test_bad_overrides_are_clear(override, fragment):
     with pytest.raises(UserError, match=None) as info:
         load_recipe("c10_finetune", [override])
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
-
-
-def test_unknown_recipe_suggests():
-    with pytest.raises(UserError, match="did you mean 'c10_finetune'"):
-        load_recipe("c10_finetun")
 
 
 def test_extends_rejects_stray_keys(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,6 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from common.errors import UserError
 from convert import convert_dataset
 from pipelines.dataset import open_split
 from tests.data_fixtures import write_cifar10, write_cifar100
@@ -48,7 +48,8 @@ SMOKE = {
 
 def test_every_smoke_recipe_is_listed():
     smoke = {p.stem for p in (ROOT / "recipes").glob("*_smoke.toml")}
-    assert smoke == set(SMOKE) | {"c10_kd_smoke"}
+    photos = {"hymenoptera_finetune_smoke", "imagenet_rn18_16_smoke", "imagenet_rn50_88_smoke"}  # test_photos_train
+    assert smoke == set(SMOKE) | {"c10_kd_smoke"} | photos
 
 
 @pytest.mark.parametrize("recipe", sorted(SMOKE))
@@ -63,8 +64,10 @@ def test_smoke_recipe_end_to_end(recipe, request, tmp_path):
     assert len(rows) == resolved.total_epochs == summary["epochs"]
     assert [r["phase"] for r in rows] == [p.name for p in resolved.phases for _ in range(p.epochs)]
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    assert summary["test_samples"] == manifest["splits"]["test"]["count"]
-    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_loss"] > 0
+    count = manifest["splits"]["test"]["count"]
+    capped = resolved.max_eval_batches * resolved.data.eval_batch_size
+    assert summary["test_samples"] == (min(count, capped) if capped else count)
+    assert math.isfinite(summary["test_loss"])
     assert summary["images_per_s"] > 0 and summary["parameters"] > 0
     for name in ("model.safetensors", "model.json", "environment.json", "classification_report.txt",
                  "confusion_matrix.png", "confusion_matrix.csv", "learning_curves.png", "lr_schedule.png"):
@@ -126,55 +129,6 @@ def test_distillation_trains_its_teacher_first_and_logs_both_losses(tiny_rgb_dat
     assert (teacher / "summary.json").read_text() == before
 
 
-def test_teacher_of_other_dataset_is_rejected(tiny_rgb_data, c100_data, tmp_path):
-    teacher = tmp_path / "teacher"
-    run_train(["--recipe", "c100_scratch_smoke", "--data", str(c100_data), "--run-dir", str(teacher), "--cpu",
-               "--set", "model.name=simple_cnn", "--set", "model.args={}"])
-    with pytest.raises(UserError, match="predicts 100 classes but the data has 10"):
-        run_train(["--recipe", "c10_kd_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(tmp_path / "s"),
-                   "--set", f"loss.distill.teacher={json.dumps(str(teacher))}"])
-
-
-@pytest.mark.parametrize("args, fragment", [
-    (["--recipe", "nope"], "unknown recipe 'nope'"),
-    (["--recipe", "mnist_cnn_smoke", "--set", "data.batch_size=-1"], "'data.batch_size' must be >= 1"),
-    (["--recipe", "mnist_cnn_smoke", "--data", "/no/such/dir"], "python -m convert"),
-    (["--recipe", "mnist_cnn_smoke", "--set", "model.args={stages = 6}"], "too small"),
-    (["--recipe", "mnist_cnn_smoke", "--set", "data.val_split=val"], "--val-fraction"),
-    (["--recipe", "mnist_cnn_smoke", "--set", "phases.0.early_stopping.metric=val_loss"], "does not compute"),
-    (["--recipe", "mnist_cnn_smoke", "--set", "phases.0.train_modules=[\"backbone\"]"], "does not have"),
-    (["--recipe", "mnist_cnn_smoke", "--set", "loss.distill.teacher=\"/nope\""], "no model.json"),
-    (["--recipe", "mnist_cnn_smoke", "--resume", "auto"], "--resume auto needs --run-dir"),
-])
-def test_bad_input_is_one_clear_line(args, fragment, mnist_data, tmp_path):
-    run_dir = tmp_path / "run"
-    argv = args + ["--run-dir", str(run_dir), "--cpu"] if "--resume" not in args else args
-    if "--data" not in argv:
-        argv += ["--data", str(mnist_data)]
-    with pytest.raises(UserError) as info:
-        run_train(argv)
-    assert fragment in str(info.value) and "\n" not in str(info.value)
-    assert not run_dir.exists()
-
-
-def test_existing_run_folder_is_never_overwritten(mnist_data, tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "metrics.csv").write_text("precious\n")
-    with pytest.raises(UserError, match="already holds a run; continue it with --resume auto"):
-        run_train(["--recipe", "mnist_cnn_smoke", "--data", str(mnist_data), "--run-dir", str(run_dir), "--cpu"])
-    assert (run_dir / "metrics.csv").read_text() == "precious\n"
-
-
-def test_cli_error_is_one_line_and_exit_2(tmp_path):
-    out = subprocess.run([sys.executable, "train.py", "--recipe", "mnist_cnn_smoke", "--set", "data.batch_sise=3"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
-        "error: unknown setting 'data.batch_sise' (did you mean 'batch_size'?); valid keys here: batch_size, "
-        "eval_batch_size, loader, num_workers, path, val_split"]
-
-
 def test_two_processes_count_every_test_sample_once(mnist_data, tmp_path):
     """2-process gloo DDP on the CPU: the test metric covers each sample once and equals a 1-process eval."""
     run_dir = tmp_path / "ddp"
@@ -197,12 +151,3 @@ def test_two_processes_count_every_test_sample_once(mnist_data, tmp_path):
         preds = torch.cat([model(chunk).argmax(1) for chunk in images.split(1000)])
     accuracy = (preds == torch.from_numpy(split.labels)).double().mean().item()
     assert summary["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
-
-
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains(precision, mnist_data, tmp_path):
-    run_dir = tmp_path / precision
-    summary = run_train(["--recipe", "mnist_cnn_smoke", "--data", str(mnist_data), "--run-dir", str(run_dir),
-                         "--cpu", "--set", f"precision={precision}", "--set", "max_steps_per_epoch=30"])
-    assert summary["test_loss"] < 2.3 and summary["test_accuracy"] > 0.3  # learning; chance is 0.10 / ln 10
-    assert load_recipe(str(run_dir / "config.toml")).precision == precision

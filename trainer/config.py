@@ -177,6 +177,7 @@ class Recipe:
     tta_flip: bool = False  # evaluate on the image and its mirror, averaging logits
     checkpoint_every_steps: int = 0  # 0 = every epoch only
     max_steps_per_epoch: int = 0  # 0 = whole epoch; smoke recipes cut epochs short
+    max_eval_batches: int = 0  # 0 = every batch; smoke recipes evaluate (and test) on this many per process
     tensorboard: bool = True
     wandb: bool = False  # used when installed; offline mode without a network
 
@@ -188,6 +189,7 @@ class Recipe:
         check_range("ema_decay", self.ema_decay, 0, 1)
         check_range("checkpoint_every_steps", self.checkpoint_every_steps, 0)
         check_range("max_steps_per_epoch", self.max_steps_per_epoch, 0)
+        check_range("max_eval_batches", self.max_eval_batches, 0)
         if self.grad_clip_norm and self.grad_clip_value:
             raise UserError("both grad_clip_norm and grad_clip_value are set: choose one (set the other to 0)")
 

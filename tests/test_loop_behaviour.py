@@ -1,0 +1,397 @@
+"""What the training loop does, each checked against an independent computation or an uninterrupted run:
+early stopping and the weights that decide the result, the EMA, the distillation loss, flip TTA, gradient
+clipping and the logged gradient norm, resuming across a phase boundary, mixed precision, model.json's
+preprocessing and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from torch import nn
+
+from benchmarks.fault_harness import outputs
+from pipelines.dataset import open_split
+from tests.train_helpers import metrics, run_train
+from trainer import checkpoint, loop
+from trainer.config import load_recipe
+from trainer.losses import loss_terms
+from trainer.modelio import make_model
+from trainer.step import EpochSums, TrainStep
+
+
+def recipe_file(folder: Path, base: str, *settings: str) -> str:
+    """A recipe file deriving from `base` with `settings` (e.g. phases written as inline tables)."""
+    path = folder / "recipe.toml"
+    path.write_text(f"extends = {json.dumps(base)}\nset = {json.dumps(list(settings))}\n")
+    return str(path)
+
+
+def split_arrays(data_dir: Path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images normalised as model.json says, and its labels (read without the loaders)."""
+    s = open_split(data_dir, split)
+    images = torch.from_numpy(s.images).permute(0, 3, 1, 2).float().div(255)
+    images = (images - torch.tensor(s.mean).view(1, -1, 1, 1)) / torch.tensor(s.std).view(1, -1, 1, 1)
+    return images, torch.from_numpy(s.labels)
+
+
+def loss_of(run_dir: Path, weights: dict, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean cross-entropy of `weights` (for the model in run_dir/model.json) on the given images."""
+    model = make_model(json.loads((run_dir / "model.json").read_text()))
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        return F.cross_entropy(model.eval()(images), labels).item()
+
+
+# -- early stopping and the weights that decide the result ---------------------------------------------------
+
+# early stopping that fires at the second epoch of its phase: test_loss in "max" mode improves only while the
+# loss rises, and a learning model's loss falls
+STOPS_AT_2 = '{metric = "test_loss", mode = "max", patience = 1}'
+PHASE = '{{epochs = {epochs}, name = "{name}", optimizer = {{name = "adam", lr = 0.003}}, early_stopping = {es}}}'
+
+
+def two_phases(first_stops: bool) -> str:
+    phases = [PHASE.format(epochs=3, name="a", es=STOPS_AT_2 if first_stops else "{}"),
+              PHASE.format(epochs=3 if not first_stops else 2, name="b", es="{}" if first_stops else STOPS_AT_2)]
+    return f"phases=[{', '.join(phases)}]"
+
+
+@pytest.fixture(scope="module")
+def mnist_test(mnist_data) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = split_arrays(mnist_data)
+    return images[:2000], labels[:2000]  # what max_eval_batches=2 of 1000 evaluates
+
+
+def run_two_phases(mnist_data: Path, folder: Path, first_stops: bool) -> tuple[dict, list[dict], Path]:
+    run_dir = folder / "run"
+    recipe = recipe_file(folder, "mnist_mlp_smoke", two_phases(first_stops), "max_steps_per_epoch=8",
+                         "tensorboard=false")
+    summary = run_train(["--recipe", recipe, "--data", str(mnist_data), "--run-dir", str(run_dir), "--cpu"])
+    return summary, metrics(run_dir), run_dir
+
+
+def test_early_stopped_first_phase_then_full_phase_exports_the_final_weights(mnist_data, mnist_test, tmp_path):
+    """The phase that decides the result is the last one: its final weights are tested and exported, not
+    the best weights of an earlier, early-stopped phase (which one best.safetensors used to keep)."""
+    summary, rows, run_dir = run_two_phases(mnist_data, tmp_path, first_stops=True)
+    assert [r["phase"] for r in rows] == ["a", "a", "b", "b"]  # phase a stopped after 2 of its 3 epochs
+    assert summary["early_stopped"] is True
+    best_of_a, last = float(rows[0]["test_loss"]), float(rows[-1]["test_loss"])
+    assert best_of_a != last
+    assert summary["test_loss"] == last
+    assert not (run_dir / "best.safetensors").exists()  # phase b keeps no best weights
+    exported = load_file(run_dir / "model.safetensors")
+    assert loss_of(run_dir, exported, *mnist_test) == pytest.approx(last, rel=1e-5)
+
+
+def test_early_stopped_last_phase_exports_its_best_weights(mnist_data, mnist_test, tmp_path):
+    """Early stopping cuts the last phase short; its best epoch's weights are tested and exported."""
+    summary, rows, run_dir = run_two_phases(mnist_data, tmp_path, first_stops=False)
+    assert [r["phase"] for r in rows] == ["a", "a", "a", "b", "b"]  # phase b stopped after 2 of its 3 epochs
+    assert summary["early_stopped"] is True and summary["epochs"] == 5
+    best, last = float(rows[3]["test_loss"]), float(rows[4]["test_loss"])
+    assert best > last  # "max" mode: the first epoch of b is its best
+    assert summary["test_loss"] == best
+    exported, kept = load_file(run_dir / "model.safetensors"), load_file(run_dir / "best.safetensors")
+    assert exported.keys() == kept.keys() and all(torch.equal(exported[k], kept[k]) for k in kept)
+    assert loss_of(run_dir, exported, *mnist_test) == pytest.approx(best, rel=1e-5)
+
+
+# -- the EMA ---------------------------------------------------------------------------------------------------
+
+EMA_SETTINGS = ["--set", "ema_decay=0.9", "--set", "phases.0.epochs=2", "--set", "max_steps_per_epoch=6",
+                "--set", "tensorboard=false"]
+
+
+def test_ema_weights_are_evaluated_exported_and_survive_a_resume(mnist_data, mnist_test, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    argv = ["--recipe", "mnist_mlp_smoke", "--data", str(mnist_data), "--run-dir", str(run_dir), "--cpu",
+            *EMA_SETTINGS]
+    seen = {}
+    real_finish = loop.finish
+
+    def finish(run, phase):  # the live and the averaged weights at the end of training
+        seen["live"] = {k: v.clone() for k, v in run.model.state_dict().items()}
+        seen["ema"] = {k: v.clone() for k, v in run.ema.module.state_dict().items()}
+        return real_finish(run, phase)
+
+    monkeypatch.setattr(loop, "finish", finish)
+    run_train(argv)
+    monkeypatch.undo()
+    rows = metrics(run_dir)
+    # the end-of-epoch-1 checkpoint holds both: the test loss of epoch 1 is the average's, not the live model's
+    (ckpt,) = [c for c in checkpoint.candidates(run_dir) if json.loads((c / "progress.json").read_text())["epoch"] == 1]
+    live = load_file(ckpt / "model.safetensors")
+    ema_state = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)
+    assert int(ema_state.pop("ema.updates")) == 6  # one update per step
+    assert loss_of(run_dir, ema_state, *mnist_test) == pytest.approx(float(rows[0]["test_loss"]), rel=1e-5)
+    assert loss_of(run_dir, live, *mnist_test) != pytest.approx(float(rows[0]["test_loss"]), rel=1e-3)
+    # the export is the average at the end, which differs from the live weights
+    exported = load_file(run_dir / "model.safetensors")
+    assert all(torch.equal(exported[k], seen["ema"][k]) for k in exported)
+    assert not all(torch.equal(exported[k], seen["live"][k]) for k in exported)
+    # resumed from the end of epoch 1, the run ends exactly as the uninterrupted one (the average and its
+    # update count came back with the checkpoint)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    (resumed / "summary.json").unlink()
+    for later in checkpoint.candidates(resumed):
+        if later.name != ckpt.name:
+            shutil.rmtree(later)
+    run_train(["--recipe", "mnist_mlp_smoke", "--data", str(mnist_data), "--run-dir", str(resumed), "--cpu",
+               *EMA_SETTINGS, "--resume", "auto"])
+    assert outputs(resumed) == outputs(run_dir)
+
+
+# -- distillation loss, flip TTA, clipping -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("soft_targets", [False, True])
+def test_distillation_loss_matches_a_hand_computation(soft_targets):
+    t, alpha, smoothing = 3.0, 0.7, 0.1
+    recipe = load_recipe("c10_kd_smoke", [f"loss.distill.temperature={t}", f"loss.distill.alpha={alpha}",
+                                          f"loss.label_smoothing={smoothing}"])
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 10, generator=gen, dtype=torch.float64), torch.randn(8, 10, generator=gen,
+                                                                                              dtype=torch.float64)
+    labels = torch.randint(0, 10, (8,), generator=gen)
+    targets = F.one_hot(labels, 10).double() * 0.6 + 0.04 if soft_targets else labels  # MixUp-like rows sum to 1
+
+    def log_softmax(x):
+        return x - x.exp().sum(1, keepdim=True).log()
+
+    p_teacher = log_softmax(teacher / t).exp()
+    kl = (p_teacher * (log_softmax(teacher / t) - log_softmax(student / t))).sum(1).mean()
+    if soft_targets:  # soft targets carry their own smoothing
+        hard = -(targets * log_softmax(student)).sum(1).mean()
+    else:
+        smooth = F.one_hot(labels, 10).double() * (1 - smoothing) + smoothing / 10
+        hard = -(smooth * log_softmax(student)).sum(1).mean()
+    got = loss_terms(recipe, student, targets, teacher)
+    assert got["kd_soft_loss"].item() == pytest.approx((kl * t * t).item(), rel=1e-9)
+    assert got["kd_hard_loss"].item() == pytest.approx(hard.item(), rel=1e-9)
+    assert got["loss"].item() == pytest.approx((alpha * kl * t * t + (1 - alpha) * hard).item(), rel=1e-9)
+
+
+class Batches:
+    """A fixed list of (images, labels) batches behind the loader interface."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@pytest.fixture
+def accelerator():
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+
+
+def test_tta_flip_averages_the_logits_of_each_image_and_its_mirror(accelerator):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))  # a linear model that is not mirror-symmetric
+    images, labels = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    loader = Batches([(images[:4], labels[:4]), (images[4:], labels[4:])])
+    recipe = load_recipe("c10_fast_smoke", ["loss.label_smoothing=0"])
+    assert recipe.tta_flip
+    got, _, _ = loop.evaluate(model, loader, recipe, accelerator)
+    with torch.no_grad():
+        logits = (model(images) + model(images.flip(3))) / 2
+        plain = model(images)
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert got["accuracy"] == (logits.argmax(1) == labels).double().mean().item()
+    assert got["loss"] != pytest.approx(F.cross_entropy(plain, labels).item(), rel=1e-3)
+
+
+def test_max_eval_batches_caps_every_evaluation(accelerator):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    batches = [(torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))) for _ in range(4)]
+    for cap, count in ((0, 20), (1, 5), (3, 15), (9, 20)):
+        recipe = load_recipe("c10_cnn_smoke", [f"max_eval_batches={cap}"])
+        got, preds, _ = loop.evaluate(model, Batches(batches), recipe, accelerator, collect=True)
+        assert got["count"] == count and len(preds) == count
+
+
+def one_step(accelerator: Accelerator, settings: list[str], log: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor, float]:
+    """One TrainStep (SGD, lr 1, no momentum: the update is minus the gradient used); the raw gradient, the
+    update, and the logged gradient norm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    images, labels = torch.randn(16, 3, 8, 8) * 5, torch.randint(0, 4, (16,))
+    F.cross_entropy(model(images), labels).backward()
+    raw = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    recipe = load_recipe("c10_cnn_smoke", ["loss.label_smoothing=0", *settings])
+    step = TrainStep(accelerator, model, optimizer, scheduler, recipe)
+    sums = EpochSums(torch.device("cpu"))
+    step(images, labels, sums, log=log)
+    update = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+    totals = EpochSums.totals(sums.stacked())
+    return raw, update, totals.grad_norm_sum, totals.grad_norms
+
+
+def test_clipping_by_norm_scales_the_gradient_and_logs_the_norm_before_clipping(accelerator):
+    raw, update, logged, count = one_step(accelerator, ["grad_clip_norm=0.5"], log=False)
+    assert raw.norm() > 1  # so that clipping acts
+    assert update.norm().item() == pytest.approx(0.5, rel=1e-4)
+    assert torch.allclose(update, raw * 0.5 / raw.norm(), atol=1e-6)
+    assert count == 1 and logged == pytest.approx(raw.norm().item(), rel=1e-5)  # computed anyway: logged always
+
+
+def test_clipping_by_value_clamps_each_entry_and_logs_the_clipped_norm(accelerator):
+    raw, update, logged, count = one_step(accelerator, ["grad_clip_value=0.01"], log=True)
+    assert raw.abs().max() > 0.01
+    assert torch.allclose(update, raw.clamp(-0.01, 0.01), atol=1e-7)
+    assert count == 1 and logged == pytest.approx(raw.clamp(-0.01, 0.01).norm().item(), rel=1e-5)
+    _, _, _, count = one_step(accelerator, ["grad_clip_value=0.01"], log=False)
+    assert count == 0  # between logging steps no norm is computed
+
+
+def test_no_clipping_logs_the_raw_norm_at_logging_steps(accelerator):
+    raw, update, logged, count = one_step(accelerator, [], log=True)
+    assert torch.allclose(update, raw, atol=1e-7)
+    assert count == 1 and logged == pytest.approx(raw.norm().item(), rel=1e-5)
+
+
+# -- resuming across a phase boundary ------------------------------------------------------------------------------
+
+BOUNDARY = ('phases=[{epochs = 2, name = "head", train_modules = ["head"], optimizer = {name = "sgd", lr = 0.05}}, '
+            '{epochs = 2, name = "all", optimizer = {name = "sgd", lr = 0.02}, '
+            'param_groups = [{modules = ["head"], lr = 0.1}], schedule = {name = "cosine"}}]')
+
+
+def test_resume_at_a_phase_boundary_matches_an_uninterrupted_run(tiny_rgb_data, tmp_path):
+    """Killed right after the last epoch of phase 1: the resumed run builds phase 2's optimizer and schedule
+    and ends with the uninterrupted run's metrics (learning rates of every group included) and weights."""
+    recipe = recipe_file(tmp_path, "c10_cnn_smoke", BOUNDARY, "tensorboard=false")
+    argv = ["--recipe", recipe, "--data", str(tiny_rgb_data), "--cpu"]
+    reference = tmp_path / "reference"
+    run_train([*argv, "--run-dir", str(reference)])
+    rows = metrics(reference)
+    assert [r["phase"] for r in rows] == ["head", "head", "all", "all"]
+    assert not rows[0]["lr_head"] and rows[2]["lr_head"]  # phase 2 has a second group
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)
+    (resumed / "summary.json").unlink()
+    found = checkpoint.candidates(resumed)
+    at_boundary = [c for c in found if json.loads((c / "progress.json").read_text())["phase"] == 1
+                   and json.loads((c / "progress.json").read_text())["epoch"] == 0]
+    assert len(at_boundary) == 1
+    for ckpt in found:
+        if ckpt != at_boundary[0]:
+            shutil.rmtree(ckpt)
+    run_train([*argv, "--run-dir", str(resumed), "--resume", "auto"])
+    assert outputs(resumed) == outputs(reference)
+
+
+def test_learning_rates_after_a_mid_epoch_resume_equal_an_uninterrupted_run(tiny_rgb_data, tmp_path, monkeypatch):
+    """A cosine schedule resumed from the first checkpoint (mid-epoch 1) carries on from the step it stopped
+    at: every later epoch logs the uninterrupted run's learning rate and the run ends with its weights."""
+    settings = ["--set", "phases.0.epochs=3", "--set", "phases.0.schedule.name=cosine", "--set",
+                "checkpoint_every_steps=2", "--set", "tensorboard=false"]
+    argv = ["--recipe", "c10_cnn_smoke", "--data", str(tiny_rgb_data), "--cpu", *settings]
+    reference = tmp_path / "reference"
+    monkeypatch.setattr(checkpoint, "KEEP", 100)  # keep every checkpoint, the first one included
+    run_train([*argv, "--run-dir", str(reference)])
+    monkeypatch.undo()
+    lrs = [float(r["lr_base"]) for r in metrics(reference)]
+    assert lrs[0] > lrs[1] > lrs[2]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)
+    (resumed / "summary.json").unlink()
+    *later, first = checkpoint.candidates(resumed)
+    assert json.loads((first / "progress.json").read_text())["batch"] == 2  # mid-epoch 1 (3 steps an epoch)
+    for ckpt in later:
+        shutil.rmtree(ckpt)
+    run_train([*argv, "--run-dir", str(resumed), "--resume", "auto"])
+    assert [float(r["lr_base"]) for r in metrics(resumed)] == lrs
+    assert outputs(resumed) == outputs(reference)
+
+
+# -- mixed precision ----------------------------------------------------------------------------------------------
+
+def output_dtypes(monkeypatch) -> dict[str, set[torch.dtype]]:
+    """Record the output dtype of every Linear/Conv2d forward of the run's model in training and in evaluation
+    (hooked when the first phase is prepared, after the model's shape probe)."""
+    seen: dict[str, set[torch.dtype]] = {"train": set(), "eval": set()}
+    real = loop.prepare_phase
+
+    def record(module, inputs, out):
+        seen["train" if module.training else "eval"].add(out.dtype)
+
+    def prepare_phase(run, index):
+        if not seen["train"]:
+            for module in run.model.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    module.register_forward_hook(record)
+        return real(run, index)
+
+    monkeypatch.setattr(loop, "prepare_phase", prepare_phase)
+    return seen
+
+
+def test_bf16_on_the_cpu_computes_convolutions_in_bf16(tiny_rgb_data, tmp_path, monkeypatch):
+    seen = output_dtypes(monkeypatch)
+    summary = run_train(["--recipe", "c10_cnn_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(tmp_path / "r"),
+                         "--cpu", "--set", "precision=bf16", "--set", "tensorboard=false"])
+    assert seen == {"train": {torch.bfloat16}, "eval": {torch.bfloat16}}
+    assert math.isfinite(summary["test_loss"])
+    exported = load_file(tmp_path / "r" / "model.safetensors")
+    assert {t.dtype for t in exported.values() if t.is_floating_point()} == {torch.float32}  # fp32 master weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="fp16 autocast and its loss scaler exist only on CUDA (on the CPU Accelerate runs fp16 "
+                           "recipes in fp32); this runs on GPU machines")
+def test_fp16_on_cuda_computes_in_fp16_with_a_loss_scaler(tiny_rgb_data, tmp_path, monkeypatch):
+    seen = output_dtypes(monkeypatch)
+    scalers = []
+    real_step = loop.TrainStep
+
+    def train_step(accelerator, *args, **kwargs):
+        scalers.append(accelerator.scaler)
+        return real_step(accelerator, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "TrainStep", train_step)
+    summary = run_train(["--recipe", "c10_cnn_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(tmp_path / "r"),
+                         "--set", "precision=fp16", "--set", "tensorboard=false"])
+    assert seen == {"train": {torch.float16}, "eval": {torch.float16}}
+    assert scalers and all(isinstance(s, torch.amp.GradScaler) for s in scalers)
+    assert math.isfinite(summary["test_loss"])
+
+
+# -- what the run folder records -----------------------------------------------------------------------------------
+
+def test_pretrained_loading_is_recorded_in_the_run_folder(tiny_rgb_data, tmp_path):
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    run_dir = tmp_path / "run"
+    run_train(["--recipe", "c10_cnn_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(run_dir), "--cpu",
+               "--set", "model.name=resnet18_cifar", "--set", "model.args={}", "--pretrained", str(weights),
+               "--set", "phases.0.epochs=1", "--set", "max_steps_per_epoch=1", "--set", "tensorboard=false"])
+    report = json.loads((run_dir / "pretrained.json").read_text())
+    state = torch.load(weights, weights_only=True)
+    replaced = ["conv1.weight", "fc.bias", "fc.weight"]  # the 3x3 stem and the 10-class head are new
+    assert report == {"source": str(weights), "loaded": len(state) - len(replaced), "skipped": replaced}
