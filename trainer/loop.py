@@ -41,6 +41,7 @@ from pipelines.tensor_loader import TensorLoader
 from trainer import checkpoint
 from trainer.config import EarlyStoppingConfig, PhaseConfig, Recipe, load_recipe, recipe_differences, recipe_to_toml
 from trainer.ema import ModelEma
+from trainer.metrics import topk_correct
 from trainer.modelio import make_model, model_info, save_weights
 from trainer.optim import build_optimizer, build_scheduler, check_module_prefixes, param_groups, set_trainable
 from trainer.profiling import StepProfiler
@@ -197,8 +198,9 @@ def evaluate(model: nn.Module, loader: Loader, recipe: Recipe, accelerator: Acce
     label (gathered to the host once, at the end). `extra` metrics (the Python API's) are functions of the
     split's logits and labels, all of them, gathered to the host once."""
     model.eval()
-    sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, count
+    sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, top-5 correct, count
     preds, labels, outputs = [], [], []
+    num_classes = 0
     loader.set_epoch(0)
     for images, targets in itertools.islice(loader, recipe.max_eval_batches or None):
         with accelerator.autocast():
@@ -206,17 +208,21 @@ def evaluate(model: nn.Module, loader: Loader, recipe: Recipe, accelerator: Acce
             if recipe.tta_flip:
                 logits = (logits + model(images.flip(3))) / 2
         logits = logits.float()
+        num_classes = logits.shape[1]
         loss = F.cross_entropy(logits, targets, label_smoothing=recipe.loss.label_smoothing, reduction="sum")
         pred = logits.argmax(1)
-        sums += torch.stack([loss.double(), (pred == targets).sum().double(), sums.new_full((), targets.numel())])
+        sums += torch.stack([loss.double(), (pred == targets).sum().double(),
+                             topk_correct(logits, targets, 5).double(), sums.new_full((), targets.numel())])
         if collect:
             preds.append(pred)
         if collect or extra:
             labels.append(targets)
         if extra:
             outputs.append(logits)
-    loss_sum, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
+    loss_sum, correct, top5, count = accelerator.reduce(sums, reduction="sum").tolist()
     metrics = {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
+    if num_classes > 5:  # top-5 of five classes or fewer says nothing
+        metrics["top5_accuracy"] = top5 / count
     all_labels = torch.cat(gather_object([torch.cat(labels).cpu()])) if collect or extra else None
     if extra:
         all_logits = torch.cat(gather_object([torch.cat(outputs).cpu()]))
@@ -459,7 +465,7 @@ def train_one_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int) -> tu
     epoch_start = time.perf_counter()
     bar = tqdm(total=run.steps_per_epoch, initial=start_batch, disable=not run.main, leave=False,
                desc=f"epoch {epoch_number + 1}/{run.recipe.total_epochs}",
-               mininterval=0.1 if sys.stderr.isatty() else 30)
+               mininterval=0.1 if sys.stderr.isatty() or "ipykernel" in sys.modules else 30)
     batches = iter(run.data.train)
     every = run.recipe.checkpoint_every_steps
     for index in range(start_batch, run.steps_per_epoch):
@@ -571,6 +577,8 @@ def finish(run: Run, phase: Phase) -> dict:
                    "images_per_s": sum(rates) / len(rates) if rates else None, "wall_s": wall,
                    "parameters": count_parameters(final), "processes": accelerator.num_processes,
                    "run_dir": str(run.run_dir), "plots": [p.name for p in plots]}
+        if "top5_accuracy" in test:
+            summary["test_top5_accuracy"] = test["top5_accuracy"]
         if run.syncs.enabled:
             summary["sync_checked_steps"] = run.syncs.checked  # steady-state steps run under --check-syncs
         waits = [(float(r["data_wait_fraction"]), int(r["epoch"])) for r in run.log.rows
