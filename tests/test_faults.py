@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from safetensors.torch import load_file
 from benchmarks.fault_harness import Report, faulted_run, outputs, train_command
 from common.errors import UserError
 from tests.train_helpers import metrics, run_train
-from trainer import checkpoint, runlog
+from trainer import checkpoint, runlog, teacher
+from trainer.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "c10_cnn_smoke"  # affine + flip augmentation: a resumed run must redraw the same random transforms
@@ -220,3 +222,46 @@ def test_dead_rank_stops_the_job_and_the_run_resumes_on_one_process(mnist_data, 
     summary = run_train([*argv, "--resume", "auto"])
     assert summary["processes"] == 1 and summary["test_samples"] == 10_000
     assert [r["epoch"] for r in metrics(run_dir)] == ["1", "2"]
+
+
+def test_waiting_for_the_teacher_of_another_rank_is_bounded(tmp_path, monkeypatch):
+    """Rank 1 waits while rank 0's teacher run makes progress, and stops with one line once its folder has
+    been still for the limit (rank 0 died, or this machine does not see the folder)."""
+    monkeypatch.setattr(teacher, "TEACHER_IDLE_S", 0.6)
+    monkeypatch.setattr(teacher, "POLL_S", 0.05)
+    monkeypatch.setenv("RANK", "1")
+    folder = tmp_path / "teacher"
+    recipe = load_recipe("c10_kd_smoke", [f"loss.distill.teacher={json.dumps(str(folder))}"])
+
+    def teacher_run(epochs: int, finish: bool) -> None:  # writes something every 0.2 s, then maybe finishes
+        folder.mkdir(exist_ok=True)
+        for epoch in range(epochs):
+            (folder / f"epoch-{epoch}").write_text("metrics")
+            time.sleep(0.2)
+        if finish:
+            (folder / "summary.json").write_text("{}")
+
+    def wait() -> None:  # in a thread, so that a wait without a limit fails this test instead of hanging it
+        try:
+            teacher.train_teacher_first(recipe, cpu=True)
+        except UserError as exc:
+            outcome.append(exc)
+
+    outcome: list[UserError] = []
+    writer, waiter = threading.Thread(target=teacher_run, args=(8, False)), threading.Thread(target=wait, daemon=True)
+    began = time.monotonic()
+    writer.start()
+    waiter.start()
+    waiter.join(timeout=60)
+    writer.join()
+    assert not waiter.is_alive() and outcome, "rank 1 still waits for a teacher whose folder stopped changing"
+    assert time.monotonic() - began >= 7 * 0.2 + 0.6  # it waited while the folder changed (last at 1.4 s), then 0.6 s
+    assert re.fullmatch(r"rank 1 waited for the teacher that rank 0 trains into \S+teacher, but nothing there "
+                        r"changed for 1 s; see rank 0's output \(it may have failed\) and, on several machines, "
+                        r"put that folder on a filesystem every machine shares", str(outcome[0])), str(outcome[0])
+    shutil.rmtree(folder)
+    writer = threading.Thread(target=teacher_run, args=(8, True))  # slower than the limit, but progressing
+    writer.start()
+    teacher.train_teacher_first(recipe, cpu=True)
+    writer.join()
+    assert (folder / "summary.json").is_file()

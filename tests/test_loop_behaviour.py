@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -395,3 +396,26 @@ def test_pretrained_loading_is_recorded_in_the_run_folder(tiny_rgb_data, tmp_pat
     state = torch.load(weights, weights_only=True)
     replaced = ["conv1.weight", "fc.bias", "fc.weight"]  # the 3x3 stem and the 10-class head are new
     assert report == {"source": str(weights), "loaded": len(state) - len(replaced), "skipped": replaced}
+
+
+def test_every_file_of_the_run_folder_is_published_by_rename(tiny_rgb_data, tmp_path, monkeypatch):
+    """A reader (or a killed run) never sees half a file: summary.json (which marks a run finished), model.json,
+    the weights, metrics.csv, reports and plots all appear by rename; checkpoints as whole folders.
+    TensorBoard's event files are append-only logs, written as they grow."""
+    renamed: set[Path] = set()
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renamed.add(Path(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    run_dir = tmp_path / "run"
+    run_train(["--recipe", "c10_cnn_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(run_dir), "--cpu",
+               "--set", "phases.0.early_stopping.metric=test_loss"])
+    top = {p for p in run_dir.iterdir() if p.is_file()}
+    assert {"summary.json", "model.json", "model.safetensors", "best.safetensors", "metrics.csv", "config.toml",
+            "environment.json", "confusion_matrix.png"} <= {p.name for p in top}
+    assert top <= renamed, sorted(p.name for p in top - renamed)
+    assert set(checkpoint.candidates(run_dir)) <= renamed
+    assert not [p for p in run_dir.rglob(".tmp-*")]

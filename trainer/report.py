@@ -23,6 +23,7 @@ from torchmetrics.functional.classification import (
 )
 
 from common.errors import UserError
+from common.files import atomic_path, write_text
 
 REPORT_COLUMNS = ("name", "precision", "recall", "f1-score", "support")
 ANNOTATE_MAX_CLASSES = 20  # beyond this the counts in the confusion matrix cells become unreadable
@@ -85,18 +86,19 @@ def write_reports(run_dir: Path, preds: torch.Tensor, labels: torch.Tensor, clas
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     text, rows = classification_report(preds, labels, class_names)
-    (run_dir / "classification_report.txt").write_text(text)
-    with open(run_dir / "classification_report.csv", "w", newline="") as f:
+    write_text(run_dir / "classification_report.txt", text)
+    with atomic_path(run_dir / "classification_report.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=REPORT_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
 
     matrix = multiclass_confusion_matrix(preds, labels, num_classes=len(class_names)).tolist()
-    with open(run_dir / "confusion_matrix.csv", "w", newline="") as f:
+    with atomic_path(run_dir / "confusion_matrix.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["true\\predicted", *class_names])
         writer.writerows([name, *counts] for name, counts in zip(class_names, matrix))
-    _confusion_figure(matrix, class_names).savefig(run_dir / "confusion_matrix.png", dpi=100)
+    with atomic_path(run_dir / "confusion_matrix.png") as tmp:
+        _confusion_figure(matrix, class_names).savefig(tmp, dpi=100)
     return text
 
 
@@ -235,6 +237,7 @@ def plot_history(metrics_csv: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fig in _history_figures(columns).items():
-        fig.savefig(out_dir / name, dpi=100)
+        with atomic_path(out_dir / name) as tmp:
+            fig.savefig(tmp, dpi=100)
         written.append(out_dir / name)
     return written

@@ -18,6 +18,8 @@ from trainer.config import Recipe
 from trainer.modelio import make_model
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+TEACHER_IDLE_S = 3600.0  # a waiting rank gives up once the teacher's folder has not changed for this long
+POLL_S = 2.0
 DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                    "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"}
 
@@ -32,9 +34,9 @@ def train_teacher_first(recipe: Recipe, cpu: bool) -> None:
     folder = Path(kd.teacher)
     if not kd.teacher_recipe or (folder / "summary.json").is_file():
         return
-    if int(os.environ.get("RANK", "0")) != 0:
-        while not (folder / "summary.json").is_file():
-            time.sleep(2)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        wait_for_teacher(folder, rank)
         return
     print(f"training the teacher first: recipe {kd.teacher_recipe} -> {folder}", flush=True)
     command = [sys.executable, str(TRAIN_SCRIPT), "--recipe", kd.teacher_recipe,
@@ -46,6 +48,33 @@ def train_teacher_first(recipe: Recipe, cpu: bool) -> None:
     if code != 0:
         raise UserError(f"training the teacher with recipe '{kd.teacher_recipe}' failed (exit status {code}); "
                         f"see its output above, fix it, and run again (it resumes from {folder})")
+
+
+def _last_change(folder: Path) -> float:
+    """The newest modification time of the folder or anything in it (0.0 while it does not exist)."""
+    times = [0.0]
+    for path in [folder, *(folder.rglob("*") if folder.is_dir() else ())]:
+        try:
+            times.append(path.stat().st_mtime)
+        except FileNotFoundError:  # a temporary file renamed away meanwhile
+            continue
+    return max(times)
+
+
+def wait_for_teacher(folder: Path, rank: int) -> None:
+    """Wait for the teacher run that rank 0 trains into `folder` to finish; fail with one line once the
+    folder has shown no change for TEACHER_IDLE_S (rank 0 failed or hangs, or this machine does not see
+    the folder)."""
+    last, since = _last_change(folder), time.monotonic()
+    while not (folder / "summary.json").is_file():
+        time.sleep(POLL_S)
+        change = _last_change(folder)
+        if change != last:
+            last, since = change, time.monotonic()
+        elif time.monotonic() - since > TEACHER_IDLE_S:
+            raise UserError(f"rank {rank} waited for the teacher that rank 0 trains into {folder}, but nothing there "
+                            f"changed for {TEACHER_IDLE_S:.0f} s; see rank 0's output (it may have failed) "
+                            "and, on several machines, put that folder on a filesystem every machine shares")
 
 
 def load_teacher(path: str, manifest: dict, device: torch.device) -> nn.Module:
