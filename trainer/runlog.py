@@ -80,7 +80,12 @@ def run_environment(seed: int, manifest: dict, num_processes: int, device: str) 
 
 
 class MetricsLog:
-    """One row per epoch into metrics.csv (rewritten whole, so columns may grow), TensorBoard and W&B."""
+    """One row per epoch into metrics.csv (rewritten whole, so columns may grow), TensorBoard and W&B.
+
+    W&B (recipe `wandb = true`, the `wandb` extra installed) runs offline unless WANDB_MODE says otherwise:
+    `<run>/wandb/offline-run-*` holds the resolved recipe as its config and every epoch's numbers at step =
+    epoch; `wandb sync` uploads it. A resumed run starts a second W&B run holding the epochs after the resume.
+    """
 
     def __init__(self, run_dir: Path, *, tensorboard: bool, wandb: bool, config: dict, keep_rows: int = 0):
         self.path = run_dir / "metrics.csv"
@@ -98,7 +103,7 @@ class MetricsLog:
             try:
                 import wandb as wandb_module
             except ImportError:
-                print("note: wandb is not installed; logging to metrics.csv and TensorBoard only")
+                print("note: wandb is not installed (pip install .[wandb]); logging to metrics.csv and TensorBoard")
             else:
                 os.environ.setdefault("WANDB_MODE", "offline")
                 self.wandb = wandb_module.init(dir=str(run_dir), config=config, name=run_dir.name)
