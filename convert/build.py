@@ -8,7 +8,6 @@ options finds the output up to date and does nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -18,12 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError, did_you_mean
+from common.files import fsync_path, hash_into, sha256_file, write_json
 from convert.archive import Limits
 from convert.beton import ENCODINGS, jpeg_plan, storage_for, verify_beton, write_beton
 from convert.imagefolder import GIF_POLICY, IMAGE_SUFFIXES, read_imagefolder
 from convert.images import DEFAULT_MAX_PIXELS, DecodeOptions, default_workers
 from convert.sources import DATASETS, ReadOptions, SourceData, SplitData, download, read_source, source_stem
-from pipelines.dataset import MANIFEST, load_manifest
+from pipelines.dataset import MANIFEST, dataset_identity, load_manifest
 
 FORMAT_VERSION = 1
 CONVERTER_VERSION = "1.1"
@@ -55,13 +55,16 @@ def convert_dataset(dataset: str, src: str | Path, out: str | Path, *, name: str
                "max_side": max_side, "compress_probability": compress_probability, "max_pixels": max_pixels,
                "strict": strict}
     source = {"path": str(src.resolve()), "sha256": source_checksum(src)}
-    state = _existing_output(dest, dataset, source["sha256"], options)
+    state, damage = _existing_output(dest, dataset, source["sha256"], options)
     if state == "current" and not force:
         log(f"{dest}: up to date, skipping (use --force to rebuild)")
         return dest
     if state == "different" and not force:
         raise UserError(f"{dest} already holds a different conversion (other source or options); "
                         "pass --force to rebuild it, or choose another --out or --name")
+    if state == "damaged" and not force:
+        raise UserError(f"{dest} holds a damaged conversion of this source ({damage}); rebuild it with the same "
+                        "command and --force")
 
     workers = workers or default_workers()
     read = ReadOptions(strict, DecodeOptions(max_side, max_pixels), workers, limits or Limits())
@@ -79,7 +82,8 @@ def convert_dataset(dataset: str, src: str | Path, out: str | Path, *, name: str
             for split, part in splits.items()}
     _write_all(dest, splits, jpeg, quality=quality, workers=workers, seed=seed)
     manifest = _manifest(dest, data, splits, jpeg, source, options, storage_for(splits["train"], encode))
-    _write_json_atomic(dest / MANIFEST, manifest)
+    manifest["identity"] = dataset_identity(dest, manifest)  # over records: FFCV's writers vary the file layout
+    write_json(dest / MANIFEST, manifest)
 
     seconds = time.perf_counter() - start
     total = sum(len(part) for part in splits.values())
@@ -116,22 +120,30 @@ def _check_options(dataset: str, val_fraction: float, encode: str, quality: int,
                         f"{limits.max_expansion}")
 
 
-def _existing_output(dest: Path, dataset: str, source_sha: str, options: dict) -> str:
-    """'missing' (nothing of ours there), 'current' (same source and options, files intact) or 'different'."""
-    if not (dest / MANIFEST).exists() and not any((dest / f"{s}.beton").exists() for s in ALL_SPLITS):
-        return "missing"
+def _existing_output(dest: Path, dataset: str, source_sha: str, options: dict) -> tuple[str, str]:
+    """The state of what `dest` holds, and what is wrong with it: 'missing' (nothing of ours there),
+    'current' (same source and options, files intact), 'different' (other source or options) or 'damaged'
+    (this source and options, but a file is missing, truncated or altered, or the conversion was cut short)."""
+    if not (dest / MANIFEST).exists():
+        if any((dest / f"{s}.beton").exists() for s in ALL_SPLITS):
+            return "damaged", f"there are .beton files but no {MANIFEST}: an interrupted conversion"
+        return "missing", ""
     try:
         manifest = load_manifest(dest)
-    except UserError:
-        return "different"
+    except UserError as exc:
+        return "damaged", str(exc).split(";")[0]
     if (manifest.get("dataset"), manifest.get("source", {}).get("sha256"), manifest.get("options")) != (
             dataset, source_sha, options):
-        return "different"
+        return "different", ""
     for split, entry in manifest["splits"].items():
         path = dest / f"{split}.beton"
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            return "different"
-    return "current"
+        if not path.is_file():
+            return "damaged", f"{path.name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return "damaged", f"{path.name} is {path.stat().st_size:,} bytes, {entry['bytes']:,} were written"
+        if sha256_file(path) != entry["sha256"]:
+            return "damaged", f"{path.name} does not match its sha256 in {MANIFEST}"
+    return "current", ""
 
 
 def _carve_val(train: SplitData, fraction: float, seed: int, num_classes: int) -> tuple[SplitData, SplitData]:
@@ -161,12 +173,15 @@ def _write_all(dest: Path, splits: dict[str, SplitData], jpeg: dict[str, np.ndar
         for split, data in splits.items():
             write_beton(temps[split], data, jpeg=jpeg[split], quality=quality, workers=workers)
             verify_beton(temps[split], data, jpeg=jpeg[split], quality=quality, seed=seed)
+        for temp in temps.values():
+            fsync_path(temp)  # a rename publishes only what is on disk
         (dest / MANIFEST).unlink(missing_ok=True)  # from here on the folder must not look complete
         for split in ALL_SPLITS:
             if split in temps:
                 os.replace(temps[split], dest / f"{split}.beton")
             else:
                 (dest / f"{split}.beton").unlink(missing_ok=True)
+        fsync_path(dest)
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)
@@ -233,12 +248,6 @@ def channel_stats(images: np.ndarray | list[np.ndarray]) -> tuple[list[float], l
     return mean.tolist(), np.sqrt(np.maximum(var, 0)).tolist()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    _hash_into(digest, path)
-    return digest.hexdigest()
-
-
 def source_checksum(src: Path) -> str:
     """sha256 of a source file, or of a folder's sorted relative paths, sizes and contents."""
     if src.is_file():
@@ -246,18 +255,5 @@ def source_checksum(src: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         digest.update(f"{path.relative_to(src).as_posix()}\0{path.stat().st_size}\0".encode())
-        _hash_into(digest, path)
+        hash_into(digest, path)
     return digest.hexdigest()
-
-
-def _hash_into(digest, path: Path) -> None:
-    """Feed a file to `digest` in 4 MiB blocks (the sources and betons can be GBs)."""
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    temp = path.with_name(f".{path.name}.partial")
-    temp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(temp, path)

@@ -210,15 +210,16 @@ def open_split(data_dir: str | Path, split: str) -> Split:
                  coarse_labels=coarse)
 
 
-def dataset_identity(data_dir: str | Path) -> str:
+def dataset_identity(data_dir: str | Path, manifest: dict | None = None) -> str:
     """A sha256 over what the loaders read from a converted dataset, to tell two copies apart.
 
     Hashed: the manifest's classes, mean and std, then every split in name order: its record count and
     each record's image as stored (pixels with their shape; JPEG bytes for `--encode jpg`), then its
     labels. Not the file bytes: FFCV's parallel writer lays identical records out differently, so two
-    conversions of the same source can differ as files while every record is equal.
+    conversions of the same source can differ as files while every record is equal. The converter records it
+    in the manifest as `identity` (passing the manifest it is about to write).
     """
-    manifest = load_manifest(data_dir)
+    manifest = manifest or load_manifest(data_dir)
     digest = hashlib.sha256(json.dumps([manifest.get(k) for k in ("classes", "mean", "std")]).encode())
     for split in sorted(manifest["splits"]):
         beton = BetonFile(Path(data_dir) / f"{split}.beton")

@@ -1,5 +1,6 @@
 """Reproducibility on the CPU: the same recipe and seed give the same metrics and weights; the run folder
-records what it takes to repeat a run; --deterministic turns on torch's deterministic algorithms."""
+records what it takes to repeat a run; --deterministic turns on torch's deterministic algorithms; a
+dataset is named by its records, whichever way FFCV's writers laid out the files."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ import pytest
 import torch
 
 from benchmarks.fault_harness import WALL_COLUMNS, outputs
+from convert import convert_dataset
+from pipelines.dataset import dataset_identity
+from tests.data_fixtures import write_cifar10
 from tests.train_helpers import metrics, run_train
 from trainer.config import load_recipe
+from trainer.runlog import run_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "c10_cnn_smoke"  # random affine and flip augmentation, 2 epochs
@@ -57,9 +62,10 @@ def test_run_folder_records_config_seed_versions_commit_and_data_checksums(runs,
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     head = git.stdout.strip()
     assert env["git_commit"] == head and len(head) == 40
-    for split in ("train", "test"):  # the recorded checksums are those of the files the run read
+    assert env["data"]["identity"] == dataset_identity(tiny_rgb_data)  # what the records are
+    for split in ("train", "test"):  # and the checksums of the files the run read
         beton = hashlib.sha256((tiny_rgb_data / f"{split}.beton").read_bytes()).hexdigest()
-        assert env["data"]["splits"][split] == beton
+        assert env["data"]["file_sha256"][split] == beton
 
 
 def test_deterministic_flag_sets_torch_deterministic_algorithms(tiny_rgb_data, tmp_path):
@@ -75,3 +81,16 @@ def test_deterministic_flag_sets_torch_deterministic_algorithms(tiny_rgb_data, t
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = False
+
+
+def test_conversions_of_one_source_share_an_identity_whatever_the_file_layout(tmp_path):
+    """One FFCV writer and two lay the same records out differently (different bytes, different sizes); the
+    identity a run records names the records, so both conversions are the same dataset."""
+    source = write_cifar10(tmp_path / "source", batch_size=400, n_test=100, seed=4)["folder"]  # 2,000 train
+    one = convert_dataset("cifar10", source, tmp_path / "one", workers=1, log=lambda _: None)
+    two = convert_dataset("cifar10", source, tmp_path / "two", workers=2, log=lambda _: None)
+    assert (one / "train.beton").read_bytes() != (two / "train.beton").read_bytes()
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (one, two)]
+    assert manifests[0]["identity"] == manifests[1]["identity"] == dataset_identity(one) == dataset_identity(two)
+    envs = [run_environment(0, m, 1, "cpu")["data"] for m in manifests]
+    assert envs[0]["identity"] == envs[1]["identity"] and envs[0]["file_sha256"] != envs[1]["file_sha256"]

@@ -58,7 +58,12 @@ def git_commit() -> str:
 
 
 def run_environment(seed: int, manifest: dict, num_processes: int, device: str) -> dict:
-    """What it takes to repeat a run: versions, commit, data checksums, seed, hardware."""
+    """What it takes to repeat a run: versions, commit, the data's identity, seed, hardware.
+
+    The data is named by its identity over the records (the manifest's `identity`, see
+    pipelines.dataset.dataset_identity): two conversions of one source share it even where FFCV's parallel
+    writers laid the files out differently. The files' own sha256s are kept to tell copies apart.
+    """
     versions = {}
     for name in PACKAGES:
         try:
@@ -73,8 +78,9 @@ def run_environment(seed: int, manifest: dict, num_processes: int, device: str) 
         "num_processes": num_processes,
         "packages": versions,
         "git_commit": git_commit(),
-        "data": {"name": manifest.get("name"), "source_sha256": manifest.get("source", {}).get("sha256"),
-                 "splits": {k: v.get("sha256") for k, v in manifest.get("splits", {}).items()}},
+        "data": {"name": manifest.get("name"), "identity": manifest.get("identity"),
+                 "source_sha256": manifest.get("source", {}).get("sha256"),
+                 "file_sha256": {k: v.get("sha256") for k, v in manifest.get("splits", {}).items()}},
         "argv": sys.argv,
     }
 
