@@ -168,7 +168,7 @@ CASES = [
      "the folder does not exist; drop --resume to start a new run"),
     ("resume-auto-without-run-dir", lambda p: ["--resume", "auto", "--run-dir", ""],
      "--resume auto needs --run-dir"),
-    ("resume-finished-run", lambda p: ["--resume", "auto"],
+    ("resume-finished-run", lambda p: ["--run-dir", "", "--resume", str(p.run)],
      "has finished (summary.json is written); nothing to resume"),
     ("resume-unusable-run", lambda p: ["--run-dir", str(p.unusable), "--resume", "auto", *SAME_AS_RUN],
      "no usable checkpoint in"),

@@ -7,6 +7,7 @@ import json
 
 from common.errors import UserError
 from trainer.config import load_recipe
+from trainer.distributed import launcher_overrides
 from trainer.loop import RunOptions, train
 
 DESCRIPTION = """Train an image classifier from a recipe: `accelerate launch train.py --recipe c10_finetune`.
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, [*launcher_overrides(), *args.overrides])  # the user's --set wins
     train(recipe, RunOptions(run_dir=args.run_dir, resume=args.resume, cpu=args.cpu,
                              deterministic=args.deterministic, check_syncs=args.check_syncs,
                              profile_steps=args.profile))

@@ -40,6 +40,7 @@ from pipelines.dataset import Split, load_manifest
 from pipelines.tensor_loader import TensorLoader
 from trainer import checkpoint
 from trainer.config import EarlyStoppingConfig, PhaseConfig, Recipe, load_recipe, recipe_differences, recipe_to_toml
+from trainer.distributed import check_same_data
 from trainer.ema import ModelEma
 from trainer.metrics import topk_correct
 from trainer.modelio import make_model, model_info, save_weights
@@ -177,6 +178,8 @@ def build_data(recipe: Recipe, accelerator: Accelerator, memory: dict[str, Split
     """The three loaders, each sharded over the processes and producing batches on the device."""
     if not recipe.data.path:
         raise UserError("no dataset: pass --data DIR (a folder made by `python -m convert`) or set data.path")
+    if not memory:  # every rank reads the same records, or every rank stops with one line (before any collective)
+        check_same_data(accelerator, recipe.data.path)
     manifest = memory["train"].manifest if memory else load_manifest(recipe.data.path)
     if recipe.data.val_split and recipe.data.val_split not in manifest["splits"]:
         raise UserError(f"the recipe validates on split '{recipe.data.val_split}' but {recipe.data.path} has only "
@@ -344,8 +347,23 @@ def build_model(recipe: Recipe, data: Data, accelerator: Accelerator,
     return info, model
 
 
-def start(recipe: Recipe, options: RunOptions) -> Run:
-    """Device, data, model and teacher, the run folder, and where to start (fresh or a checkpoint)."""
+def finished_already(options: RunOptions, accelerator: Accelerator) -> bool:
+    """`--resume auto` of a run whose summary.json is written: nothing to do, and no error, since a job
+    restarted after the run ended (torchrun --max-restarts, a requeued SLURM job) must not fail. The main
+    process decides (other nodes may not see its run folder) and tells every rank."""
+    done = options.resume == "auto" and accelerator.is_main_process \
+        and (Path(options.run_dir) / "summary.json").is_file()
+    if not broadcast_object_list([done])[0]:
+        return False
+    if accelerator.is_main_process:
+        print(f"the run in {options.run_dir} has finished (summary.json is written); nothing to resume")
+    accelerator.end_training()
+    return True
+
+
+def start(recipe: Recipe, options: RunOptions) -> Run | None:
+    """Device, data, model and teacher, the run folder, and where to start (fresh or a checkpoint); None when
+    `--resume auto` finds the run finished."""
     resume_path = Path(options.resume) if options.resume and options.resume != "auto" else None
     if options.resume == "auto" and not options.run_dir:
         raise UserError("--resume auto needs --run-dir: the folder of the run to continue")
@@ -355,6 +373,8 @@ def start(recipe: Recipe, options: RunOptions) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not options.deterministic  # fixed shapes: cuDNN picks its fastest kernels
     set_seed(recipe.seed)
+    if finished_already(options, accelerator):
+        return None
     models_log = logging.getLogger("models")
     if accelerator.is_main_process and not models_log.handlers:  # the model builders report what they did
         models_log.addHandler(logging.StreamHandler(sys.stdout))  # once per process (the API runs many)
@@ -601,6 +621,8 @@ def finish(run: Run, phase: Phase) -> dict:
 def train(recipe: Recipe, options: RunOptions) -> dict:
     """Run a recipe to the end; the summary (on the main process; {} on the others)."""
     run = start(recipe, options)
+    if run is None:
+        return {}
     p = run.progress
     phase = run.resumed_phase
     epoch_number = sum(c.epochs for c in recipe.phases[:p.phase]) + p.epoch
