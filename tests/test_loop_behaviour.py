@@ -69,8 +69,11 @@ def two_phases(first_stops: bool) -> str:
 
 @pytest.fixture(scope="module")
 def mnist_test(mnist_data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images the smoke twin evaluates (max_eval_batches batches of eval_batch_size, 0 = all)."""
     images, labels = split_arrays(mnist_data)
-    return images[:2000], labels[:2000]  # what max_eval_batches=2 of 1000 evaluates
+    recipe = load_recipe("mnist_mlp_smoke")
+    n = recipe.max_eval_batches * recipe.data.eval_batch_size or len(labels)
+    return images[:n], labels[:n]
 
 
 def run_two_phases(mnist_data: Path, folder: Path, first_stops: bool) -> tuple[dict, list[dict], Path]:
