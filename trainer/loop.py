@@ -492,10 +492,12 @@ def train_one_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int) -> tu
         done = index + 1
         save_now = (bool(every) and (p.global_step + 1) % every == 0 or run.stop.requested) \
             and done < run.steps_per_epoch
-        log_now = done % LOG_EVERY == 0 or done == run.steps_per_epoch or save_now
+        # logging steps (the same in every run: the gradient norm is sampled there) may sync, and so may a
+        # checkpoint step (which a signal can make of any step, so it samples no gradient norm)
+        log_now = done % LOG_EVERY == 0 or done == run.steps_per_epoch
         run.profiler.before_step()
         step.label = run.profiler.label
-        with run.syncs.watch(steady=not log_now and index - start_batch >= WARMUP_STEPS):
+        with run.syncs.watch(steady=not (log_now or save_now) and index - start_batch >= WARMUP_STEPS):
             run.timer.mark()
             with step.label("data"):
                 images, targets = next(batches)
@@ -506,7 +508,7 @@ def train_one_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int) -> tu
         run.profiler.after_step()
         p.global_step += 1
         bar.update(1)
-        if log_now:
+        if log_now or save_now:
             loss = run.finite.check(EpochSums.totals(sums.stacked()), p.global_step, step.last_lrs[0])
             bar.set_postfix(loss=f"{loss:.4f}")
         if save_now:
