@@ -250,15 +250,15 @@ def loader_checks(args: argparse.Namespace, device: torch.device) -> tuple[list[
 
 def train_once(args: argparse.Namespace, setting: Setting, loader: str, run_dir: Path) -> dict:
     """One train.py run in a subprocess; its summary and last-epoch throughput, or the error it printed.
-    `--check-syncs` runs its steady-state steps under torch.cuda.set_sync_debug_mode("error")."""
+    On CUDA `--check-syncs` runs its steady-state steps under torch.cuda.set_sync_debug_mode("error")."""
     recipe, epochs = ("c10_cnn_smoke", 1) if args.smoke else (args.recipe, args.epochs)
     sets = [f"precision={setting.precision}", f"channels_last={str(setting.channels_last).lower()}",
             f"compile={str(setting.compile).lower()}", "tensorboard=false", f"phases.0.epochs={epochs}",
             *args.train_set]
     command = [sys.executable, "train.py", "--recipe", recipe, "--data", str(args.data), "--loader", loader,
-               "--run-dir", str(run_dir), "--check-syncs", *[a for s in sets for a in ("--set", s)]]
-    if args.device == "cpu":
-        command.append("--cpu")
+               "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
+    # on CUDA, --check-syncs is CUDA's sync debug mode (free); the CPU's operation recorder is for the test suite
+    command.append("--cpu" if args.device == "cpu" else "--check-syncs")
     row = {"loader": loader, "setting": setting, "recipe": recipe, "epochs": epochs}
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
