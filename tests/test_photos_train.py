@@ -48,8 +48,8 @@ def test_imagenet_smoke_twins_run(recipe, hymenoptera_data, tmp_path):
 def test_hymenoptera_finetune_learns_from_scratch(hymenoptera_data, tmp_path):
     """The tutorial's recipe without ImageNet weights, shortened to 6 epochs of 64 px crops. Its small LR and
     batches of 4 let the training loss wander above its start for a few epochs before it falls, so the
-    check is on the last epoch against the first. The dali backend draws its crops from the recipe's seed,
-    so the run is the same every time."""
+    check is on the last epoch against the first. The dali backend draws its crops from the recipe's seed
+    (FFCV's generator cannot be seeded), so every run sees the same crops."""
     run_train(["--recipe", "hymenoptera_finetune", "--data", str(hymenoptera_data), "--loader", "dali",
                "--run-dir", str(tmp_path / "run"), "--cpu", "--set", "phases.0.epochs=6",
                "--set", "data.resolution=64", "--set", "data.eval_resolution=64"])
