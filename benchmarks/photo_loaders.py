@@ -53,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the hymenoptera_data.tar tarball (train/ and val/ of ants and bees)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench/photos"),
                         help="folder for the extracted, generated and converted data and the results")
-    parser.add_argument("--generated", type=int, default=1000, help="photos in the generated set")
+    parser.add_argument("--generated", type=int, default=500, help="photos in the generated set")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[160, 192, 224])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=16, help="timed batches per round and loader")
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per round and loader")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing; the median is reported")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of timing; the median is reported")
     parser.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every loader")
     parser.add_argument("--smoke", action="store_true", help="a tiny run that only proves the script works")
     return parser
