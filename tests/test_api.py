@@ -145,7 +145,8 @@ def test_custom_metrics_are_logged_beside_loss_and_accuracy(mnist, tmp_path):
             assert row[f"{split}_error_rate"] == pytest.approx(1 - row[f"{split}_accuracy"], abs=1e-6)
             assert 0.3 < row[f"{split}_macro_f1"] <= 1
     header = (result.run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert header.index("val_error_rate") == header.index("val_accuracy") + 1
+    # beside the split's built-in metrics (loss, accuracy, top-5 with ten classes), before the next split's
+    assert header.index("val_accuracy") < header.index("val_error_rate") < header.index("test_loss")
     events = EventAccumulator(str(result.run_dir / "tensorboard"))
     events.Reload()
     assert {"val_macro_f1", "test_macro_f1", "test_error_rate"} <= set(events.Tags()["scalars"])
@@ -154,6 +155,7 @@ def test_custom_metrics_are_logged_beside_loss_and_accuracy(mnist, tmp_path):
     # evaluate() is the loop's: the exported (last) weights give the last row again
     assert trainer.evaluate("test") == pytest.approx(
         {"loss": result.history[-1]["test_loss"], "accuracy": result.history[-1]["test_accuracy"], "count": N_TEST,
+         "top5_accuracy": result.history[-1]["test_top5_accuracy"],
          "error_rate": result.history[-1]["test_error_rate"], "macro_f1": result.history[-1]["test_macro_f1"]})
     per_class = np.bincount(mnist["train"][1], minlength=10)
     assert trainer.evaluate("val")["count"] == sum(round(0.1 * n) for n in per_class)  # stratified
