@@ -170,7 +170,8 @@ def split_loader(recipe: Recipe, accelerator: Accelerator, split: str, train: bo
         batch_size=recipe.data.batch_size if train else recipe.data.eval_batch_size,
         device=accelerator.device, seed=recipe.seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, num_workers=recipe.data.num_workers,
-        label_smoothing=recipe.loss.label_smoothing, channels_last=recipe.channels_last)
+        label_smoothing=recipe.loss.label_smoothing, channels_last=recipe.channels_last,
+        resolution=recipe.data.resolutions())  # photos of varied sizes: crop sides, progressive resizing
     return TensorLoader(options, memory[split]) if memory else build_loader(recipe.data.loader, options)
 
 
