@@ -20,7 +20,7 @@ class ModelEma:
 
     def __init__(self, model: nn.Module, decay: float, every: int = 1) -> None:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.every = decay, every
+        self.every = every
         self.weight = 1 - decay ** every  # a Python float: no tensor is built per update
         live = list(model.parameters()) + list(model.buffers())
         mine = list(self.module.parameters()) + list(self.module.buffers())

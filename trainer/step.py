@@ -51,7 +51,6 @@ class EpochSums:
 
     def __init__(self, device: torch.device, start: EpochTotals | None = None) -> None:
         start = start or EpochTotals()
-        self.device = device
         self.seen = int(start.seen)
         self.values = {n: torch.full((), getattr(start, n), dtype=torch.float64, device=device)
                        for n in NAMES if n != "seen"}
