@@ -110,10 +110,12 @@ class FfcvLoader(ShardedLoader):
             return
         if self.varied:  # FFCV sizes its buffers from output_size when an epoch starts (as ffcv-imagenet does);
             self.decoder.output_size = (self.crop_side(),) * 2  # its compiled code takes sizes from the buffers
+        threads = torch.get_num_threads()  # FFCV sets torch's to its worker count in both calls below
         if self._loader is None:
             self._loader = self._ffcv_loader(order)
         self._loader.traversal_order.indices = order[start * o.batch_size:]  # Sequential visits these
         epoch = iter(self._loader)
+        torch.set_num_threads(threads)  # the training loop owns torch's CPU threads
         try:
             for b, (images, labels) in enumerate(epoch, start):
                 images = images.permute(0, 3, 1, 2)  # NHWC -> NCHW view; the transform makes new tensors

@@ -72,6 +72,18 @@ def test_device_copies_block_ffcvs_thread_not_the_loop(tiny_rgb_data):
     assert len(copies) == 2 and not any(op.non_blocking for op in copies)
 
 
+def test_an_epoch_leaves_torchs_cpu_threads_as_it_found_them(tiny_rgb_data):
+    """FFCV sets torch's CPU threads to its worker count at each epoch's start; the training loop owns them."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        loader = build_loader("ffcv", options(tiny_rgb_data, "test", train=True, num_workers=1))
+        assert sum(len(labels) for _, labels in loader) == len(loader) * 64
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_identity_grey_mnist(mnist_data):
     split = open_split(mnist_data, "test")
     loader = build_loader("ffcv", options(mnist_data, "test", train=False, batch_size=1000, world_size=3, rank=1))

@@ -19,6 +19,7 @@ from pipelines.dataset import dataset_identity
 from tests.data_fixtures import write_cifar10
 from tests.train_helpers import metrics, run_train
 from trainer.config import load_recipe
+from trainer.loop import cpu_threads
 from trainer.runlog import run_environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +82,20 @@ def test_deterministic_flag_sets_torch_deterministic_algorithms(tiny_rgb_data, t
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = False
+
+
+def test_a_run_sets_torchs_cpu_threads_whatever_the_process_did_before(tiny_rgb_data, tmp_path):
+    """Importing FFCV (every .beton reader does) drops torch to one CPU thread, and each FFCV epoch sets
+    its worker count; a run sets its own (OMP_NUM_THREADS, else every CPU it may use), so an in-process
+    run (tests, the notebook API) computes what a fresh process does, to the last bit."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cpu_threads() + 1)
+        run_train(train_argv(tiny_rgb_data, tmp_path / "run", "--set", "max_steps_per_epoch=2"))
+        env = json.loads((tmp_path / "run" / "environment.json").read_text())
+        assert env["torch_threads"] == cpu_threads() == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_conversions_of_one_source_share_an_identity_whatever_the_file_layout(tmp_path):

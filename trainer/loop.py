@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import resource
 import signal
 import sys
@@ -362,6 +363,14 @@ def finished_already(options: RunOptions, accelerator: Accelerator) -> bool:
     return True
 
 
+def cpu_threads() -> int:
+    """Torch's CPU threads for the run: OMP_NUM_THREADS (torchrun sets 1 per process), else every CPU this
+    process may use. Set explicitly because importing FFCV, which every .beton reader does, drops torch to one
+    thread: the count, and so the last bits of CPU results, would depend on what the process did before."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+
+
 def start(recipe: Recipe, options: RunOptions) -> Run | None:
     """Device, data, model and teacher, the run folder, and where to start (fresh or a checkpoint); None when
     `--resume auto` finds the run finished."""
@@ -381,6 +390,7 @@ def start(recipe: Recipe, options: RunOptions) -> Run | None:
         models_log.addHandler(logging.StreamHandler(sys.stdout))  # once per process (the API runs many)
         models_log.setLevel(logging.INFO)
     data = build_data(recipe, accelerator, options.splits)
+    torch.set_num_threads(cpu_threads())
     info, model = build_model(recipe, data, accelerator, options.model)
     if recipe.loss.distill.teacher:
         train_teacher_first(recipe, options.cpu)

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from common.errors import UserError
 from common.files import atomic_path
 
@@ -76,6 +78,7 @@ def run_environment(seed: int, manifest: dict, num_processes: int, device: str) 
         "platform": platform.platform(),
         "device": device,
         "num_processes": num_processes,
+        "torch_threads": torch.get_num_threads(),  # CPU results differ in the last bits between thread counts
         "packages": versions,
         "git_commit": git_commit(),
         "data": {"name": manifest.get("name"), "identity": manifest.get("identity"),
