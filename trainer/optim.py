@@ -77,11 +77,10 @@ def param_groups(model: nn.Module, phase: PhaseConfig) -> list[dict]:
 
 
 def build_optimizer(groups: list[dict], opt: OptimizerConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
-    """The recipe's optimizer: fused kernels on CUDA (one launch for all tensors, and fp16's loss scaler then
-    checks for infinities on the device instead of reading them on the host), foreach elsewhere (with torch's fused
-    CPU kernels, runs in different processes were seen to differ in the last bits, which breaks the bitwise
-    equality of a resumed run on the CPU)."""
-    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    """The recipe's optimizer: fused kernels on CPU/CUDA (one launch for all tensors, the step count kept on the
+    device, and fp16's loss scaler then checks for infinities on the device instead of reading them on the
+    host), foreach elsewhere."""
+    fast = {"fused": True} if device_type in ("cpu", "cuda") else {"foreach": True}
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov, **fast)
     if opt.name == "adam":

@@ -1,10 +1,10 @@
 """The one training step, shared by the trainer and the throughput benchmarks, and the epoch's running sums.
 
 Nothing in a step waits for the host: the loss, accuracy and gradient-norm sums stay on the device
-(`EpochSums`, read at logging steps and epoch ends), the parameter list is built once per phase, the
-gradient norm is computed only when it is clipped by or logged, the EMA is a foreach blend with
-host-side constants, and the optimizers are fused/foreach (`trainer.optim`), so fp16's loss scaler
-does not read `found_inf` on the host.
+(`EpochSums`, summed a few steps at a time, read at logging steps and epoch ends), the parameter list is
+built once per phase, the gradient norm is computed only when it is clipped by or logged, the EMA is a
+foreach blend with host-side constants, and the optimizers are fused where torch has them
+(`trainer.optim`), so fp16's loss scaler does not read `found_inf` on the host.
 """
 
 from __future__ import annotations
@@ -46,32 +46,61 @@ class EpochTotals:
 NAMES = [f.name for f in fields(EpochTotals)]
 
 
+# per-sample mean terms, summed times the batch size: epoch total -> the loss term it sums
+WEIGHTED = {"loss_sum": "loss", "kd_soft_sum": "kd_soft_loss", "kd_hard_sum": "kd_hard_loss"}
+
+
 class EpochSums:
-    """Running sums on the device, one 0-d float64 tensor per `EpochTotals` field but `seen` (host-known)."""
+    """Running sums on the device, one 0-d float64 tensor per `EpochTotals` field but `seen` (host-known).
+
+    A step queues its loss terms and its hits (prediction == label) and they are summed every `FLUSH_EVERY`
+    steps, or when the batch size changes or the sums are read: a few batched ops instead of six small ones
+    a step, which on a laptop CPU cost ~60 µs of a tiny model's ~350 µs step.
+    """
+
+    FLUSH_EVERY = 32
 
     def __init__(self, device: torch.device, start: EpochTotals | None = None) -> None:
         start = start or EpochTotals()
         self.seen = int(start.seen)
         self.values = {n: torch.full((), getattr(start, n), dtype=torch.float64, device=device)
                        for n in NAMES if n != "seen"}
+        self._queued: dict[str, list[torch.Tensor]] = {total: [] for total in WEIGHTED}
+        self._hits: list[torch.Tensor] = []
+        self._batch = 0  # the batch size of every queued step
 
     def add(self, terms: dict[str, torch.Tensor], logits: torch.Tensor, targets: torch.Tensor,
             grad_norm: torch.Tensor | None) -> None:
         n = targets.shape[0]
+        if n != self._batch:
+            self._flush()
+            self._batch = n
+        for total, term in WEIGHTED.items():
+            if term in terms:
+                self._queued[total].append(terms[term].detach())
         labels = targets.argmax(1) if targets.dtype.is_floating_point else targets
-        v = self.values
-        v["loss_sum"].add_(terms["loss"].detach(), alpha=n)
-        v["correct"].add_((logits.argmax(1) == labels).sum())
+        self._hits.append(logits.argmax(1) == labels)
         if grad_norm is not None:
-            v["grad_norm_sum"].add_(grad_norm.detach())
-            v["grad_norms"].add_(1)
-        if "kd_soft_loss" in terms:
-            v["kd_soft_sum"].add_(terms["kd_soft_loss"].detach(), alpha=n)
-            v["kd_hard_sum"].add_(terms["kd_hard_loss"].detach(), alpha=n)
+            self.values["grad_norm_sum"].add_(grad_norm.detach())
+            self.values["grad_norms"].add_(1)
         self.seen += n
+        if len(self._hits) >= self.FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Add the queued steps to the running sums (device ops only)."""
+        if not self._hits:
+            return
+        for total, queued in self._queued.items():
+            if queued:
+                self.values[total].add_(torch.stack(queued).sum(dtype=torch.float64), alpha=self._batch)
+                queued.clear()
+        self.values["correct"].add_(torch.cat(self._hits).sum())
+        self._hits.clear()
 
     def stacked(self) -> torch.Tensor:
         """All fields as one device tensor, in `NAMES` order (for a reduction across ranks)."""
+        self._flush()
         seen = self.values["loss_sum"].new_full((), self.seen)  # a fill, not a host-to-device copy
         return torch.stack([seen if n == "seen" else self.values[n] for n in NAMES])
 

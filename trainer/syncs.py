@@ -14,7 +14,6 @@ naming it and the line that called it.
 from __future__ import annotations
 
 import contextlib
-import os
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,13 +44,6 @@ def _caller() -> str:
     return "outside the project"
 
 
-def _in_host_side_optimizer() -> bool:
-    """Whether torch's optimizer is doing its host-side bookkeeping: off CUDA the trainer uses foreach
-    optimizers, which keep step counts on the host (reads and scalars there wait for no device); on CUDA it
-    uses the fused ones, which keep them on the device and are checked by CUDA's own sync debug mode."""
-    return any(f"{os.sep}torch{os.sep}optim{os.sep}" in frame.filename for frame in traceback.extract_stack())
-
-
 def _fail(what: str) -> None:
     raise HostSyncError(f"host-device sync in a steady-state step: {what} at {_caller()}; keep it on the "
                         "device, or move it to a logging step")
@@ -72,7 +64,7 @@ def _target_device(args: tuple, kwargs: dict) -> torch.device | None:
 class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if name in SYNC_OPS and not _in_host_side_optimizer():
+        if name in SYNC_OPS:
             _fail(f"{name} ({'a tensor built from host data' if 'lift_fresh' in name else 'waits for a value'})")
         if name == "aten.index.Tensor" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                                for i in args[1]):
@@ -84,7 +76,7 @@ class _Function(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in HOST_METHODS and args and isinstance(args[0], torch.Tensor) and not _in_host_side_optimizer():
+        if name in HOST_METHODS and args and isinstance(args[0], torch.Tensor):
             _fail(f"Tensor.{name}()")
         if name in COPIES and args and isinstance(args[0], torch.Tensor):
             source, target = (args[1], args[0].device) if name == "copy_" else \
