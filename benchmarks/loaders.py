@@ -31,6 +31,7 @@ from common.schema import from_dict
 from pipelines import BACKENDS, build_loader
 from pipelines.augment import AugmentSpec
 from pipelines.base import Loader, LoaderOptions
+from trainer.loop import cpu_threads
 
 BASELINE = "torchvision"
 ALL_BACKENDS = (BASELINE, *BACKENDS)
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 2:
         raise UserError(f"--epochs {args.epochs}: time at least 2 whole epochs, so per-epoch costs show")
     device = torch.device(args.device)
+    torch.set_num_threads(cpu_threads())  # as a training run sets them (importing FFCV left one)
     header = {**environment(device), "data": str(args.data), "batch size": str(args.batch_size),
               "timed": f"{args.epochs} whole epochs after {args.warmup} warm-up batches", "workers": str(args.workers),
               "command": "python -m benchmarks.loaders " + shlex.join(sys.argv[1:] if argv is None else argv)}

@@ -39,6 +39,7 @@ from pipelines import build_loader
 from pipelines.augment import AugmentSpec
 from pipelines.base import RRC_RATIO, RRC_SCALE, Loader, LoaderOptions, ResolutionSchedule
 from pipelines.dataset import load_manifest
+from trainer.loop import cpu_threads
 
 BASELINE = "torchvision"
 BACKENDS = (BASELINE, "ffcv", "dali")
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
     device = torch.device(args.device)
+    torch.set_num_threads(cpu_threads())  # as a training run sets them (importing FFCV left one)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     hymenoptera_root = extract(args.src, work / "hymenoptera_src")

@@ -352,6 +352,10 @@ def test_output_layout_dtype_and_targets():
     assert images.is_contiguous(memory_format=torch.channels_last) and torch.equal(labels, y)
     images, _ = EvalTransform(mean=MEAN, std=STD, channels_last=False)(x, y)
     assert images.is_contiguous()
+    nhwc = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # FFCV's decoded batches, viewed as NCHW
+    images, _ = EvalTransform(mean=MEAN, std=STD, channels_last=False)(nhwc, y)
+    assert images.is_contiguous()
+    torch.testing.assert_close(images, ref)
 
 
 class OpLog(TorchDispatchMode):
