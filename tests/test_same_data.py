@@ -18,6 +18,8 @@ import pytest
 
 from convert import convert_dataset
 from pipelines.dataset import BetonFile, dataset_identity
+from trainer import distributed
+from trainer.distributed import identity_cache, node_identity
 
 WORKER = Path(__file__).with_name("same_data_worker.py")
 
@@ -61,6 +63,24 @@ def test_identity_follows_the_records_not_the_file_bytes(copies):
     assert dataset_identity(one) == dataset_identity(two)  # ... holding the same records
     assert (copies["changed"] / "test.beton").stat().st_size == (one / "test.beton").stat().st_size
     assert dataset_identity(copies["changed"]) != dataset_identity(one)  # one label differs
+
+
+def test_a_node_hashes_each_dataset_version_once(copies, tmp_path, monkeypatch):
+    """Every multi-process start checks the data; the records are read once per node and file state, and a
+    file changed in place (same size) is hashed again. A garbled or unwritable cache only costs the time."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = Path(shutil.copytree(copies["one_writer"], tmp_path / "mnist"))
+    first = node_identity(data)
+    assert first == dataset_identity(data) and identity_cache().is_file()
+    with monkeypatch.context() as patch:
+        patch.setattr(distributed, "dataset_identity", lambda *_: pytest.fail("read the records again"))
+        assert node_identity(data) == first
+    relabel_first_record(data / "test.beton")
+    assert node_identity(data) == dataset_identity(data) != first
+    identity_cache().write_text("{not json")
+    assert node_identity(data) == dataset_identity(data)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(data / "manifest.json"))  # a file: the cache cannot be made there
+    assert node_identity(data) == dataset_identity(data)
 
 
 def test_ranks_with_different_copies_all_stop_naming_host_rank_and_path(copies, tmp_path):

@@ -3,24 +3,61 @@ launcher's mixed-precision setting carried into the recipe, and the environment 
 
 Each node may hold its own copy of the converted data at the same path; a stale or different copy
 would train silently on other samples, so every rank hashes the dataset it opened and compares with
-rank 0 before training starts.
+rank 0 before training starts. The hash reads every record, so each node remembers it per file state
+(`node_identity`): the next start, and every elastic restart, reads no records.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
+from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from common.errors import UserError
-from pipelines.dataset import dataset_identity
+from common.files import write_json
+from pipelines.dataset import MANIFEST, dataset_identity
+
+KEPT_IDENTITIES = 100  # entries of the node's identity cache (one per dataset version seen)
 
 # torchrun shares its rendezvous TCPStore with the workers by default; a worker group restarted after a
 # lost worker then reads the previous group's gloo/NCCL addresses from it and cannot connect (pytorch
 # issues 135712 and 167288; reproduced here with torch 2.14 and gloo). Elastic jobs turn the sharing off.
 ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def identity_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "beton-trainer" / "identities.json"
+
+
+def _cached_identities() -> dict[str, str]:
+    try:
+        cache = json.loads(identity_cache().read_text())
+    except (OSError, ValueError):  # none yet, or garbled: start again
+        return {}
+    return {k: v for k, v in cache.items() if isinstance(v, str)} if isinstance(cache, dict) else {}
+
+
+def node_identity(data_dir: str | Path) -> str:
+    """`dataset_identity`, remembered in the user's cache under the state (path, size, modification time) of
+    the manifest and every .beton: a file that changes is hashed again; an unwritable cache only costs time."""
+    folder = Path(data_dir).resolve()
+    files = [p for p in (folder / MANIFEST, *sorted(folder.glob("*.beton"))) if p.is_file()]
+    state = json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    key = hashlib.sha256(state.encode()).hexdigest()
+    cache = _cached_identities()
+    if key not in cache:
+        cache[key] = dataset_identity(data_dir)  # a UserError (missing, corrupt file) propagates; nothing is kept
+        try:
+            identity_cache().parent.mkdir(parents=True, exist_ok=True)
+            write_json(identity_cache(), dict(list(cache.items())[-KEPT_IDENTITIES:]))
+        except OSError:
+            pass
+    return cache[key]
 
 
 def check_same_data(accelerator: Accelerator, data_dir: str) -> None:
@@ -32,7 +69,7 @@ def check_same_data(accelerator: Accelerator, data_dir: str) -> None:
     if accelerator.num_processes == 1:
         return
     try:
-        identity, error = dataset_identity(data_dir), None
+        identity, error = node_identity(data_dir), None
     except UserError as exc:
         identity, error = None, str(exc)
     ranks = gather_object([(accelerator.process_index, socket.gethostname(), identity, error)])
