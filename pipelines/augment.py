@@ -402,6 +402,10 @@ def mixup_cutmix(x: Tensor, labels: Tensor, spec: MixSpec, num_classes: int, smo
 # ---------------------------------------------------------------- the transforms
 
 
+def _memory_format(x: Tensor, channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
+
+
 class Normalize:
     """[0, 1] float -> (x - mean) / std, or uint8 -> the same in one pass; the constants cached per device
     (no per-batch copy)."""
@@ -425,15 +429,14 @@ class Normalize:
         """uint8 -> normalized float32 as x / (255 std) - mean / std: one kernel over the batch instead of four
         (on a CPU those float passes were most of a photo loader's main-thread time), in the asked layout."""
         _, _, shift, scale = self._constants(x.device)
-        fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device,
+                          memory_format=_memory_format(x, channels_last))
         return torch.addcmul(shift, x, scale, out=out)
 
 
 def to_float(x: Tensor, channels_last: bool) -> Tensor:
     """uint8 -> float32 in [0, 1], switching to channels-last in the same pass when asked."""
-    fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
-    return x.to(torch.float32, memory_format=fmt) / 255
+    return x.to(torch.float32, memory_format=_memory_format(x, channels_last)) / 255
 
 
 def _layout(x: Tensor, channels_last: bool) -> Tensor:
