@@ -231,10 +231,27 @@ def random_crop(x: Tensor, padding: int, mode: str, fill: int, gen: torch.Genera
     return crop_at(x, dy, dx, padding, mode, fill)
 
 
+def select_samples(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Sample i of `a` where mask[i], else of `b` (a torch.where over whole samples). When both share a dense
+    layout whose samples are whole 8-byte words, it selects int64 words: a where over broadcast uint8
+    elements took a CPU 2.5-3.2 ms for a 32x3x224x224 batch, this 0.5-0.9 ms."""
+    layout = next((f for f in (torch.contiguous_format, torch.channels_last)
+                   if a.dim() == 4 and a.is_contiguous(memory_format=f) and b.is_contiguous(memory_format=f)), None)
+    if layout is None or (a[0].numel() * a.element_size()) % 8:
+        return torch.where(mask.view(-1, *[1] * (a.dim() - 1)), a, b)
+    order = (0, 2, 3, 1) if layout is torch.channels_last else (0, 1, 2, 3)  # the order of the bytes in memory
+
+    def words(t: Tensor) -> Tensor:
+        return t.permute(order).reshape(t.shape[0], -1).view(torch.int64)
+
+    picked = torch.where(mask[:, None], words(a), words(b)).view(a.dtype)
+    return picked.view([a.shape[d] for d in order]).permute([order.index(d) for d in range(4)])
+
+
 def random_flip(x: Tensor, p: float, gen: torch.Generator) -> Tensor:
     """Horizontal flip of each sample with probability p."""
     flip = torch.rand(x.shape[0], generator=gen, device=x.device) < p
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return select_samples(flip, x.flip(3), x)
 
 
 # ---------------------------------------------------------------- stages on float [0, 1]
@@ -413,13 +430,17 @@ class Normalize:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         # mean, std, and for uint8 input: shift -mean/std and scale 1/(255 std)
         self.values = (mean, std, [-m / s for m, s in zip(mean, std)], [1 / (255 * s) for s in std])
-        self._cache: dict[torch.device, list[Tensor]] = {}
+        self._cache: dict[tuple[torch.device, int], list[Tensor]] = {}
 
-    def _constants(self, device: torch.device) -> list[Tensor]:
-        if device not in self._cache:
-            self._cache[device] = [torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-                                   for v in self.values]
-        return self._cache[device]
+    def _constants(self, device: torch.device, width: int = 1) -> list[Tensor]:
+        """The four constants as (1, C, 1, width): width 1 broadcasts; a channels-last batch's width makes them
+        channels-last rows as long as the batch's (C, W) rows, so the kernel runs over whole rows instead of
+        a size-C broadcast (1.6 ms instead of 3.9 for a 32x3x224x224 batch on a 2-core CPU)."""
+        if (device, width) not in self._cache:
+            self._cache[device, width] = [
+                torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1).expand(1, -1, 1, width)
+                .contiguous(memory_format=torch.channels_last) for v in self.values]
+        return self._cache[device, width]
 
     def __call__(self, x: Tensor) -> Tensor:
         mean, std, _, _ = self._constants(x.device)
@@ -428,9 +449,9 @@ class Normalize:
     def from_uint8(self, x: Tensor, channels_last: bool) -> Tensor:
         """uint8 -> normalized float32 as x / (255 std) - mean / std: one kernel over the batch instead of four
         (on a CPU those float passes were most of a photo loader's main-thread time), in the asked layout."""
-        _, _, shift, scale = self._constants(x.device)
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device,
-                          memory_format=_memory_format(x, channels_last))
+        layout = _memory_format(x, channels_last)
+        _, _, shift, scale = self._constants(x.device, x.shape[-1] if layout is torch.channels_last else 1)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=layout)
         return torch.addcmul(shift, x, scale, out=out)
 
 

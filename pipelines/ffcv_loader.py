@@ -64,12 +64,9 @@ class FfcvLoader(ShardedLoader):
     def _image_decoder(self, grey: bool):
         """Stored pixels as they are for fixed-size data; for photos of varied sizes, FFCV's crop-and-resize
         decoders straight to a square of side `crop_side()` (set again each epoch: progressive resizing)."""
-        from ffcv.fields.decoders import (
-            CenterCropRGBImageDecoder,
-            NDArrayDecoder,
-            RandomResizedCropRGBImageDecoder,
-            SimpleRGBImageDecoder,
-        )
+        from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
+
+        from pipelines.jpeg_region import CenterCropDecoder, RandomResizedCropDecoder
 
         if grey:
             return NDArrayDecoder()
@@ -77,8 +74,8 @@ class FfcvLoader(ShardedLoader):
             return SimpleRGBImageDecoder()
         side = (self.crop_side(),) * 2
         if self.options.train:
-            return RandomResizedCropRGBImageDecoder(side, scale=RRC_SCALE, ratio=RRC_RATIO)
-        return CenterCropRGBImageDecoder(side, ratio=CENTER_CROP_RATIO)
+            return RandomResizedCropDecoder(side, scale=RRC_SCALE, ratio=RRC_RATIO)
+        return CenterCropDecoder(side, ratio=CENTER_CROP_RATIO)
 
     def _ffcv_loader(self, first_order):
         """The FFCV Loader, built once (its numba pipeline and memory manager cost ~1 s a build); each

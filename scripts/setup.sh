@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make .venv ready: system libraries FFCV builds against, PyTorch, then this project and its tools.
+# Make .venv ready: system libraries FFCV and pipelines/jpeg_region.c build against, PyTorch, then this project
+# (compiling that decoder) and its tools.
 # Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,21 +9,22 @@ PYTHON=${PYTHON:-python3}
 missing=()
 pkg-config --exists opencv4 2>/dev/null || missing+=(libopencv-dev)
 [ -f /usr/include/turbojpeg.h ] || missing+=(libturbojpeg0-dev)
+[ -f /usr/include/jpeglib.h ] || missing+=(libjpeg-dev)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing ${missing[*]} (FFCV builds against them)"
+    echo "setup: installing ${missing[*]} (FFCV and the region JPEG decoder build against them)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
     sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "setup: FFCV needs ${missing[*]}; install them with your package manager (e.g. apt-get install ${missing[*]}) and re-run" >&2
+    echo "setup: FFCV and the region JPEG decoder need ${missing[*]}; install them with your package manager (e.g. apt-get install ${missing[*]}) and re-run" >&2
     exit 1
   fi
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-stamp=.venv/.installed-$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$(sha256sum pyproject.toml setup.py pipelines/jpeg_region.c scripts/setup.sh | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   # CPU-friendly pins that this machine kind caches locally; a GPU machine may bring its own torch first.

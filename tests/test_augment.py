@@ -24,6 +24,7 @@ from pipelines.augment import (
     EvalTransform,
     JitterSpec,
     MixSpec,
+    Normalize,
     TrainTransform,
     adjust_brightness,
     adjust_contrast,
@@ -36,6 +37,7 @@ from pipelines.augment import (
     random_crop,
     random_erase,
     random_flip,
+    select_samples,
     soft_targets,
 )
 
@@ -125,14 +127,46 @@ def test_crop_rejects_reflect_padding_larger_than_image():
         crop_at(x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 4, "reflect")
 
 
-def test_flip_rate_and_equal_to_torchvision():
+@pytest.mark.parametrize("layout", ["odd bytes", "contiguous", "channels-last view"])
+def test_flip_rate_and_equal_to_torchvision(layout):
+    """Per layout: 90-byte samples take torch.where, the others select whole samples as int64 words."""
     n, p = 4000, 0.3
-    x = torch.randint(0, 256, (n, 3, 6, 5), dtype=torch.uint8, generator=gen(2))
+    shape = {"odd bytes": (n, 3, 6, 5), "contiguous": (n, 3, 8, 6), "channels-last view": (n, 8, 6, 3)}[layout]
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen(2))
+    if layout == "channels-last view":  # as FFCV's NHWC batches arrive
+        x = x.permute(0, 3, 1, 2)
     out = random_flip(x, p, gen(3))
+    assert out.shape == x.shape and out.stride() == x.flip(3).stride()
     flipped = (out == TF.hflip(x)).flatten(1).all(1)
     kept = (out == x).flatten(1).all(1)
     assert torch.all(flipped ^ kept)
     assert abs(flipped.float().mean().item() - p) < five_sigma_binomial(n, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("shape, order", [((5, 3, 8, 8), (0, 1, 2, 3)), ((5, 8, 8, 3), (0, 3, 1, 2)),
+                                          ((5, 3, 7, 7), (0, 1, 2, 3)), ((5, 7, 7, 3), (0, 3, 1, 2))])
+def test_select_samples_equals_torch_where(dtype, shape, order):
+    a = torch.randint(0, 256, shape, generator=gen(5)).to(dtype).permute(order)
+    b = torch.randint(0, 256, shape, generator=gen(6)).to(dtype).permute(order)
+    mask = torch.tensor([True, False, False, True, True])
+    out = select_samples(mask, a, b)
+    assert torch.equal(out, torch.where(mask[:, None, None, None], a, b)) and out.dtype == dtype
+    assert torch.equal(select_samples(mask, a.contiguous(), b), torch.where(mask[:, None, None, None], a, b))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (0, 3, 1, 2)])
+def test_normalize_from_uint8_equals_the_float_formula(channels_last, order):
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    x = torch.randint(0, 256, (4, 3, 10, 12) if order == (0, 1, 2, 3) else (4, 10, 12, 3), dtype=torch.uint8,
+                      generator=gen(7)).permute(order)
+    normalize = Normalize(mean, std)
+    out = normalize.from_uint8(x, channels_last)
+    want = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.equal(normalize.from_uint8(x[:, :, :, :5], channels_last), out[:, :, :, :5])  # another width
 
 
 # ---------------------------------------------------------------- float stages
