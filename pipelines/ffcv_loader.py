@@ -66,7 +66,7 @@ class FfcvLoader(ShardedLoader):
         decoders straight to a square of side `crop_side()` (set again each epoch: progressive resizing)."""
         from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
 
-        from pipelines.jpeg_region import CenterCropDecoder, RandomResizedCropDecoder
+        from pipelines.crop_decode import CenterCropDecoder, RandomResizedCropDecoder
 
         if grey:
             return NDArrayDecoder()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make .venv ready: system libraries FFCV and pipelines/jpeg_region.c build against, PyTorch, then this project
+# Make .venv ready: system libraries FFCV and pipelines/crop_decode.c build against, PyTorch, then this project
 # (compiling that decoder) and its tools.
 # Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
@@ -13,18 +13,18 @@ pkg-config --exists opencv4 2>/dev/null || missing+=(libopencv-dev)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing ${missing[*]} (FFCV and the region JPEG decoder build against them)"
+    echo "setup: installing ${missing[*]} (FFCV and the crop decoder build against them)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
     sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "setup: FFCV and the region JPEG decoder need ${missing[*]}; install them with your package manager (e.g. apt-get install ${missing[*]}) and re-run" >&2
+    echo "setup: FFCV and the crop decoder need ${missing[*]}; install them with your package manager (e.g. apt-get install ${missing[*]}) and re-run" >&2
     exit 1
   fi
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-stamp=.venv/.installed-$(sha256sum pyproject.toml setup.py pipelines/jpeg_region.c scripts/setup.sh | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$(sha256sum pyproject.toml setup.py pipelines/crop_decode.c scripts/setup.sh | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   # CPU-friendly pins that this machine kind caches locally; a GPU machine may bring its own torch first.

@@ -1,0 +1,136 @@
+"""FFCV crop decoders that decode only the crop: ffcv-imagenet's random-resized-crop (training) and centre-crop
+(evaluation) decoders, with FFCV 1.0.2's whole-image decode and OpenCV resize replaced by `crop_decode.c`.
+
+FFCV 1.0.2 decodes each JPEG whole into a scratch buffer, then resizes the crop out of it with OpenCV's area
+interpolation. A random-resized crop covers about half the image on average (area 8-100%), so half the decoding
+was thrown away, and the resize took as long as the decoding. Here libjpeg-turbo decodes only the crop's rows
+and block columns, shrinking by 1/2, 1/4 or 1/8 in the DCT when the crop is at least that many times the output
+side (large photos); then the same area average as OpenCV's shrinks it, 2-2.6x faster. A crop smaller than
+the output (upscaling) is resized by FFCV's OpenCV call, as before. Raw (uncompressed) images in FFCV's mixed
+mode are only resized. A crop decoded at full scale gives the same pixels as FFCV's whole-image decode, and
+the area average matches OpenCV's to within one level; a shrunk crop's bounds stay exact (fractional) through
+the resize.
+
+The crops are drawn by FFCV's own `get_random_crop`/`get_center_crop` with the same arguments.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from collections.abc import Callable
+
+import numpy as np
+from ffcv.fields.rgb_image import (
+    IMAGE_MODES,
+    CenterCropRGBImageDecoder,
+    RandomResizedCropRGBImageDecoder,
+)
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.pipeline.compiler import Compiler
+
+from common.errors import UserError
+
+LIBRARY = "pipelines._crop_decode"  # built from crop_decode.c by `make setup` (setup.py)
+
+
+def _load() -> ctypes.CDLL:
+    spec = importlib.util.find_spec(LIBRARY)
+    if spec is None or spec.origin is None:
+        raise UserError(f"{LIBRARY} (the FFCV backend's crop decoder) is not built; run `make setup` "
+                        "(it needs libjpeg-dev and a C compiler)")
+    lib = ctypes.CDLL(spec.origin)
+    lib.decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
+                                  *[ctypes.c_uint32] * 5, ctypes.c_void_p]
+    lib.resize_area.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, *[ctypes.c_double] * 4,
+                                ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    lib.decode_region.restype = lib.resize_area.restype = ctypes.c_int
+    return lib
+
+
+_lib = _load()
+_decode_region_c, _resize_area_c = _lib.decode_region, _lib.resize_area
+
+
+def decode_region(source: np.ndarray, dst: np.ndarray, top: int, left: int, height: int, width: int,
+                  scale_denom: int, region: np.ndarray) -> int:
+    """Decodes rows [top, top + height) and columns [left, left + width) of the JPEG `source`, shrunk by
+    `scale_denom` (1, 2, 4 or 8), into `dst` as (region[0], region[1], 3) RGB pixels, a little more than asked;
+    region[2:6] (float64) receive where the crop lies in them: first row, end row, first column, end column,
+    fractional when shrunk. Returns 0, or -1 if libjpeg could not."""
+    return _decode_region_c(source.ctypes.data, source.size, dst.ctypes.data, dst.size, top, left, height, width,
+                            scale_denom, region.ctypes.data)
+
+
+def resize_area(source: np.ndarray, y_begin: float, y_end: float, x_begin: float, x_end: float,
+                dst: np.ndarray) -> int:
+    """Rows [y_begin, y_end) x columns [x_begin, x_end) (fractional bounds allowed) of the (rows, cols, 3) uint8
+    `source` (rows C-contiguous) shrunk into `dst` (h, w, 3) by area averaging, as OpenCV's INTER_AREA.
+    Returns 0, or -1 without writing when that is not a shrink."""
+    return _resize_area_c(source.ctypes.data, source.shape[0], source.shape[1], y_begin, y_end, x_begin, x_end,
+                          dst.ctypes.data, dst.shape[0], dst.shape[1])
+
+
+def dct_scale(crop_height: int, crop_width: int, out_height: int, out_width: int) -> int:
+    """The largest of 1, 2, 4, 8 that the crop can be shrunk by in the DCT and still cover the output."""
+    denom = 1
+    while denom < 8 and crop_height >= 2 * denom * out_height and crop_width >= 2 * denom * out_width:
+        denom *= 2
+    return denom
+
+
+class _RegionDecoding:
+    """generate_code for FFCV's ResizedCropRGBImageDecoder subclasses, decoding only the crop."""
+
+    def generate_code(self) -> Callable:
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        decode_region_c = Compiler.compile(decode_region)
+        resize_area_c = Compiler.compile(resize_area)
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        get_crop_c = Compiler.compile(self.get_crop_generator)
+        dct_scale_c = Compiler.compile(dct_scale)
+        scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
+        ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            out_height, out_width = destination.shape[1], destination.shape[2]
+            for dst_ix in my_range(len(batch_indices)):
+                field = metadata[batch_indices[dst_ix]]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                temp = temp_storage[dst_ix]
+                region = np.empty(6, dtype=np.float64)  # rows, cols, then the crop's bounds in them
+                if field["mode"] == jpg and decode_region_c(image_data, temp, i, j, h, w,
+                                                            dct_scale_c(h, w, out_height, out_width), region) == 0:
+                    crop = temp[:int(region[0]) * int(region[1]) * 3].reshape(int(region[0]), int(region[1]), 3)
+                else:
+                    if field["mode"] == jpg:  # libjpeg refused the region: decode whole as FFCV does
+                        imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
+                        crop = temp[:height * width * 3].reshape(height, width, 3)
+                    else:  # raw pixels
+                        crop = image_data.reshape(height, width, 3)
+                    region[2], region[3], region[4], region[5] = i, i + h, j, j + w
+                if resize_area_c(crop, region[2], region[3], region[4], region[5], destination[dst_ix]) != 0:
+                    # an enlargement (never after a DCT shrink, so the bounds are whole): OpenCV's, as FFCV
+                    resize_crop_c(crop, int(region[2]), int(region[3]), int(region[4]), int(region[5]),
+                                  destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class RandomResizedCropDecoder(_RegionDecoding, RandomResizedCropRGBImageDecoder):
+    """ffcv-imagenet's training decoder (random crop of area `scale`, aspect `ratio`, resized to
+    `output_size`), decoding only the crop."""
+
+
+class CenterCropDecoder(_RegionDecoding, CenterCropRGBImageDecoder):
+    """ffcv-imagenet's evaluation decoder (centre square of `ratio` times the shorter side, resized to
+    `output_size`), decoding only the crop."""
