@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[160, 192, 224])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per round and loader")
+    parser.add_argument("--epochs", type=int, default=12, help="timed epochs per round and loader (chained)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of timing; the median is reported")
     parser.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every loader")
@@ -153,14 +153,14 @@ def measure(loaders: dict[str, Loader], args: argparse.Namespace, device: torch.
     rates: dict[str, list[float]] = {key: [] for key in loaders}
     for _ in range(args.rounds):
         for key, loader in loaders.items():
-            rates[key].append(images_per_second(loader, device, args.warmup, args.batches))
+            rates[key].append(images_per_second(loader, device, args.warmup, args.epochs))
     return {key: statistics.median(values) for key, values in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
-        args.generated, args.resolutions, args.batches, args.warmup, args.batch_size, args.rounds = 40, [64], 2, 1, 8, 1
+        args.generated, args.resolutions, args.epochs, args.warmup, args.batch_size, args.rounds = 40, [64], 2, 1, 8, 1
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
     device = torch.device(args.device)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python -m benchmarks.photo_loaders " + shlex.join(sys.argv[1:] if argv is None else argv)
     header = {**environment(device), "batch size": str(args.batch_size), "workers (every loader)": str(args.workers),
-              "timed": f"median of {args.rounds} rounds of {args.batches} batches (after {args.warmup} warm-up), "
+              "timed": f"median of {args.rounds} rounds of {args.epochs} epochs (after {args.warmup} warm-up batches), "
                        "loaders taking turns, epochs chained",
               **{f"conversion, {key}": rate for key, rate in conversions.items()}, "command": command}
     lines = [f"- {key}: {value}" for key, value in header.items()]

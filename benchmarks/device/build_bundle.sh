@@ -13,7 +13,9 @@ the GPU machine one `run` call at a time, plus DIR/bundle.json (every file and p
   wheels/            ffcv (built here for cp312), nvidia-dali-<flavour> and the nvimgcodec/nvcomp wheels
                      its metadata names, downloaded as cp312 manylinux x86_64 wheels
   wheels/if-missing/ DALI's import-time Python deps (installed there only when not importable)
-  libs/              ffcv-libs.tar.xz: the shared libraries _libffcv needs beyond the C/C++ runtime
+  libs/              ffcv-libs.tar.xz: the shared libraries _libffcv and the crop decoder need beyond the
+                     C/C++ runtime
+  project/           pipelines/_crop_decode.abi3.so, the FFCV backend's crop decoder as `make setup` built it
   data/              cifar10-jpeg.tar.xz and mnist/*.gz from the shared data folder (not with --no-data)
 Downloads and the ffcv build are cached in DIR/cache (--force starts over); re-running re-packs only.
 
@@ -87,17 +89,22 @@ if ! ls "$CACHE"/ffcv/ffcv-"$FFCV_VERSION"-cp312-*.whl >/dev/null 2>&1; then
 fi
 FFCV_WHEEL=$(ls "$CACHE"/ffcv/ffcv-"$FFCV_VERSION"-cp312-*.whl)
 
-echo "== shared libraries of _libffcv"
+echo "== shared libraries of _libffcv and the crop decoder"
 rm -rf "$CACHE/so" "$CACHE/libs" && mkdir -p "$CACHE/so" "$CACHE/libs"
 "$VPY" -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
 [z.extract(n, sys.argv[2]) for n in z.namelist() if n.startswith('ffcv/_libffcv')]" "$FFCV_WHEEL" "$CACHE/so"
 SO=$(ls "$CACHE"/so/ffcv/_libffcv*.so)
-if ldd "$SO" | grep -q "not found"; then
-  die "_libffcv needs libraries missing here: $(ldd "$SO" | grep 'not found' | tr -s ' \t\n' ' ')"
-fi
+# the FFCV backend's crop decoder (pipelines/crop_decode.c), built by `make setup`: plain C, abi3, any CPython 3
+DECODER=$ROOT/pipelines/_crop_decode.abi3.so
+[ -f "$DECODER" ] || die "$DECODER is missing; run 'make setup'"
+for lib in "$SO" "$DECODER"; do
+  if ldd "$lib" | grep -q "not found"; then
+    die "$(basename "$lib") needs libraries missing here: $(ldd "$lib" | grep 'not found' | tr -s ' \t\n' ' ')"
+  fi
+done
 # the C and C++ runtime (and zlib) are on every Linux that runs Python; everything else travels
 SKIP='^(linux-vdso|ld-linux|libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|libz)\.so'
-ldd "$SO" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | while read -r soname path; do
+ldd "$SO" "$DECODER" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | sort -u | while read -r soname path; do
   if ! [[ $soname =~ $SKIP ]]; then cp -L --preserve=timestamps "$path" "$CACHE/libs/$soname"; fi
 done
 mkdir -p "$CACHE/libs-tar"
@@ -105,7 +112,7 @@ tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$CACHE/libs" 
   | xz -9 -T1 > "$CACHE/libs-tar/ffcv-libs.tar.xz"
 ls "$CACHE/libs" | sed 's/^/  /'
 max_version() { # the highest GLIBC_/GLIBCXX_ symbol version the .so files ask for
-  for f in "$SO" "$CACHE"/libs/*; do objdump -T "$f"; done 2>/dev/null | grep -oE "\b$1_[0-9.]+" | sort -uV | tail -n 1
+  for f in "$SO" "$DECODER" "$CACHE"/libs/*; do objdump -T "$f"; done 2>/dev/null | grep -oE "\b$1_[0-9.]+" | sort -uV | tail -n 1
 }
 GLIBC=$(max_version GLIBC); GLIBCXX=$(max_version GLIBCXX)
 echo "  they need $GLIBC and $GLIBCXX (libstdc++) on the GPU machine"
@@ -139,6 +146,7 @@ for name in "${IF_MISSING[@]}"; do
   link "$(ls "$CACHE"/wheels/if-missing/"$name"-"$(version "$name")"-*.whl)" "$PAYLOAD/wheels/if-missing/"
 done
 link "$CACHE/libs-tar/ffcv-libs.tar.xz" "$PAYLOAD/libs/"
+mkdir -p "$PAYLOAD/project/pipelines" && cp "$DECODER" "$PAYLOAD/project/pipelines/"
 if [ "$WITH_DATA" = 1 ]; then
   mkdir -p "$PAYLOAD/data/mnist"
   cp "$DATA/cifar10-jpeg.tar.xz" "$PAYLOAD/data/"

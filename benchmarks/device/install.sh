@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install, on the offline GPU machine, the bundle that build_bundle.sh made here and the `run` calls carried
 # there group by group: check every part, join, pip-install the wheels into a folder, unpack the libraries,
-# write env.sh, and check that ffcv and nvidia.dali import. See benchmarks/device/README.md.
+# put the crop decoder into pipelines/, write env.sh, and check that ffcv, it and nvidia.dali import. See benchmarks/device/README.md.
 set -euo pipefail
 
 usage() {
@@ -16,7 +16,7 @@ usage: benchmarks/device/install.sh [--bundle DIR] [--prefix DIR] [--stash GROUP
                     LD_LIBRARY_PATH, and BUNDLE_DATA to the datasets' folder
 With every group stashed it verifies all parts (sha256), joins them into BUNDLE/files, verifies each file,
 installs and prints one line per module: 'ffcv: ok 1.0.2' or 'ffcv: FAILED: <why>'. Exit status 0 when
-both import, 1 when one does not, 2 for a missing or corrupt part. Re-running skips what is already done.
+all import, 1 when one does not, 2 for a missing or corrupt part. Re-running skips what is already done.
 Set PYTHON to choose the interpreter (default python3).
 EOF
 }
@@ -87,6 +87,9 @@ for archive in "$FILES"/libs/*.tar.xz; do
 done
 ls "$PREFIX/lib" | tr '\n' ' ' | sed 's/^/  /'; echo
 
+echo "== the FFCV backend's crop decoder into pipelines/"
+cp "$FILES/project/pipelines/_crop_decode.abi3.so" pipelines/
+
 cat > "$PREFIX/env.sh" <<EOF
 # source me: the bundle's Python packages and shared libraries, and its datasets' folder
 export PYTHONPATH=$PREFIX\${PYTHONPATH:+:\$PYTHONPATH}
@@ -113,5 +116,6 @@ so=$(ls "$PREFIX"/ffcv/_libffcv*.so 2>/dev/null || true)
 if [ -n "$so" ] && ldd "$so" | grep -q "not found"; then
   echo "  _libffcv cannot find: $(ldd "$so" | awk '/not found/ {print $1}' | tr '\n' ' ')"
 fi
+check crop_decode "import pipelines.crop_decode as c; print(c._lib._name)"
 check nvidia.dali "import nvidia.dali as dali, nvidia.dali.fn, nvidia.dali.plugin.pytorch; print(dali.__version__)"
 exit $status
