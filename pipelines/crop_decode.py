@@ -5,7 +5,7 @@ FFCV 1.0.2 decodes each JPEG whole into a scratch buffer, then resizes the crop 
 interpolation. A random-resized crop covers about half the image on average (area 8-100%), so half the decoding
 was thrown away, and the resize took as long as the decoding. Here libjpeg-turbo decodes only the crop's rows
 and block columns, shrinking by 1/2, 1/4 or 1/8 in the DCT when the crop is at least that many times the output
-side (large photos); then the same area average as OpenCV's shrinks it, 2-2.6x faster. A crop smaller than
+side (large photos); then the same area average as OpenCV's shrinks it, 1.8-2.5x faster. A crop smaller than
 the output (upscaling) is resized by FFCV's OpenCV call, as before. Raw (uncompressed) images in FFCV's mixed
 mode are only resized. A crop decoded at full scale gives the same pixels as FFCV's whole-image decode, and
 the area average matches OpenCV's to within one level; a shrunk crop's bounds stay exact (fractional) through
