@@ -60,7 +60,8 @@ int decode_region(const unsigned char *src, uint64_t size, unsigned char *dst, u
     cinfo->dct_method = JDCT_IFAST; /* as FFCV's own decoder (TJFLAG_FASTDCT) */
     jpeg_start_decompress(cinfo);
 
-    double d = scale_denom, y_begin = top / d, y_end = (top + height) / d, x_begin = left / d, x_end = (left + width) / d;
+    double d = scale_denom, y_begin = top / d, y_end = (top + height) / d;
+    double x_begin = left / d, x_end = (left + width) / d;
     JDIMENSION y0 = (JDIMENSION)y_begin, y1 = (JDIMENSION)ceil(y_end), x0 = (JDIMENSION)x_begin;
     JDIMENSION x1 = (JDIMENSION)ceil(x_end);
     if (y1 > cinfo->output_height) y1 = cinfo->output_height;
@@ -121,7 +122,8 @@ int resize_area(const unsigned char *src, int32_t rows, int32_t cols, double y_b
     int taps_y = (int)ceil((y_end - y_begin) / out_h) + 2, taps_x = (int)ceil((x_end - x_begin) / out_w) + 2;
     int line_width = (int)ceil(x_end) - (int)x_begin;
     int *first_y = malloc(sizeof(int) * 2 * (size_t)(out_h + out_w));
-    float *weights_y = malloc(sizeof(float) * ((size_t)out_h * taps_y + (size_t)out_w * taps_x + (size_t)line_width * 3));
+    size_t floats = (size_t)out_h * taps_y + (size_t)out_w * taps_x + (size_t)line_width * 3;
+    float *weights_y = malloc(sizeof(float) * floats);
     if (first_y == NULL || weights_y == NULL) {
         free(first_y);
         free(weights_y);
