@@ -17,8 +17,9 @@ rank)`. One spec, one implementation: with the same seed the ffcv and tensor bac
 batches.
 
 Photos of varied sizes (the manifest records no image_shape) are decoded straight to square crops, as in
-ffcv-imagenet: `RandomResizedCropRGBImageDecoder` for training (area 8-100%, aspect 3/4-4/3) and
-`CenterCropRGBImageDecoder` (224/256 of the shorter side) for evaluation; the device ops follow. The crop
+ffcv-imagenet: random-resized crops for training (area 8-100%, aspect 3/4-4/3) and centre crops (224/256 of
+the shorter side) for evaluation, by FFCV's decoders with the decoding of only the crop from
+`pipelines.crop_decode`; the device ops follow. The crop
 side can change between epochs (progressive resizing): the decoder's `output_size` is set before each
 epoch, and FFCV sizes its buffers from it when the epoch starts. These crops are drawn by FFCV's own
 per-thread numba generator, which cannot be keyed by (seed, epoch, batch): the order and the device ops stay
@@ -62,8 +63,8 @@ class FfcvLoader(ShardedLoader):
         self.decoder = self._image_decoder(grey=beton.storage == "ndarray")
 
     def _image_decoder(self, grey: bool):
-        """Stored pixels as they are for fixed-size data; for photos of varied sizes, FFCV's crop-and-resize
-        decoders straight to a square of side `crop_side()` (set again each epoch: progressive resizing)."""
+        """Stored pixels as they are for fixed-size data; for photos of varied sizes, crop-and-resize decoders
+        straight to a square of side `crop_side()` (set again each epoch: progressive resizing)."""
         from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
 
         from pipelines.crop_decode import CenterCropDecoder, RandomResizedCropDecoder
