@@ -424,8 +424,8 @@ def _memory_format(x: Tensor, channels_last: bool) -> torch.memory_format:
 
 
 class Normalize:
-    """[0, 1] float -> (x - mean) / std, or uint8 -> the same in one pass; the constants cached per device
-    (no per-batch copy)."""
+    """[0, 1] float -> (x - mean) / std, or uint8 -> the same in one pass; the constants cached per device and
+    row width (no per-batch copy)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         # mean, std, and for uint8 input: shift -mean/std and scale 1/(255 std)

@@ -109,18 +109,18 @@ def test_dct_scale_shrinks_only_while_the_crop_still_covers_the_output():
 def test_damaged_input_and_a_small_buffer_are_refused(jpegs):
     jpeg = jpegs[0]
     h, w = size(jpeg)
-    shape = np.zeros(6)
+    bounds = np.zeros(6)
     out = np.zeros(h * w * 3, dtype=np.uint8)
     text = np.frombuffer(b"this is not a JPEG, only text named .jpg" * 10, dtype=np.uint8)
-    assert decode_region(text, out, 0, 0, 10, 10, 1, shape) == -1
-    assert decode_region(jpeg[:2], out, 0, 0, 10, 10, 1, shape) == -1  # the start-of-image marker alone
+    assert decode_region(text, out, 0, 0, 10, 10, 1, bounds) == -1
+    assert decode_region(jpeg[:2], out, 0, 0, 10, 10, 1, bounds) == -1  # the start-of-image marker alone
     small = np.full(100 * w * 3, 7, dtype=np.uint8)
-    assert decode_region(jpeg, small[:-1], 0, 0, 100, w, 1, shape) == -1  # one byte short: nothing written
+    assert decode_region(jpeg, small[:-1], 0, 0, 100, w, 1, bounds) == -1  # one byte short: nothing written
     assert (small == 7).all()
-    assert decode_region(jpeg, small, 0, 0, 100, w, 1, shape) == 0 and shape[:2].tolist() == [100, w]
-    assert decode_region(jpeg, out, h, 0, 10, 10, 1, shape) == -1  # a region outside the image
+    assert decode_region(jpeg, small, 0, 0, 100, w, 1, bounds) == 0 and bounds[:2].tolist() == [100, w]
+    assert decode_region(jpeg, out, h, 0, 10, 10, 1, bounds) == -1  # a region outside the image
     # the same decompressor (one per thread) still decodes after the refusals
-    assert decode_region(jpeg, out, 0, 0, h, w, 1, shape) == 0
+    assert decode_region(jpeg, out, 0, 0, h, w, 1, bounds) == 0
 
 
 @pytest.mark.parametrize("out", [(224, 224), (160, 96), (37, 300)])
@@ -137,21 +137,21 @@ def test_the_area_resize_equals_opencvs_inter_area(jpegs, out):
         assert np.abs(got.astype(int) - want).max() <= 1 and (got != want).mean() < 0.05  # summing order
 
 
+def resize_area_at(image: np.ndarray, *bounds: float) -> np.ndarray:
+    """`image` between `bounds` (rows, then columns) shrunk to 64x80 by resize_area."""
+    out = np.zeros((64, 80, 3), dtype=np.uint8)
+    assert resize_area(image, *bounds, out) == 0
+    return out
+
+
 def test_the_area_resize_takes_fractional_bounds(jpegs):
     """Half-pixel bounds on a photo equal whole-pixel bounds on the photo with every pixel doubled each way."""
     whole = np.asarray(Image.open(io.BytesIO(jpegs[1].tobytes())).convert("RGB"))
     doubled = whole.repeat(2, axis=0).repeat(2, axis=1)
-    got, want = np.zeros((64, 80, 3), dtype=np.uint8), np.zeros((64, 80, 3), dtype=np.uint8)
-    assert resize_area(whole, 10.5, 150.0, 20.5, 200.5, got) == 0
-    assert resize_area(doubled, 21, 300, 41, 401, want) == 0
+    got = resize_area_at(whole, 10.5, 150.0, 20.5, 200.5)
+    want = resize_area_at(doubled, 21, 300, 41, 401)
     assert np.abs(got.astype(int) - want).max() <= 1 and (got != want).mean() < 0.05
     assert (got != resize_area_at(whole, 10, 150, 20, 200)).mean() > 0.2, "half a pixel shows"
-
-
-def resize_area_at(image: np.ndarray, *bounds: float) -> np.ndarray:
-    out = np.zeros((64, 80, 3), dtype=np.uint8)
-    assert resize_area(image, *bounds, out) == 0
-    return out
 
 
 def test_the_area_resize_refuses_to_enlarge():
