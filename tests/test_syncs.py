@@ -25,6 +25,7 @@ from trainer.optim import build_optimizer, param_groups
 from trainer.step import TrainStep
 from trainer.syncs import HostSyncError, no_host_sync
 
+CPU = torch.device("cpu")
 STEPS = 24  # per epoch: 2 warm-up steps and the epoch's last (a logging step) are not checked
 PHOTO_RECIPES = ("imagenet", "hymenoptera")  # photos of varied sizes: checked through their loaders below
 SMOKE = sorted(p.stem for p in RECIPES_DIR.glob("*_smoke.toml") if not p.stem.startswith(PHOTO_RECIPES))
@@ -81,10 +82,23 @@ def test_the_check_sees_each_kind_of_sync():
              "built from host data": lambda: torch.tensor([1.0, 2.0]), "boolean-mask": lambda: x[x > 0],
              "nonzero": x.nonzero}
     for what, op in cases.items():
-        with pytest.raises(HostSyncError, match=what), no_host_sync():
+        with pytest.raises(HostSyncError, match=what), no_host_sync(CPU):
             op()
-    with no_host_sync():  # device-side work, fills and dtype changes are fine
+    with no_host_sync(CPU):  # device-side work, fills and dtype changes are fine
         (x * 2).sum(), x.new_full((), 3.0), x.to(torch.float64), torch.arange(3.0)
+
+
+def test_a_cpu_run_is_checked_on_the_cpu_where_cuda_is_initialised(monkeypatch):
+    """FFCV initialises CUDA even in a --cpu run on a GPU machine: the check follows the run's device, so it
+    still sees a CPU `.item()` (CUDA's sync debug mode would watch the unused GPU and let it pass)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    with pytest.raises(HostSyncError, match=r"Tensor\.item"), no_host_sync(CPU):
+        torch.ones(2).sum().item()
+    assert modes == []
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
@@ -96,7 +110,7 @@ def test_every_optimizer_a_recipe_can_name_steps_without_a_sync(name):
                                 OptimizerConfig(name=name), "cpu")
     for step in range(3):
         model(torch.randn(3, 4)).square().sum().backward()
-        with no_host_sync() if step else contextlib.nullcontext():
+        with no_host_sync(CPU) if step else contextlib.nullcontext():
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -119,6 +133,6 @@ def test_loader_batches_never_sync(backend, train, tiny_rgb_data):
     batches = iter(loader)
     next(batches)
     for _ in range(5):
-        with no_host_sync():
+        with no_host_sync(CPU):
             images, targets = next(batches)
     assert images.shape[0] == 32 and targets.shape[0] == 32

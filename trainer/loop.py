@@ -278,7 +278,7 @@ class Run:
     log: MetricsLog | None = None  # the main process's
     resumed_from: Path | None = None
     stop: Stop = field(default_factory=Stop)
-    syncs: SyncCheck = field(default_factory=lambda: SyncCheck(False))
+    syncs: SyncCheck = field(default_factory=lambda: SyncCheck(False, torch.device("cpu")))
     finite: FiniteWatch | None = None
     resumed_phase: Phase | None = None  # the phase a checkpoint was loaded into
     timer: StepTimer | None = None  # data wait vs. step, per epoch
@@ -409,7 +409,7 @@ def start(recipe: Recipe, options: RunOptions) -> Run | None:
     steps = len(data.train) if not recipe.max_steps_per_epoch else min(len(data.train), recipe.max_steps_per_epoch)
     run = Run(recipe, options, accelerator, data, info, model, teacher, ema, run_dir,
               Progress(num_processes=accelerator.num_processes), steps,
-              syncs=SyncCheck(options.check_syncs), timer=StepTimer(accelerator.device),
+              syncs=SyncCheck(options.check_syncs, accelerator.device), timer=StepTimer(accelerator.device),
               profiler=StepProfiler(options.profile_steps, run_dir, accelerator.device, accelerator.process_index,
                                     accelerator.is_main_process),
               finite=FiniteWatch(check_grads=recipe.precision != "fp16", ckpt_root=run_dir / "checkpoints"))

@@ -96,10 +96,16 @@ class _Function(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def no_host_sync() -> Iterator[None]:
-    """Raise on any operation that would synchronise a CUDA device with the host: CUDA's own sync debug mode
-    where a GPU is in use (no overhead), else the dispatch and function modes above (HostSyncError)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+def no_host_sync(device: torch.device) -> Iterator[None]:
+    """Raise on any operation that would synchronise a CUDA device with the host, checked the way the run's
+    `device` allows: CUDA's own sync debug mode on a CUDA run (no overhead), else the dispatch and function
+    modes above (HostSyncError). By the device, not by whether CUDA is initialised: FFCV initialises CUDA
+    in a `--cpu` run on a GPU machine, where CUDA's mode would then watch a device the run never uses.
+
+    CUDA's mode is process-wide, so it also watches other threads: FFCV's worker copies each batch with a
+    wait that mode does not see (`pipelines.ffcv_loader`), and only a GPU can confirm that nothing else
+    in another thread trips it (benchmarks/device/README.md). The CPU modes are per thread by design."""
+    if device.type == "cuda":
         previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -112,14 +118,15 @@ def no_host_sync() -> Iterator[None]:
 
 
 class SyncCheck:
-    """`watch(steady)` around each loop iteration: checks the steady ones when enabled."""
+    """`watch(steady)` around each loop iteration: checks the steady ones when enabled, in the way `device`
+    (the run's) allows."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled, self.device = enabled, device
         self.checked = 0  # iterations run under the check (a test asserts there were enough)
 
     def watch(self, steady: bool) -> contextlib.AbstractContextManager:
         if not (self.enabled and steady):
             return contextlib.nullcontext()
         self.checked += 1
-        return no_host_sync()
+        return no_host_sync(self.device)
