@@ -11,7 +11,8 @@
  * compiler vectorizes, then a horizontal one. OpenCV's took 1.8-2.5x as long for 230-450 px inputs to 224.
  *
  * Plain C over the libjpeg API (libjpeg-turbo >= 1.5), loaded with ctypes and called from FFCV's compiled
- * worker threads, each with its own reused decompressor. */
+ * worker threads. Every call checks its arguments and refuses (returns -1) rather than guess: the records come
+ * from files a stranger may have written. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdint.h>
@@ -19,6 +20,11 @@
 #include <stdlib.h>
 
 #include <jpeglib.h>
+
+/* The converter's --max-pixels default (PIL's Image.MAX_IMAGE_PIXELS, convert/images.py): no stored record is
+ * larger, and a header claiming more would make libjpeg allocate for it (a progressive JPEG's whole coefficient
+ * buffer: gigabytes from a few hundred bytes). */
+#define MAX_PIXELS 89478485ULL
 
 struct error_manager {
     struct jpeg_error_mgr pub;
@@ -29,31 +35,34 @@ static void on_error(j_common_ptr cinfo) { longjmp(((struct error_manager *)cinf
 
 static void on_message(j_common_ptr cinfo) { (void)cinfo; } /* warnings stay quiet; errors return -1 */
 
-static __thread struct jpeg_decompress_struct decompressor;
-static __thread struct error_manager errors;
-static __thread int initialised;
+/* Whether this image itself defined every table its first scan uses. libjpeg keeps tables from image to image
+ * in one decompressor, and libjpeg-turbo substitutes its standard Huffman tables for missing ones; each call
+ * has a fresh decompressor, so a table present here came from this image's own DQT/DHT markers. */
+static int has_own_tables(const struct jpeg_decompress_struct *cinfo) {
+    for (int i = 0; i < cinfo->comps_in_scan; i++) {
+        const jpeg_component_info *comp = cinfo->cur_comp_info[i];
+        if (comp->quant_tbl_no < 0 || comp->quant_tbl_no >= NUM_QUANT_TBLS ||
+            cinfo->quant_tbl_ptrs[comp->quant_tbl_no] == NULL)
+            return 0;
+        if (cinfo->arith_code) continue;
+        if (cinfo->Ss == 0 && cinfo->Ah == 0 &&
+            (comp->dc_tbl_no < 0 || comp->dc_tbl_no >= NUM_HUFF_TBLS || cinfo->dc_huff_tbl_ptrs[comp->dc_tbl_no] == NULL))
+            return 0;
+        if (cinfo->Se > 0 &&
+            (comp->ac_tbl_no < 0 || comp->ac_tbl_no >= NUM_HUFF_TBLS || cinfo->ac_huff_tbl_ptrs[comp->ac_tbl_no] == NULL))
+            return 0;
+    }
+    return cinfo->comps_in_scan > 0;
+}
 
-/* The region is (top, left, height, width) in full-size pixels; scale_denom is 1, 2, 4 or 8. The decoded pixels
- * fill dst (capacity bytes) as a (rows, cols, 3) RGB array, a little larger than the region at that scale
- * (whole pixels, and columns from a block edge); region[] receives rows, cols, and the region's exact bounds in
- * it: first row, end row, first column, end column (fractional when shrunk). Returns 0, or -1 for a JPEG libjpeg
- * cannot decode or a dst too small. */
-int decode_region(const unsigned char *src, uint64_t size, unsigned char *dst, uint64_t capacity, uint32_t top,
-                  uint32_t left, uint32_t height, uint32_t width, uint32_t scale_denom, double *region) {
-    struct jpeg_decompress_struct *cinfo = &decompressor;
-    if (!initialised) {
-        cinfo->err = jpeg_std_error(&errors.pub);
-        errors.pub.error_exit = on_error;
-        errors.pub.output_message = on_message;
-        jpeg_create_decompress(cinfo);
-        initialised = 1;
-    }
-    if (setjmp(errors.jump)) {
-        jpeg_abort_decompress(cinfo);
-        return -1;
-    }
+/* decode_region's work on a decompressor the caller creates and destroys: -1 as soon as anything is refused. */
+static int decode_with(struct jpeg_decompress_struct *cinfo, const unsigned char *src, uint64_t size,
+                       unsigned char *dst, uint64_t capacity, uint64_t top, uint64_t left, uint64_t height,
+                       uint64_t width, uint32_t scale_denom, double *region) {
     jpeg_mem_src(cinfo, src, (unsigned long)size);
-    jpeg_read_header(cinfo, TRUE);
+    if (jpeg_read_header(cinfo, TRUE) != JPEG_HEADER_OK || !has_own_tables(cinfo)) return -1;
+    if ((uint64_t)cinfo->image_width * cinfo->image_height > MAX_PIXELS) return -1;
+    if (top + height > cinfo->image_height || left + width > cinfo->image_width) return -1; /* 64-bit: no wrap */
     cinfo->out_color_space = JCS_RGB;
     cinfo->scale_num = 1;
     cinfo->scale_denom = scale_denom;
@@ -66,29 +75,50 @@ int decode_region(const unsigned char *src, uint64_t size, unsigned char *dst, u
     JDIMENSION x1 = (JDIMENSION)ceil(x_end);
     if (y1 > cinfo->output_height) y1 = cinfo->output_height;
     if (x1 > cinfo->output_width) x1 = cinfo->output_width;
-    if (y0 >= y1 || x0 >= x1 || y_end > y1 || x_end > x1) {
-        jpeg_abort_decompress(cinfo);
-        return -1;
-    }
+    if (y0 >= y1 || x0 >= x1 || y_end > y1 || x_end > x1) return -1;
     /* Decoding starts and stops at least a pixel beyond the region where the image goes on (libjpeg moves the
      * start to a block edge; the end goes one block on): the edge columns' chroma is upsampled from their
      * neighbours, as in the whole image, not from copies of themselves. */
     JDIMENSION start = x0 > 0 ? x0 - 1 : 0;
     JDIMENSION cols = (x1 + 16 < cinfo->output_width ? x1 + 16 : cinfo->output_width) - start;
     if (cols < cinfo->output_width) jpeg_crop_scanline(cinfo, &start, &cols); /* start moves to a block edge */
-    if ((uint64_t)(y1 - y0) * cols * 3 > capacity) {
-        jpeg_abort_decompress(cinfo);
-        return -1;
-    }
+    if ((uint64_t)(y1 - y0) * cols * 3 > capacity) return -1;
     if (y0 > 0) jpeg_skip_scanlines(cinfo, y0);
     while (cinfo->output_scanline < y1) {
         JSAMPROW row = dst + (uint64_t)(cinfo->output_scanline - y0) * cols * 3;
         jpeg_read_scanlines(cinfo, &row, 1);
     }
-    jpeg_abort_decompress(cinfo); /* the rows below the region are never decoded */
+    /* the rows below the region are never decoded */
     double out[6] = {y1 - y0, cols, y_begin - y0, y_end - y0, x_begin - start, x_end - start};
     for (int k = 0; k < 6; k++) region[k] = out[k];
     return 0;
+}
+
+/* The region is (top, left, height, width) in full-size pixels, at least one pixel each way and inside the image;
+ * scale_denom is 1, 2, 4 or 8. The decoded pixels fill dst (capacity bytes) as a (rows, cols, 3) RGB array, a
+ * little larger than the region at that scale (whole pixels, and columns from a block edge); region[] receives
+ * rows, cols, and the region's exact bounds in it: first row, end row, first column, end column (fractional when
+ * shrunk). Returns 0, or -1 for any other argument, a dst too small, a JPEG libjpeg cannot decode, one that does
+ * not define its own tables, or one over MAX_PIXELS. Each call has its own decompressor, so a result never
+ * depends on what the thread decoded before. */
+int decode_region(const unsigned char *src, uint64_t size, unsigned char *dst, uint64_t capacity, uint32_t top,
+                  uint32_t left, uint32_t height, uint32_t width, uint32_t scale_denom, double *region) {
+    if (src == NULL || dst == NULL || region == NULL || size < 4 || height == 0 ||
+        width == 0 || !(scale_denom == 1 || scale_denom == 2 || scale_denom == 4 || scale_denom == 8))
+        return -1;
+    struct jpeg_decompress_struct cinfo;
+    struct error_manager errors;
+    cinfo.err = jpeg_std_error(&errors.pub);
+    errors.pub.error_exit = on_error;
+    errors.pub.output_message = on_message;
+    if (setjmp(errors.jump)) {
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
+    jpeg_create_decompress(&cinfo);
+    int status = decode_with(&cinfo, src, size, dst, capacity, top, left, height, width, scale_denom, region);
+    jpeg_destroy_decompress(&cinfo);
+    return status;
 }
 
 /* One axis of an area resize of the span [begin, end) of an axis `extent` pixels long to `out` pixels: output i
@@ -113,11 +143,13 @@ static void area_taps(double begin, double end, int extent, int out, int max_tap
 
 /* The span rows [y_begin, y_end) x columns [x_begin, x_end) of src, a (rows, cols, 3) RGB array, shrunk by
  * area averaging into dst (out_h, out_w, 3); the bounds may be fractional. Returns 0, or -1 (nothing written)
- * unless both sides shrink or stay, inside src. */
+ * unless both sides shrink or stay, inside src, with finite bounds and sizes of at least one pixel. */
 int resize_area(const unsigned char *src, int32_t rows, int32_t cols, double y_begin, double y_end, double x_begin,
                 double x_end, unsigned char *dst, int32_t out_h, int32_t out_w) {
-    if (out_h < 1 || out_w < 1 || y_end - y_begin < out_h || x_end - x_begin < out_w || y_begin < 0 ||
-        x_begin < 0 || y_end > rows || x_end > cols)
+    /* written so that NaN fails every test: each comparison says what must hold */
+    if (src == NULL || dst == NULL || rows < 1 || cols < 1 || out_h < 1 || out_w < 1 || !(y_begin >= 0) ||
+        !(x_begin >= 0) || !(y_end <= rows) || !(x_end <= cols) || !(y_end - y_begin >= out_h) ||
+        !(x_end - x_begin >= out_w))
         return -1;
     int taps_y = (int)ceil((y_end - y_begin) / out_h) + 2, taps_x = (int)ceil((x_end - x_begin) / out_w) + 2;
     int line_width = (int)ceil(x_end) - (int)x_begin;

@@ -200,3 +200,112 @@ def test_centre_crops_equal_ffcvs_own_decoder(hymenoptera_data, side):
     pil = pil_crops(BetonFile(path), side)
     assert 0.2 < np.abs(ours - theirs).mean() < 4
     assert np.abs(ours - pil).mean() < np.abs(theirs - pil).mean() + 0.25
+
+
+# ---- hostile records (issue 26): crafted JPEGs and arguments, each refused with -1 ----
+
+def crafted_jpeg(shape: tuple[int, int] = (64, 48), **save) -> bytes:
+    """A small noisy RGB JPEG written by PIL (its own Huffman and quantization tables)."""
+    pixels = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=85, **save)
+    return out.getvalue()
+
+
+def without_marker(data: bytes, marker: int) -> bytes:
+    """`data` with every segment of `marker` (0xC4 DHT, 0xDB DQT) before the first scan cut out."""
+    out, i = bytearray(data[:2]), 2
+    while data[i + 1] != 0xDA:
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if data[i + 1] != marker:
+            out += data[i:i + 2 + length]
+        i += 2 + length
+    return bytes(out + data[i:])
+
+
+def decode(data: bytes, top: int = 0, left: int = 0, height: int = 16, width: int = 16,
+           denom: int = 1) -> tuple[int, np.ndarray]:
+    """decode_region's status and output for a 16x16-or-so crop, checking it wrote nothing past its rows."""
+    out = np.full(64 * 64 * 3 + 64, 7, dtype=np.uint8)
+    bounds = np.zeros(6)
+    status = decode_region(np.frombuffer(data, dtype=np.uint8), out, top, left, height, width, denom, bounds)
+    used = int(bounds[0] * bounds[1] * 3) if status == 0 else 0
+    assert (out[used:] == 7).all(), "wrote past its rows"
+    return status, out[:used]
+
+
+def test_a_jpeg_without_its_own_tables_is_refused_even_after_another_image():
+    """libjpeg keeps tables from the image before (and libjpeg-turbo falls back to standard Huffman tables): a
+    record missing its DHT or DQT decoded, with pixels that depended on what the thread decoded before."""
+    good = crafted_jpeg()
+    assert decode(good)[0] == 0
+    for marker in (0xC4, 0xDB):
+        damaged = without_marker(good, marker)
+        assert len(damaged) < len(good)
+        assert decode(damaged)[0] == -1  # alone
+        assert decode(good)[0] == 0 and decode(damaged)[0] == -1  # right after a good image
+    progressive = crafted_jpeg(progressive=True)
+    assert decode(progressive)[0] == 0 and decode(without_marker(progressive, 0xC4))[0] == -1
+
+
+def test_the_same_record_decodes_the_same_whatever_came_before():
+    damaged = bytearray(crafted_jpeg())
+    damaged[len(damaged) // 2] ^= 0x5A  # a flipped byte in the entropy-coded data
+    alone = decode(bytes(damaged))
+    for before in (crafted_jpeg((48, 64), progressive=True), crafted_jpeg(subsampling=0)):
+        decode(before)
+        after = decode(bytes(damaged))
+        assert after[0] == alone[0] and np.array_equal(after[1], alone[1])
+
+
+def with_size(data: bytes, height: int, width: int) -> bytes:
+    """`data` with its frame header (SOF0/SOF2) claiming height x width pixels."""
+    sof = max(data.find(b"\xff\xc0"), data.find(b"\xff\xc2"))
+    return data[:sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[sof + 9:]
+
+
+def test_a_header_over_the_pixel_limit_is_refused_before_allocating():
+    """A ~500-byte progressive JPEG claiming 16384x65500 pixels made libjpeg allocate its whole coefficient
+    buffer (3.1 GB, 1.7 s) to return a 512x512 crop; the converter's pixel limit refuses it from the header."""
+    import resource
+    import time
+
+    small = np.zeros((16, 16, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(small).save(out, format="JPEG", progressive=True)
+    bomb = with_size(out.getvalue(), 16384, 65500)
+    assert len(bomb) < 1000
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    assert decode(bomb, 0, 0, 32, 32)[0] == -1
+    assert time.perf_counter() - start < 0.1
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+    legal = with_size(out.getvalue(), 9459, 9459)  # 89,472,681 pixels: under the limit, decoded
+    assert decode(legal, 0, 0, 16, 16)[0] == 0
+
+
+def test_every_argument_is_checked():
+    good = crafted_jpeg()  # 64 x 48
+    assert decode(good, 0, 0, 64, 48)[0] == 0
+    bad = [(1, 0, 0, 16, 1), (0, 1, 16, 0, 1),  # empty regions
+           (0, 0, 16, 16, 3), (0, 0, 16, 16, 0), (0, 0, 16, 16, 16),  # scales other than 1, 2, 4, 8
+           (2**32 - 16, 0, 32, 16, 1), (0, 2**32 - 8, 16, 16, 1),  # top + height, left + width wrap in 32 bits
+           (1, 0, 64, 48, 1), (0, 1, 64, 48, 1), (-1, 0, 16, 16, 1)]  # past the image
+    for top, left, height, width, denom in bad:
+        assert decode(good, top, left, height, width, denom)[0] == -1, (top, left, height, width, denom)
+
+
+@pytest.mark.parametrize("bounds", [(float("nan"), 50, 0, 60), (0, float("nan"), 0, 60), (0, 50, float("nan"), 60),
+                                    (0, 50, 0, float("nan")), (0, float("inf"), 0, 60), (-0.5, 50, 0, 60),
+                                    (float("-inf"), 50, 0, 60), (30, 10, 0, 60)])
+def test_the_area_resize_refuses_nan_infinite_and_reversed_bounds(bounds):
+    source = np.zeros((100, 120, 3), dtype=np.uint8)
+    out = np.full((8, 8, 3), 7, dtype=np.uint8)
+    assert resize_area(source, *bounds, out) == -1 and (out == 7).all()
+    assert resize_area(source, 0, 50, 0, 60, out) == 0
+
+
+def test_the_area_resize_refuses_empty_arrays():
+    out = np.full((8, 8, 3), 7, dtype=np.uint8)
+    assert resize_area(np.zeros((0, 120, 3), dtype=np.uint8), 0, 0, 0, 60, out) == -1
+    assert resize_area(np.zeros((100, 120, 3), dtype=np.uint8), 0, 50, 0, 60, out[:0]) == -1
+    assert (out == 7).all()
