@@ -28,6 +28,8 @@ reproducible, the crop positions do not.
 
 from __future__ import annotations
 
+import queue
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,20 +87,24 @@ class FfcvLoader(ShardedLoader):
 
         The copy to the device blocks FFCV's worker thread (never the training loop's): FFCV decodes into
         a ring of pinned host slots, and a non-blocking copy could still be queued behind a lagging GPU
-        when the slot is decoded into again, a few batches later.
+        when the slot is decoded into again, a few batches later. The worker waits on an event
+        (`_waiting_to_device`), which CUDA's sync debug mode, process-wide under --check-syncs, does not
+        count as a sync of the training thread.
         """
         from ffcv.fields.decoders import IntDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import Squeeze, ToDevice, ToTensor
+        from ffcv.transforms import Squeeze, ToTensor
 
+        _report_worker_errors()
         device = self.options.device
+        to_device = _waiting_to_device()
         # Squeeze(1), not Squeeze(): a last batch of one sample must keep its batch dimension
         return Loader(
             str(self.path), batch_size=self.options.batch_size, num_workers=self.options.num_workers,
             order=OrderOption.SEQUENTIAL, indices=first_order, os_cache=True, drop_last=self.options.train,
             pipelines={
-                "image": [self.decoder, ToTensor(), ToDevice(device, non_blocking=False)],
-                "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=False)],
+                "image": [self.decoder, ToTensor(), to_device(device)],
+                "label": [IntDecoder(), ToTensor(), Squeeze(1), to_device(device)],
             })
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -122,3 +128,82 @@ class FfcvLoader(ShardedLoader):
         finally:
             epoch.close()  # an epoch cut short (max_steps_per_epoch) stops FFCV's thread now, not at collection
 
+
+
+class LoaderWorkerError(UserError):
+    """FFCV's worker thread failed: the training loop stops with this instead of waiting for a batch forever."""
+
+
+def _waiting_to_device():
+    """FFCV's ToDevice, whose copy the worker thread waits for on a CUDA event.
+
+    A blocking `copy_` ends in a stream synchronize, which CUDA's sync debug mode (process-wide) turns into
+    an error inside FFCV's thread under --check-syncs; an event wait is not among the calls that mode
+    checks (torch's CUDAEvent::synchronize). The wait is the same: the copy on the worker's stream, and
+    what that stream waits for. Only a GPU can confirm it (benchmarks/device/README.md).
+    """
+    from ffcv.transforms import ToDevice
+
+    class WaitingToDevice(ToDevice):
+        def __init__(self, device: torch.device) -> None:
+            super().__init__(device, non_blocking=True)
+
+        def generate_code(self):
+            copy = super().generate_code()
+            cuda = torch.device(self.device).type == "cuda"
+
+            def to_device(inp, dst):
+                dst = copy(inp, dst)
+                if cuda:
+                    done = torch.cuda.Event()
+                    done.record()  # on the worker's current stream, FFCV's per-slot stream
+                    done.synchronize()
+                return dst
+            return to_device
+
+    return WaitingToDevice
+
+
+def _report_worker_errors() -> None:
+    """Make FFCV's epoch threads hand any exception to the consumer (once per process).
+
+    FFCV 1.0.2's EpochIterator.run catches only StopIteration: any other exception ends the thread, and
+    the consumer waits forever in `output_queue.get()`. The subclass prints the thread's traceback, queues
+    FFCV's own end-of-epoch marker and keeps the exception, and its `__next__` raises it as one line.
+    FFCV's Loader builds its iterators by this module-level name, so it is replaced there.
+    """
+    import ffcv.loader.loader as ffcv_loader_module
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    if getattr(ffcv_loader_module.EpochIterator, "reports_errors", False):
+        return
+
+    class ReportingEpochIterator(EpochIterator):
+        reports_errors = True
+        error: BaseException | None = None
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except BaseException as exc:  # anything: the consumer must hear of it
+                traceback.print_exc()
+                self.error = exc
+                while not self.terminate_event.is_set():  # the consumer drains the queue, or has closed it
+                    try:
+                        self.output_queue.put(None, timeout=0.5)
+                        return
+                    except queue.Full:
+                        continue
+
+        def __next__(self):
+            try:
+                return super().__next__()
+            except StopIteration:
+                if self.error is None:
+                    raise
+                first = (str(self.error).strip().splitlines() or [""])[0]
+                raise LoaderWorkerError(f"the ffcv loader's worker thread failed ({type(self.error).__name__}: "
+                                        f"{first}; its traceback is above); fix that, or train with --loader "
+                                        "tensor") from self.error
+
+    ffcv_loader_module.EpochIterator = ReportingEpochIterator

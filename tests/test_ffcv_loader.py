@@ -6,6 +6,8 @@ All tests share one process, so FFCV's numba JIT is paid once."""
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -60,8 +62,9 @@ def test_one_ffcv_loader_for_every_epoch_and_resume(tiny_rgb_data):
 
 def test_device_copies_block_ffcvs_thread_not_the_loop(tiny_rgb_data):
     """FFCV decodes into a ring of pinned slots and reuses each a few batches later: its copies to the device
-    must complete in FFCV's worker thread (non_blocking=False), or a lagging GPU could read a slot that is
-    already being overwritten. The held batches of a whole epoch are all intact (check_identity keeps them)."""
+    must complete in FFCV's worker thread (it waits on an event after each copy), or a lagging GPU could read
+    a slot that is already being overwritten. The held batches of a whole epoch are all intact
+    (check_identity keeps them)."""
     from ffcv.transforms import ToDevice
 
     split = open_split(tiny_rgb_data, "test")
@@ -69,7 +72,42 @@ def test_device_copies_block_ffcvs_thread_not_the_loop(tiny_rgb_data):
     check_identity(loader, split, np.arange(len(split.labels)))  # 13 batches held at once, slots reused
     copies = [op for spec in loader._loader.pipeline_specs.values() for op in spec.transforms
               if isinstance(op, ToDevice)]
-    assert len(copies) == 2 and not any(op.non_blocking for op in copies)
+    assert [type(op).__name__ for op in copies] == ["WaitingToDevice"] * 2
+
+
+def test_a_failure_in_ffcvs_worker_stops_the_consumer_within_seconds(tiny_rgb_data, monkeypatch, capsys):
+    """FFCV's epoch thread catches only StopIteration: any other exception used to end it silently and leave
+    the training loop waiting forever for the next batch. Now the consumer raises one line."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    real = EpochIterator.run_pipeline
+
+    def failing(self, b_ix, *args):
+        if b_ix == 2:
+            raise RuntimeError("injected failure\nsecond line")
+        return real(self, b_ix, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", failing)
+    loader = build_loader("ffcv", options(tiny_rgb_data, "train", train=True, batch_size=16, num_workers=1))
+    outcome = {}
+
+    def consume():
+        try:
+            outcome["batches"] = sum(1 for _ in loader)
+        except Exception as exc:  # what the training loop would see
+            outcome["error"] = exc
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    start = time.monotonic()
+    consumer.start()
+    consumer.join(timeout=30)
+    assert not consumer.is_alive(), "the consumer still waits for a batch FFCV's dead thread will never send"
+    assert time.monotonic() - start < 30
+    error = outcome.get("error")
+    assert isinstance(error, UserError), outcome
+    assert str(error).startswith("the ffcv loader's worker thread failed (RuntimeError: injected failure;")
+    assert "\n" not in str(error)
+    assert "injected failure" in capsys.readouterr().err  # the worker's traceback
 
 
 def test_an_epoch_leaves_torchs_cpu_threads_as_it_found_them(tiny_rgb_data):
