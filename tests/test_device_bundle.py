@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.device.bundle import assign_groups, join_parts, pack, sha256_file, split_file, stash, unpack
 from common.errors import UserError
@@ -107,3 +108,90 @@ def test_check_cuda_smoke_on_cpu(tiny_rgb_data, tmp_path):
     accuracy, images_per_s = float(train[0][5]), float(train[0][6].replace(",", ""))
     assert 0 <= accuracy <= 1 and images_per_s > 0
     assert (tmp_path / "runs" / "tensor-fp32" / "model.safetensors").is_file()  # a real train.py run
+
+
+def test_a_training_run_that_hangs_is_a_fail_row_and_the_report_keeps_what_came_before(tiny_rgb_data, tmp_path):
+    """Each train.py run has --run-timeout seconds; a run still going then is killed and reported, and the report
+    on disk already holds every earlier result (it is rewritten after each check and run)."""
+    from benchmarks.device import check_cuda
+
+    args = check_cuda.build_parser().parse_args(["--device", "cpu", "--smoke", "--data", str(tiny_rgb_data),
+                                                 "--run-timeout", "0.5"])
+    out = check_cuda.Report(tmp_path / "check.md", {"status": "cut short"})
+    out.add(check_cuda.Check("tensor", "identity", True, "all equal"))
+    assert "| tensor | identity | PASS | all equal |" in out.path.read_text()
+    check_cuda.training_runs(args, torch.device("cpu"), tmp_path / "runs", out)
+    text = out.path.read_text()
+    assert "| tensor | identity | PASS | all equal |" in text and "status: cut short" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| tensor | fp32 |")]
+    assert "**FAIL**: timeout after 0.5 s" in row
+    assert out.failed
+
+
+def readme_commands(path: Path) -> list[list[str]]:
+    """Every simple command in the fenced bash blocks of a README: split at ;, &&, || and | (outside quotes),
+    environment assignments, redirections and `source`/`export`/`set`/`cd` dropped, $VARIABLES left as words."""
+    import re
+    import shlex
+
+    commands: list[list[str]] = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
+        for line in block.splitlines():
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lexer.commenters, lexer.wordchars = "#", lexer.wordchars + "$:{}%,@+[]"
+            words: list[str] = []
+            tokens = list(lexer) + [";"]
+            skip = False
+            for token in tokens:
+                if skip:
+                    skip = False
+                elif token in (";", "&&", "||", "|", "&"):
+                    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                        words = words[1:]
+                    if words and words[0] not in ("source", "export", "set", "cd"):
+                        commands.append(words)
+                    words = []
+                elif set(token) <= set("<>&"):  # a redirection: drop it, its target and an fd number before it
+                    skip = True
+                    if words and words[-1].isdigit():
+                        words.pop()
+                else:
+                    words.append(token)
+    return commands
+
+
+def test_every_command_in_the_device_readme_parses(monkeypatch):
+    """A command the GPU session copies from the device README must not stop at argparse (exit status 2):
+    each `python -m MODULE` and train.py line goes through its own parser, each script and test file exists."""
+    import importlib
+
+    from trainer.cli import parse_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # parsers whose defaults look for CUDA
+    checked = []
+    for words in readme_commands(ROOT / "benchmarks" / "device" / "README.md"):
+        program, args = words[0], words[1:]
+        if program.endswith(("python", "python3")) and args[:1] == ["-m"]:
+            module, args = args[1], args[2:]
+            if module == "pytest":
+                missing = [a for a in args if a.startswith("tests/") and not (ROOT / a.split("::")[0]).is_file()]
+                assert not missing, f"{' '.join(words)}: no such test file {missing}"
+            else:
+                found = importlib.import_module(module)
+                parser = getattr(found, "build_parser", None) \
+                    or importlib.import_module(f"{module}.__main__").build_parser
+                try:
+                    parser().parse_args(args)
+                except SystemExit as exc:
+                    pytest.fail(f"`{' '.join(words)}` stops at its parser (exit status {exc.code})")
+        elif program.endswith(("python", "python3")) and args[:1] == ["train.py"]:
+            parse_args(args[1:])
+        elif program == "bash":
+            script = (ROOT / args[0]).read_text()
+            for flag in (a for a in args[1:] if a.startswith("--")):
+                assert f"{flag})" in script or f"{flag}|" in script, f"{args[0]} has no option {flag}"
+        else:
+            continue
+        checked.append(words)
+    modules = {w[2] for w in checked if w[1:2] == ["-m"]}
+    assert {"benchmarks.device.check_cuda", "benchmarks.loaders", "convert", "pytest"} <= modules

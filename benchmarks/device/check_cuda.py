@@ -7,8 +7,9 @@ augmentation statistics on position-coded images (crop offsets uniform, flip and
 sigma; the helpers of the CPU tests), FFCV batches equal to the tensor backend's for the same seed, and that
 DALI's graph ran on the requested device (GPU ops on CUDA). Training: train.py in a subprocess, one short run
 per setting; test accuracy from summary.json, images/s of the last epoch (after any compile warm-up) from
-metrics.csv. Everything is printed as markdown and written to --out ($OUT/check_cuda.md when the device tool
-sets OUT), and the exit status is 1 when any check failed.
+metrics.csv; each run has --run-timeout seconds, and one that runs out is a FAIL row. The markdown report is
+rewritten to --out ($OUT/check_cuda.md when the device tool sets OUT) after every check and run, so a hang or
+a lost machine keeps what came before; it is printed at the end, and the exit status is 1 when any check failed.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="loaders to train with (each setting once per loader)")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra train.py --set overrides, e.g. model.name=resnet18_cifar")
+    parser.add_argument("--run-timeout", type=float, default=600, metavar="S",
+                        help="seconds per train.py run; a run still going then is killed and reported as a FAIL")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--out", type=Path, help="markdown report (default: $OUT/check_cuda.md, else runs/)")
     parser.add_argument("--run-root", type=Path,
@@ -224,28 +227,50 @@ def run_check(backend: str, name: str, fn: Callable[[], str]) -> Check:
     return check
 
 
-def loader_checks(args: argparse.Namespace, device: torch.device) -> tuple[list[Check], list[str]]:
+class Report:
+    """What has run so far, rewritten to `path` after every check or run (a hang later loses nothing)."""
+
+    def __init__(self, path: Path, header: dict[str, str]) -> None:
+        self.path, self.header = path, header
+        self.checks: list[Check] = []
+        self.notes: list[str] = []
+        self.rows: list[dict] = []
+
+    def add(self, item: Check | dict | str) -> None:
+        {Check: self.checks, dict: self.rows, str: self.notes}[type(item)].append(item)
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self.text())
+
+    def text(self) -> str:
+        return report(self.header, self.checks, self.notes, self.rows)
+
+    @property
+    def failed(self) -> bool:
+        return any(not c.ok for c in self.checks) or any(r.get("error", "skipped").startswith("FAIL")
+                                                         for r in self.rows)
+
+
+def loader_checks(args: argparse.Namespace, device: torch.device, out: Report) -> None:
     batches = 2 if args.smoke else None
-    checks, notes = [], []
     for backend in args.backends:
         package = BACKENDS[backend][2]
         if package and not installed(package):
-            notes.append(f"{backend}: not checked, {package} is not installed (source /tmp/pydeps/env.sh?)")
+            out.add(f"{backend}: not checked, {package} is not installed (source /tmp/pydeps/env.sh?)")
             continue
         for name, data in (("identity", args.data), ("identity, grey", args.grey_data)):
             if data:
-                checks.append(run_check(backend, name,
-                                        lambda b=backend, d=data: check_identity(b, d, device, batches)))
+                out.add(run_check(backend, name, lambda b=backend, d=data: check_identity(b, d, device, batches)))
         if backend == "ffcv":
-            checks.append(run_check(backend, "same batches as tensor",
-                                    lambda: check_same_as_tensor(args.data, device, 2 if args.smoke else 20)))
+            out.add(run_check(backend, "same batches as tensor",
+                              lambda: check_same_as_tensor(args.data, device, 2 if args.smoke else 20)))
         else:
-            checks.append(run_check(backend, "crop+flip statistics",
-                                    lambda b=backend: check_crop_flip(b, device)))
-            checks.append(run_check(backend, "erase statistics", lambda b=backend: check_erase(b, device)))
+            out.add(run_check(backend, "crop+flip statistics", lambda b=backend: check_crop_flip(b, device)))
+            out.add(run_check(backend, "erase statistics", lambda b=backend: check_erase(b, device)))
         if backend == "dali":
-            checks.append(run_check(backend, f"DALI ops on {device.type}", lambda: check_dali_device(device)))
-    return checks, notes
+            out.add(run_check(backend, f"DALI ops on {device.type}", lambda: check_dali_device(device)))
 
 
 def train_once(args: argparse.Namespace, setting: Setting, loader: str, run_dir: Path) -> dict:
@@ -261,12 +286,19 @@ def train_once(args: argparse.Namespace, setting: Setting, loader: str, run_dir:
     command.append("--cpu" if args.device == "cpu" else "--check-syncs")
     row = {"loader": loader, "setting": setting, "recipe": recipe, "epochs": epochs}
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.run_timeout)
+    except subprocess.TimeoutExpired as exc:  # a hang is a result: the run is killed, the next one starts
+        output = [line for part in (exc.stderr, exc.stdout) if part
+                  for line in (part.decode() if isinstance(part, bytes) else part).splitlines() if line.strip()]
+        last = f" (last output: {output[-1]})" if output else ""
+        row["error"] = f"FAIL: timeout after {args.run_timeout:g} s{last}"
+        return row
     row["wall_s"] = time.perf_counter() - start
     if proc.returncode != 0:
         lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith(("error:", "RuntimeError", "Error"))]
-        row["error"] = (errors or lines or [f"exit status {proc.returncode}"])[-1]
+        row["error"] = "FAIL: " + (errors or lines or [f"exit status {proc.returncode}"])[-1]
         return row
     summary = json.loads((run_dir / "summary.json").read_text())
     with open(run_dir / "metrics.csv", newline="") as fh:
@@ -276,21 +308,19 @@ def train_once(args: argparse.Namespace, setting: Setting, loader: str, run_dir:
     return row
 
 
-def training_runs(args: argparse.Namespace, device: torch.device, run_root: Path) -> list[dict]:
+def training_runs(args: argparse.Namespace, device: torch.device, run_root: Path, out: Report) -> None:
     chosen = [s for s in SETTINGS if s.name in args.settings] if args.settings else list(SETTINGS)
     if args.smoke and not args.settings:
         chosen = chosen[:1]
-    rows = []
     for loader in args.train_loaders:
         for setting in chosen:
             if setting.needs_cuda and device.type != "cuda":
-                rows.append({"loader": loader, "setting": setting, "error": "skipped: needs CUDA"})
+                out.add({"loader": loader, "setting": setting, "error": "skipped: needs CUDA"})
                 continue
             row = train_once(args, setting, loader, run_root / f"{loader}-{setting.name.replace(' ', '-')}")
-            rows.append(row)
-            print(f"train {loader:<7} {setting.name:<13} " + (f"FAILED: {row['error']}" if "error" in row else
+            out.add(row)
+            print(f"train {loader:<7} {setting.name:<13} " + (row["error"] if "error" in row else
                   f"accuracy {row['accuracy']:.4f}, {row['images_per_s']:,.0f} images/s"), flush=True)
-    return rows
 
 
 def report(header: dict[str, str], checks: list[Check], notes: list[str], rows: list[dict]) -> str:
@@ -307,7 +337,7 @@ def report(header: dict[str, str], checks: list[Check], notes: list[str], rows: 
             s = r["setting"]
             lead = f"| {r['loader']} | {s.name} | {s.precision} | {s.channels_last} | {s.compile} |"
             if "error" in r:
-                lines.append(f"{lead} {r['error']} | | | | |")
+                lines.append(f"{lead} {r['error'].replace('FAIL', '**FAIL**', 1)} | | | | |")
             else:
                 lines.append(f"{lead} {r['accuracy']:.4f} | {r['images_per_s']:,.0f} | {r['epoch_s']:.1f} | "
                              f"{r['peak_mem_mb']:,.0f} | {r['wall_s']:.0f} |")
@@ -327,19 +357,19 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "runs") / "check_cuda.md"
     command = " ".join(sys.argv[1:] if argv is None else argv)
     header = {**environment(device), "data": str(args.data),
-              "command": f"python -m benchmarks.device.check_cuda {command}"}
+              "command": f"python -m benchmarks.device.check_cuda {command}",
+              "status": "cut short (this report is rewritten after every check and run; the last one is below)"}
 
-    checks, notes = loader_checks(args, device)
+    results = Report(out, header)
+    loader_checks(args, device, results)
     run_root = args.run_root or ROOT / "runs" / f"check_cuda-{stamp}"
-    rows = [] if args.skip_training else training_runs(args, device, run_root)
-    text = report(header, checks, notes, rows)
-    print("\n" + text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    if not args.skip_training:
+        training_runs(args, device, run_root, results)
+    header["status"] = "finished"
+    results.write()
+    print("\n" + results.text())
     print(f"wrote {out}")
-    failed = [c for c in checks if not c.ok]
-    failed += [r for r in rows if not r.get("error", "skipped").startswith("skipped")]
-    return 1 if failed else 0
+    return 1 if results.failed else 0
 
 
 if __name__ == "__main__":
