@@ -26,7 +26,23 @@ from common.errors import UserError
 MAX_FILE_BYTES = 1 << 30  # no image or dataset file is near 1 GiB (CIFAR-100's largest pickle: 155 MB)
 MIN_EXPANSION_BYTES = 1 << 30  # small archives may expand by any ratio up to this
 Skip = Callable[[str, str], None]  # skip(path, reason): list the file, or raise under --strict
-Entry = tuple[tuple[str, ...], Callable[[], bytes] | None]  # (path parts, reader); reader None for a folder
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file of a folder or archive: its size and first bytes known before its contents are read, so a
+    caller can refuse a file that is not what it wants without holding all of it in memory. Calling it reads
+    the contents (once, for an archive member: the archive is a stream)."""
+
+    size: int
+    head: Callable[[int], bytes]  # head(n): the first n bytes, the rest unread
+    read: Callable[[], bytes]
+
+    def __call__(self) -> bytes:
+        return self.read()
+
+
+Entry = tuple[tuple[str, ...], Member | None]  # (path parts, member); None for a folder
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,14 @@ def _walk_folder(src: Path, skip: Skip) -> Iterator[Entry]:
             elif path.stat().st_size > MAX_FILE_BYTES:
                 skip("/".join((*rel, name)), _too_big(path.stat().st_size))
             else:
-                yield (*rel, name), path.read_bytes
+                yield (*rel, name), Member(path.stat().st_size, _file_head(path), path.read_bytes)
+
+
+def _file_head(path: Path) -> Callable[[int], bytes]:
+    def head(n: int) -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    return head
 
 
 def _too_big(size: int) -> str:
@@ -112,27 +135,47 @@ def _decompressed(raw: BinaryIO) -> BinaryIO:
     return raw
 
 
+def expansion_limit(compressed_bytes: int, limits: Limits) -> int:
+    """The most a compressed source of this many bytes may expand to: --max-expansion times, or 1 GiB."""
+    return max(MIN_EXPANSION_BYTES, int(limits.max_expansion * compressed_bytes))
+
+
+def bomb_error(name: object, compressed_bytes: int, limits: Limits) -> UserError:
+    """The one line for a compressed source that expands past `expansion_limit`."""
+    limit = expansion_limit(compressed_bytes, limits)
+    return UserError(f"{name} expands to more than {limit:,} bytes ({limit / max(compressed_bytes, 1):.0f}x its size), "
+                     "far more than a dataset's files: a decompression bomb or not a dataset; if it is genuine, "
+                     f"raise --max-expansion (now {limits.max_expansion:g})")
+
+
 def _walk_tar(src: Path, skip: Skip, limits: Limits) -> Iterator[Entry]:
     errors = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
     size = src.stat().st_size
-    limit = max(MIN_EXPANSION_BYTES, int(limits.max_expansion * size))
+    limit = expansion_limit(size, limits)
 
     def broken(exc: Exception) -> UserError:
         return UserError(f"{src} is not a readable folder or tar archive ({exc}); "
                          "pass a folder or a complete .tar/.tar.gz/.tar.xz")
 
     def bomb() -> UserError:
-        return UserError(f"{src} expands to more than {limit:,} bytes ({limit / size:.0f}x its size), far more than "
-                         "a tree of images: a decompression bomb or not an image dataset; if it is genuine, raise "
-                         f"--max-expansion (now {limits.max_expansion:g})")
+        return bomb_error(src, size, limits)
 
-    def reader(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[], bytes]:
-        def read() -> bytes:
+    def reader(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Member:
+        file, start = tar.extractfile(member), bytearray()  # the stream only goes forward: keep what head read
+
+        def head(n: int) -> bytes:
             try:
-                return tar.extractfile(member).read()
+                start.extend(file.read(max(n - len(start), 0)))
             except errors as exc:
                 raise broken(exc) from None
-        return read
+            return bytes(start[:n])
+
+        def read() -> bytes:
+            try:
+                return bytes(start) + file.read()
+            except errors as exc:
+                raise broken(exc) from None
+        return Member(member.size, head, read)
 
     try:
         with open(src, "rb") as raw, tarfile.open(fileobj=_Metered(_decompressed(raw), limit, bomb), mode="r|") as tar:

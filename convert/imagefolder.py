@@ -18,8 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import UserError
-from convert.archive import walk
-from convert.images import decode_in_order
+from convert.archive import Member, walk
+from convert.images import decode_in_order, image_signature
 from convert.sources import ReadOptions, SkipList, SourceData, SplitData
 
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -42,7 +42,7 @@ def read_imagefolder(src: Path, options: ReadOptions) -> SourceData:
     classes: dict[str, set[str]] = {folder: set() for folder in SPLIT_FOLDERS}
     samples: dict[str, dict[str, list[tuple[str, np.ndarray]]]] = {folder: {} for folder in SPLIT_FOLDERS}
 
-    def files() -> Iterator[tuple[Key, bytes]]:
+    def files() -> Iterator[tuple[Key, bytes | str]]:
         with tqdm(walk(src, skipped, options.limits), desc=f"reading {src.name}", unit=" files") as entries:
             for parts, read in entries:
                 key = _in_split(parts)
@@ -65,8 +65,8 @@ def read_imagefolder(src: Path, options: ReadOptions) -> SourceData:
                     skipped(path, "a .gif (not read, as in torchvision's ImageFolder)")
                 elif suffix not in IMAGE_SUFFIXES:
                     skipped(path, f"not an image file ({' '.join(IMAGE_SUFFIXES)})")
-                else:
-                    yield (key[0], key[1], path), read()
+                else:  # one judged from its first bytes is listed when decoding would have listed it
+                    yield (key[0], key[1], path), _unlikely_image(read, options.decode.max_pixels) or read()
 
     for (folder, cls, path), image in decode_in_order(files(), options.decode, options.workers):
         if isinstance(image, str):
@@ -82,6 +82,25 @@ def read_imagefolder(src: Path, options: ReadOptions) -> SourceData:
     splits = {split: _split(samples[folder], names) for split, folder in folders.items()}
     return SourceData("imagefolder", names, splits, skipped_files=skipped.files, ignored_files=ignored,
                       split_folders=folders)
+
+
+SLACK_BYTES = 16 << 20  # metadata beyond the pixels: EXIF, ICC profiles, XMP, embedded previews
+
+
+def max_image_bytes(max_pixels: int) -> int:
+    """The most bytes a file of at most `max_pixels` pixels needs: uncompressed 16-bit RGBA, plus metadata."""
+    return 8 * max_pixels + SLACK_BYTES
+
+
+def _unlikely_image(member: Member, max_pixels: int) -> str | None:
+    """Why a file is not read at all (judged from its size and first bytes), or None: a non-image named .jpg,
+    or one larger than any image of --max-pixels pixels, would otherwise be read whole into memory first."""
+    if member.size > max_image_bytes(max_pixels):
+        return (f"{member.size:,} bytes, more than any image of --max-pixels {max_pixels:,} pixels needs "
+                f"({max_image_bytes(max_pixels):,}; not read)")
+    if member.size and not image_signature(member.head(16)):
+        return "not an image PIL can read"  # as decoding it would have said, but from 16 bytes
+    return None
 
 
 def _in_split(parts: tuple[str, ...]) -> tuple[str, ...] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import re
 import warnings
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator
@@ -64,6 +65,13 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def image_signature(prefix: bytes) -> bool:
+    """Whether the first 16 bytes of a file are the signature of a format PIL reads (PIL's own test; the few
+    formats without a signature, none of them an ImageFolder suffix, say no)."""
+    Image.init()
+    return any(accept is not None and accept(prefix) for _, accept in Image.OPEN.values())
+
+
 def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray | str:
     """An image file's RGB pixels (H, W, 3), upright and shrunk to max_side, or why it cannot be used."""
     if not data:
@@ -86,8 +94,10 @@ def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray | str:
             rgb = rgb.resize(target if upright.size == drafted else target[::-1],  # [::-1]: EXIF turned it
                              Image.Resampling.LANCZOS)
         return np.asarray(rgb)
-    except Image.DecompressionBombError as exc:  # a frame inside the file bigger than its header said
-        return f"a decompression bomb ({exc}; not decoded)".replace("\n", " ")
+    except Image.DecompressionBombError as exc:  # over twice the limit (PIL's own check), or a frame inside
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))  # its message quotes twice our limit: ours instead
+        size = f"{int(pixels[1]):,} pixels" if pixels else "a frame larger than its header says"
+        return f"a decompression bomb: {size}, over --max-pixels {options.max_pixels:,} (not decoded)"
     except UnidentifiedImageError:
         return "not an image PIL can read"
     except Exception as exc:  # damaged files raise OSError, SyntaxError, ValueError, struct.error, ...
@@ -95,11 +105,11 @@ def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray | str:
         return f"a damaged image ({reason})"
 
 
-def _decode_chunk(files: list[bytes], options: DecodeOptions) -> list[np.ndarray | str]:
-    return [decode_image(data, options) for data in files]
+def _decode_chunk(files: list[bytes | str], options: DecodeOptions) -> list[np.ndarray | str]:
+    return [data if isinstance(data, str) else decode_image(data, options) for data in files]
 
 
-def _chunks(items: Iterable[tuple[Hashable, bytes]]) -> Iterator[tuple[list, list[bytes]]]:
+def _chunks(items: Iterable[tuple[Hashable, bytes | str]]) -> Iterator[tuple[list, list[bytes | str]]]:
     """(keys, file contents) in groups of at most CHUNK_FILES files or about CHUNK_BYTES."""
     keys, files, size = [], [], 0
     for key, data in items:
@@ -117,9 +127,10 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
-def decode_in_order(items: Iterable[tuple[Hashable, bytes]], options: DecodeOptions,
+def decode_in_order(items: Iterable[tuple[Hashable, bytes | str]], options: DecodeOptions,
                     workers: int) -> Iterator[tuple[Hashable, np.ndarray | str]]:
-    """(key, pixels or the reason it was skipped) for each (key, file contents), in input order.
+    """(key, pixels or the reason it was skipped) for each (key, file contents), in input order; a str in
+    place of the contents is a reason already known (the file was not read), passed through in its place.
 
     With workers > 1 the files are decoded in that many processes, with at most 3 chunks per worker in
     flight, so memory does not grow with the size of the tree.

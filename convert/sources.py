@@ -7,6 +7,8 @@ ImageFolder trees in `convert.imagefolder`: a bad source fails with one line, be
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import UserError
-from convert.archive import Limits, walk
+from convert.archive import Limits, bomb_error, expansion_limit, walk
 from convert.images import DecodeOptions, default_workers
 from convert.unpickle import load_cifar_pickle
 
@@ -30,6 +32,9 @@ CIFAR_FILES = {
     "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"], "meta": "batches.meta"},
     "cifar100": {"train": ["train"], "test": ["test"], "meta": "meta"},
 }
+# the most images one file holds: CIFAR-10's six batches 10,000 each, CIFAR-100's train 50,000 and test 10,000
+CIFAR_MAX_ROWS = {**{name: 10_000 for name in [*CIFAR_FILES["cifar10"]["train"], *CIFAR_FILES["cifar10"]["test"]]},
+                  "train": 50_000, "test": 10_000}
 IDX_FILES = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
 # torchvision class name and the folder its download leaves the raw files in
 TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python"),
@@ -98,6 +103,9 @@ def read_source(dataset: str, src: Path, options: ReadOptions) -> SourceData:
         data = _read_cifar(dataset, src, skipped, options.limits)
     else:
         data = _read_idx_dataset(dataset, src, skipped, options.limits)
+    for split, part in data.splits.items():
+        if not len(part):
+            raise UserError(f"{src}: the {split} split holds no images; pass a source with images in every split")
     data.skipped_files = skipped.files
     return data
 
@@ -169,6 +177,9 @@ def _cifar_split(batches: list[tuple[str, dict]], label_keys: list[str], num_cla
         data = batch.get("data")
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise UserError(f"{name}: 'data' is not an N x 3072 uint8 array; download the dataset again")
+        if len(data) > CIFAR_MAX_ROWS[name]:
+            raise UserError(f"{name}: 'data' holds {len(data):,} images, more than the {CIFAR_MAX_ROWS[name]:,} "
+                            "this CIFAR file holds; download the dataset again")
         for key, n, out in zip(label_keys, num_classes, labels):
             values = np.asarray(batch.get(key, []), dtype=np.int64)
             if len(values) != len(data) or (len(values) and (values.min() < 0 or values.max() >= n)):
@@ -204,22 +215,41 @@ def _read_cifar(dataset: str, src: Path, skip: SkipList, limits: Limits) -> Sour
     return SourceData(dataset, class_lists[0], splits, coarse_classes=class_lists[1] if dataset == "cifar100" else None)
 
 
-def _parse_idx(data: bytes, name: str, ndim: int) -> np.ndarray:
-    """An IDX file of unsigned bytes (magic 0x0000 08 ndim, big-endian dims), checked against its size."""
-    if data[:2] == b"\x1f\x8b":
+def _parse_idx(data: bytes, name: str, ndim: int, limits: Limits) -> np.ndarray:
+    """An IDX file of unsigned bytes (magic 0x0000 08 ndim, big-endian dims), checked against its size.
+
+    A gzipped file is decompressed as a stream, only as far as its header's size and never past
+    --max-expansion, so a small .gz that expands to gigabytes stops with one line instead of filling memory.
+    """
+    header_bytes = 4 + 4 * ndim
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == b"\x1f\x8b" else None
+
+    def read(size: int) -> bytes:
         try:
-            data = gzip.decompress(data)
+            return stream.read(size)
         except (OSError, EOFError, zlib.error):
             raise UserError(f"{name} is a damaged gzip file; download it again") from None
-    if len(data) < 4 + 4 * ndim or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+
+    header = read(header_bytes) if stream else data[:header_bytes]
+    if len(header) < header_bytes or header[:3] != b"\x00\x00\x08" or header[3] != ndim:
         raise UserError(f"{name} does not start with the IDX magic for {ndim}-d unsigned bytes "
-                        f"(got {data[:4].hex()}); pass the original MNIST-format files")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    expected = 4 + 4 * ndim + int(np.prod(dims))
-    if len(data) != expected:
-        raise UserError(f"{name}: header says {dims[0]} items ({expected} bytes) but the file has {len(data)} "
+                        f"(got {header[:4].hex()}); pass the original MNIST-format files")
+    dims = struct.unpack(f">{ndim}I", header[4:])
+    if 0 in dims:
+        raise UserError(f"{name}: its header says {' x '.join(map(str, dims))}, no data; pass a file that holds "
+                        "items (download it again)")
+    expected = header_bytes + math.prod(dims)  # Python integers: no overflow
+    if stream is None:
+        body, size = data[header_bytes:], str(len(data))
+    else:
+        if expected > expansion_limit(len(data), limits):
+            raise bomb_error(f"{name} (its header claims {dims[0]:,} items)", len(data), limits)
+        body = read(expected - header_bytes + 1)  # one byte more: data past the header's size shows
+        size = f"{header_bytes + len(body)}" if len(body) < expected - header_bytes + 1 else "more"
+    if header_bytes + len(body) != expected:
+        raise UserError(f"{name}: header says {dims[0]} items ({expected} bytes) but the file has {size} "
                         "bytes (truncated or damaged); download it again")
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def _read_idx_dataset(dataset: str, src: Path, skip: SkipList, limits: Limits) -> SourceData:
@@ -233,7 +263,7 @@ def _read_idx_dataset(dataset: str, src: Path, skip: SkipList, limits: Limits) -
             name = next((v for v in variants[stem] if v in found), None)
             if name is None:
                 raise _wrong_kind(dataset, src, f"{variants[stem][0]}[.gz]", seen)
-            arrays.append(_parse_idx(found[name], name, ndim))
+            arrays.append(_parse_idx(found[name], name, ndim, limits))
         images, labels = arrays
         if len(images) != len(labels):
             raise UserError(f"{src}: {split} has {len(images)} images but {len(labels)} labels; "

@@ -3,14 +3,21 @@
 `pickle.loads` calls whatever a file names (`os.system`, `builtins.exec`, ...), so a `data_batch_1` copied from
 a stranger could run anything. The real files (Python 2 protocol-2 pickles, and the same re-saved by Python 3)
 hold dicts, lists, strings, bytes, numbers and numpy arrays; an array is rebuilt through numpy's
-`_reconstruct`, `ndarray` and `dtype`, and Python 3 stores bytes as `_codecs.encode(text, 'latin1')`.
+`_reconstruct`, `ndarray` and `dtype`, and Python 3 stores bytes as `_codecs.encode(text, 'latin1')` (the
+empty bytes as `bytes()`).
 Those are the only callables allowed; anything else stops the load before it is called.
+
+Nor may a file make us allocate what no CIFAR file holds: numpy's pickles build an empty array and then fill
+it from bytes inside the file, so `ndarray` called directly (a 193-byte file asked for 1,000,000 x 3072 zeros,
+3 GB) is refused, and so is any array larger than CIFAR-100's train data or of a non-numeric dtype, before
+its memory is allocated.
 """
 
 from __future__ import annotations
 
 import _codecs
 import io
+import math
 import pickle
 
 import numpy as np
@@ -30,17 +37,80 @@ def _latin1(text: str, encoding: str = "utf-8") -> bytes:
     return _codecs.encode(text, encoding)
 
 
-ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # written by numpy 1.x (the originals)
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # written by numpy 2.x
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1,
-}
+MAX_ARRAY_VALUES = 50_000 * 3072  # CIFAR-100's train data, the largest array of any CIFAR file
+NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats: all a CIFAR array can be
 
 
 class _Refused(pickle.UnpicklingError):
     """A pickle asked for something a CIFAR file never holds (the message: what, quoted onto one line)."""
+
+
+class _NotCifar(pickle.UnpicklingError):
+    """A pickle that runs nothing but would build what no CIFAR file holds (the message: what)."""
+
+
+def _numeric(dtype: object) -> np.dtype:
+    """`dtype` if it is a plain numeric dtype (no objects, strings, records or sub-arrays)."""
+    if not (isinstance(dtype, np.dtype) and dtype.kind in NUMERIC_KINDS and dtype.fields is None
+            and dtype.subdtype is None):
+        raise _NotCifar(f"an array of dtype {ascii(str(dtype))} (CIFAR arrays are numbers)")
+    return dtype
+
+
+class _Array(np.ndarray):
+    """The only array class a pickle gets: numpy's `_reconstruct` makes it empty, and `__setstate__` checks the
+    shape and dtype before numpy allocates for them. Calling it directly (as `ndarray(shape, dtype)`, which
+    allocates) is refused; loaded arrays are handed on as plain ndarrays."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> np.ndarray:
+        raise _NotCifar("an array by calling numpy.ndarray directly, as numpy's own pickles never do")
+
+    def __setstate__(self, state: tuple) -> None:
+        if not isinstance(state, tuple) or len(state) != 5 or not isinstance(state[1], tuple):
+            raise _NotCifar("an array state numpy never writes")
+        shape, dtype = state[1], _numeric(state[2])
+        if not all(isinstance(n, int) and n >= 0 for n in shape) or math.prod(shape) > MAX_ARRAY_VALUES:
+            raise _NotCifar(f"an array of shape {ascii(shape)}, larger than any CIFAR file holds "
+                            f"({MAX_ARRAY_VALUES:,} values at most)")
+        if not isinstance(state[4], bytes) or len(state[4]) != math.prod(shape) * dtype.itemsize:
+            raise _NotCifar(f"an array of shape {ascii(shape)} whose data is not its size")
+        super().__setstate__(state)
+
+
+def _reconstruct_empty(subtype: object, shape: object, dtype: object) -> np.ndarray:
+    """numpy's `_reconstruct` as its pickles call it: an empty array (its data follows in `__setstate__`)."""
+    if subtype is not _Array or shape != (0,) or not isinstance(dtype, bytes) or len(dtype) > 8:
+        raise _NotCifar("an array that numpy's pickles never build")
+    return _reconstruct(_Array, (0,), dtype)
+
+
+def _dtype(spec: object, align: object = False, copy: object = False) -> np.dtype:
+    """`numpy.dtype` as its pickles call it, for numeric type codes only ('u1', 'i8', 'f4', ...)."""
+    if not isinstance(spec, str) or len(spec) > 4:
+        raise _NotCifar(f"a dtype of {ascii(spec)}")
+    try:
+        return _numeric(np.dtype(spec, bool(align), bool(copy)))
+    except TypeError:
+        raise _NotCifar(f"a dtype of {ascii(spec)}") from None
+
+
+def _empty_bytes(*args: object) -> bytes:
+    """`bytes()` as protocol-2 pickles write an empty bytes object (an empty array's data), and nothing more:
+    `bytes(n)` would allocate n zeros."""
+    if args:
+        raise _NotCifar(f"bytes from {ascii(type(args[0]).__name__)} (only the empty bytes are pickled this way)")
+    return b""
+
+
+ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_empty,  # written by numpy 1.x (the originals)
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_empty,  # written by numpy 2.x
+    ("numpy", "ndarray"): _Array,
+    ("numpy", "dtype"): _dtype,
+    ("_codecs", "encode"): _latin1,
+    ("__builtin__", "bytes"): _empty_bytes,  # the empty bytes, as Python 3 writes protocol 2
+    ("builtins", "bytes"): _empty_bytes,
+}
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -57,8 +127,9 @@ class _CifarUnpickler(pickle.Unpickler):
 def load_cifar_pickle(data: bytes, name: str) -> dict:
     """A CIFAR pickle as a dict with str keys (Python 2 originals have bytes or latin-1 keys).
 
-    UserError, naming `name`, for a damaged file and for one that asks to call anything but numpy's array
-    reconstruction: such a file is refused before any of its code runs.
+    UserError, naming `name`, for a damaged file, for one that asks to call anything but numpy's array
+    reconstruction (refused before any of its code runs) and for one that would build an array no CIFAR file
+    holds (refused before it is allocated).
     """
     try:
         obj = _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
@@ -66,8 +137,12 @@ def load_cifar_pickle(data: bytes, name: str) -> dict:
         raise UserError(f"{name} is not a plain CIFAR pickle: it asks to call {exc}, which could run code, so it "
                         "was not loaded (only arrays, lists, strings and numbers are read); download the dataset "
                         "again from its official source") from None
+    except _NotCifar as exc:
+        raise UserError(f"{name} is not a CIFAR pickle: it builds {exc}; download the dataset again from its "
+                        "official source") from None
     except Exception:  # a damaged pickle can raise almost anything
         obj = None
     if not isinstance(obj, dict):
         raise UserError(f"{name} is truncated or not a CIFAR pickle; download the dataset again")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return {k.decode() if isinstance(k, bytes) else k: v.view(np.ndarray) if isinstance(v, np.ndarray) else v
+            for k, v in obj.items()}

@@ -1,8 +1,10 @@
 """Untrusted data runs no code and exhausts nothing: crafted CIFAR pickles, hostile tar members, decompression
-bombs and checkpoints that would run code are refused or skipped and listed, each built here in the test."""
+bombs, headers that claim more than the file holds and checkpoints that would run code are refused or skipped
+and listed, each built here in the test."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import pickle
 import struct
@@ -20,8 +22,17 @@ from common.errors import UserError, run_cli
 from convert import archive, convert_dataset
 from convert.__main__ import main
 from convert.images import DecodeOptions, decode_image
+from convert.unpickle import load_cifar_pickle
 from pipelines.dataset import load_manifest, open_split
-from tests.data_fixtures import CIFAR10_CLASSES, structured_images, tar_folder, write_cifar10, write_imagefolder
+from tests.data_fixtures import (
+    CIFAR10_CLASSES,
+    structured_images,
+    tar_folder,
+    write_cifar10,
+    write_idx,
+    write_imagefolder,
+    write_mnist,
+)
 from tests.test_convert import cli_fails
 
 
@@ -262,3 +273,140 @@ def test_real_cifar10_tarball_has_no_unsafe_or_skipped_member(cifar10_data: Path
     assert manifest["skipped_files"] == {} and manifest["ignored_files"] == []
     assert [manifest["splits"][s]["count"] for s in ("train", "test")] == [50000, 10000]
     assert manifest["split_folders"] == {"train": "train", "test": "test"}
+
+
+# ---- round 2 (issue 26): sizes a header or a pickle claims, checked before anything is allocated ----
+
+class HugeArray:
+    """Unpickles as numpy.ndarray((1_000_000, 3072), 'u1'): 3 GB of zeros from a file of under 200 bytes."""
+
+    def __reduce__(self):
+        return np.ndarray, ((1_000_000, 3072), "u1")
+
+
+def test_cifar_pickle_that_builds_a_huge_array_is_refused(tmp_path: Path) -> None:
+    """The allowed `numpy.ndarray`, called directly, made a 193-byte data_batch_1 convert into 1,000,040 black
+    images (7.1 GB of RSS, exit 0). numpy's own pickles build an empty array and fill it from the file's bytes."""
+    folder = write_cifar10(tmp_path / "src")["folder"]
+    payload = pickle.dumps({"data": HugeArray(), "labels": [0] * 1_000_000}, protocol=2)
+    assert len(payload) < 3_000_000
+    (folder / "data_batch_1").write_bytes(payload)
+    with pytest.raises(UserError, match=r"^data_batch_1 is not a CIFAR pickle: it builds an array by calling "
+                                        r"numpy.ndarray directly.*; download the dataset again"):
+        convert("cifar10", folder, tmp_path / "out")
+    small = pickle.dumps({"data": HugeArray()}, protocol=2)
+    assert len(small) < 200
+    with pytest.raises(UserError, match="numpy.ndarray directly"):
+        load_cifar_pickle(small, "data_batch_1")
+
+
+def test_cifar_arrays_larger_than_the_format_or_of_objects_are_refused(tmp_path: Path) -> None:
+    rows = np.zeros((1, 3072), dtype=np.uint8)
+    too_many = pickle.dumps({"data": rows}, protocol=2).replace(b"K\x01M\x00\x0c", b"J@B\x0f\x00M\x00\x0c")
+    with pytest.raises(UserError, match=r"an array of shape \(1000000, 3072\), larger than any CIFAR file holds"):
+        load_cifar_pickle(too_many, "data_batch_1")  # 1,000,000 x 3072 claimed, refused before numpy allocates
+    with pytest.raises(UserError, match="an array of dtype 'object'"):
+        load_cifar_pickle(pickle.dumps({"data": np.array(["x"], dtype=object)}, protocol=2), "data_batch_1")
+    folder = write_cifar10(tmp_path / "src", batch_size=20)["folder"]
+    eleven_thousand = pickle.dumps({"data": np.zeros((11_000, 3072), dtype=np.uint8), "labels": [0] * 11_000},
+                                   protocol=2)
+    (folder / "data_batch_2").write_bytes(eleven_thousand)
+    with pytest.raises(UserError, match=r"data_batch_2: 'data' holds 11,000 images, more than the 10,000 this CIFAR "
+                                        "file holds"):
+        convert("cifar10", folder, tmp_path / "out")
+    assert not (tmp_path / "out" / "cifar10").exists()
+
+
+def test_idx_header_whose_size_wraps_in_64_bits_is_refused(tmp_path: Path) -> None:
+    """2^32-1 x 2^32-1 x 2^32-1 items wrapped to a small number in numpy's int64 product, so a 16-byte file
+    passed the length check and ended in a traceback."""
+    folder = tmp_path / "mnist"
+    write_mnist(folder, gz=False)
+    huge = 2**32 - 1
+    (folder / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", huge, huge, huge))
+    with pytest.raises(UserError, match=rf"header says {huge} items \(\d+ bytes\) but the file has 16 bytes"):
+        convert("mnist", folder, tmp_path / "out")
+
+
+def test_idx_file_with_no_items_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "mnist"
+    write_mnist(folder)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((0, 28, 28), dtype=np.uint8))
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(0, dtype=np.uint8))
+    with pytest.raises(UserError, match=r"^t10k-images-idx3-ubyte.gz: its header says 0 x 28 x 28, no data; pass a "
+                                        "file that holds items"):
+        convert("mnist", folder, tmp_path / "out")
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((10, 0, 28), dtype=np.uint8))
+    with pytest.raises(UserError, match="its header says 10 x 0 x 28, no data"):
+        convert("mnist", folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cifar_split_with_no_images_is_refused(tmp_path: Path) -> None:
+    folder = write_cifar10(tmp_path / "src")["folder"]
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((0, 3072), dtype=np.uint8), "labels": []},
+                                                     protocol=2))
+    with pytest.raises(UserError, match=r"the test split holds no images; pass a source with images in every split"):
+        convert("cifar10", folder, tmp_path / "out")
+
+
+def test_gzipped_idx_that_expands_past_max_expansion_stops_early(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1.1 MB train-images-idx3-ubyte.gz expanded to 1.1 GB (2.2 GB of RSS) before its count was checked:
+    now it is decompressed as a stream, only as far as its header says and never past --max-expansion (whose
+    1 GiB floor is lowered to 1 MiB here)."""
+    monkeypatch.setattr(archive, "MIN_EXPANSION_BYTES", 1 << 20)
+    folder = tmp_path / "mnist"
+    write_mnist(folder)
+    header = b"\x00\x00\x08\x03" + struct.pack(">3I", 60_000, 28, 28)  # 47 MB of zeros: about 46 KB gzipped
+    squeeze = zlib.compressobj(9, wbits=31)
+    bomb = squeeze.compress(header) + b"".join(squeeze.compress(bytes(1 << 20)) for _ in range(45))
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(bomb + squeeze.flush())
+    with pytest.raises(UserError, match=r"^train-images-idx3-ubyte.gz \(its header claims 60,000 items\) expands to "
+                                        r"more than .*raise --max-expansion"):
+        convert("mnist", folder, tmp_path / "out")
+    # a header that fits, with the rest of the stream going on far past it: read only one byte past its size
+    squeeze = zlib.compressobj(9, wbits=31)
+    header = b"\x00\x00\x08\x03" + struct.pack(">3I", 30, 28, 28)
+    endless = squeeze.compress(header) + b"".join(squeeze.compress(bytes(1 << 20)) for _ in range(200))
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(endless + squeeze.flush())
+    read = []
+    real_read = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read", lambda self, size=-1: read.append(size) or real_read(self, size))
+    with pytest.raises(UserError, match=r"header says 30 items \(23536 bytes\) but the file has more bytes"):
+        convert("mnist", folder, tmp_path / "out")
+    assert max(read) == 30 * 28 * 28 + 1
+
+
+def test_archive_member_that_is_not_an_image_is_skipped_unread(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2.1 MB .tar.gz holding one 900 MiB member named .jpg cost 2.8 GB of RSS: it was read whole before PIL
+    found it was no image. Its first 16 bytes tell; and a member larger than any --max-pixels image is not read."""
+    source = write_imagefolder(tmp_path / "tree")
+    archive_path = tmp_path / "tree.tar.gz"
+    with tarfile.open(archive_path, "w:gz") as tar:
+        tar.add(tmp_path / "tree", arcname="tree")
+        _add(tar, "tree/train/cat/zeros.jpg", bytes(8 << 20))
+        _add(tar, "tree/train/dog/huge.png", _png()[:16] + bytes(32 << 20))
+    assert archive_path.stat().st_size < 1_000_000
+    reads = []
+    real_read = tarfile.ExFileObject.read
+    monkeypatch.setattr(tarfile.ExFileObject, "read",
+                        lambda self, size=-1: (data := real_read(self, size), reads.append(len(data)))[0])
+    with pytest.warns(UserWarning, match="skipped 2 file"):
+        out = convert("imagefolder", archive_path, tmp_path / "out", max_pixels=1000)
+    assert load_manifest(out)["skipped_files"] == {
+        "tree/train/cat/zeros.jpg": "not an image PIL can read",
+        "tree/train/dog/huge.png": "33,554,448 bytes, more than any image of --max-pixels 1,000 pixels needs "
+                                   "(16,785,216; not read)"}
+    assert max(reads) < 1 << 20  # neither was read whole
+    np.testing.assert_array_equal(open_split(out, "train").images, source["train"][0])
+
+
+def test_a_bomb_over_twice_the_limit_names_our_limit_not_pils(tmp_path: Path) -> None:
+    """PIL refuses an image over twice its limit itself, and its message quoted 178,956,970 pixels where the
+    README (and --max-pixels) say 89,478,485."""
+    reason = decode_image(png_bomb(13_400), DecodeOptions())  # 179,560,000 pixels
+    assert reason == "a decompression bomb: 179,560,000 pixels, over --max-pixels 89,478,485 (not decoded)"
+    assert decode_image(png_bomb(10_000), DecodeOptions()).startswith(
+        "a decompression bomb: 10000x10000 pixels, over --max-pixels 89,478,485")
