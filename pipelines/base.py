@@ -19,7 +19,7 @@ import torch
 
 from common.errors import UserError
 from pipelines.augment import AugmentSpec, EvalTransform, TrainTransform
-from pipelines.dataset import Split, open_split
+from pipelines.dataset import BetonFile, Split, open_split
 
 MIN_RESOLUTION = 8  # the smallest crop side a photo loader makes
 RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop: area fraction of the source image
@@ -69,6 +69,7 @@ class LoaderOptions:
     label_smoothing: float = 0.0  # folded into soft targets when MixUp/CutMix is on
     channels_last: bool = True
     resolution: ResolutionSchedule = ResolutionSchedule()  # photos of varied sizes only
+    max_batches: int = 0  # eval: a fixed, seeded, stratified subset of this many batches per rank; 0 = every sample
 
 
 def varied_sizes(manifest: dict) -> bool:
@@ -111,6 +112,22 @@ def rank_indices(n: int, *, epoch: int, seed: int, rank: int, world_size: int, t
     return order[rank * per_rank:(rank + 1) * per_rank]
 
 
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` sample indices (sorted), drawn from each class in proportion to its count (largest remainders) by
+    a generator seeded with `seed` alone: the same subset on every rank and every epoch. Splits are stored
+    class by class, so the first `size` records would cover only the first class or two."""
+    labels = np.asarray(labels)
+    if size >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * size / len(labels)
+    take = np.floor(exact).astype(np.int64)
+    take[np.argsort(take - exact, kind="stable")[:size - take.sum()]] += 1
+    rng = np.random.default_rng([seed, 0x5EB5E7])  # its own stream, apart from the training permutations'
+    chosen = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))
+
+
 def num_batches(n: int, *, train: bool, rank: int, world_size: int, batch_size: int) -> int:
     """len() of a loader: exact, consistent with rank_indices."""
     if train:
@@ -132,11 +149,12 @@ class ShardedLoader:
     order, and the device transform keyed by (seed, epoch, batch, rank). Subclasses implement __iter__."""
 
     def __init__(self, options: LoaderOptions, *, n: int, mean: Sequence[float], std: Sequence[float],
-                 num_classes: int):
+                 num_classes: int, labels: np.ndarray | None = None):
         self.options = options
         self.n = n
-        self._len = num_batches(n, train=options.train, rank=options.rank, world_size=options.world_size,
-                                batch_size=options.batch_size)
+        self._pool = self._eval_subset(labels)  # None: every sample
+        self._len = num_batches(n if self._pool is None else len(self._pool), train=options.train,
+                                rank=options.rank, world_size=options.world_size, batch_size=options.batch_size)
         if options.train and self._len == 0:
             raise UserError(f"split '{options.split}' has {n} samples, fewer than one batch of "
                             f"{options.batch_size} per rank on {options.world_size} rank(s); lower batch_size")
@@ -156,6 +174,17 @@ class ShardedLoader:
         self.epoch = epoch
         self._start_batch = start_batch
 
+    def _eval_subset(self, labels: np.ndarray | None) -> np.ndarray | None:
+        """With `max_batches` (evaluation only): the stratified subset every rank deals its shard from; `labels`
+        are the split's, read from its .beton when not given."""
+        o = self.options
+        size = o.max_batches * o.batch_size * o.world_size
+        if o.train or not o.max_batches or size >= self.n:
+            return None
+        if labels is None:
+            labels = BetonFile(Path(o.data_dir) / f"{o.split}.beton").labels()
+        return stratified_subset(labels, size, o.seed)
+
     def crop_side(self) -> int:
         """For photos of varied sizes: the side of the square crops this epoch (training) or of evaluation."""
         res = self.options.resolution
@@ -165,7 +194,8 @@ class ShardedLoader:
         """This rank's sample order for the current epoch and the batch to start at (consumed once)."""
         o = self.options
         order = rank_indices(self.n, epoch=self.epoch, seed=o.seed, rank=o.rank, world_size=o.world_size,
-                             train=o.train, batch_size=o.batch_size)
+                             train=o.train, batch_size=o.batch_size) if self._pool is None \
+            else self._pool[o.rank::o.world_size]
         start, self._start_batch = self._start_batch, 0
         return order, start
 
@@ -190,7 +220,8 @@ class ArrayLoader(ShardedLoader):
         if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
             raise UserError(f"split '{options.split}' holds images {images.dtype}{list(images.shape)} and "
                             f"{len(labels)} labels, expected uint8 (N, H, W, C) with N labels; convert the data again")
-        super().__init__(options, n=len(images), mean=split.mean, std=split.std, num_classes=split.num_classes)
+        super().__init__(options, n=len(images), mean=split.mean, std=split.std, num_classes=split.num_classes,
+                         labels=split.labels)
         self.split = split
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(options.device)
 

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from benchmarks.fault_harness import outputs
+from pipelines.augment import AugmentSpec
+from pipelines.base import LoaderOptions, stratified_subset
 from pipelines.dataset import open_split
+from pipelines.tensor_loader import TensorLoader
 from tests.train_helpers import metrics, run_train
 from trainer import checkpoint, loop
 from trainer.config import load_recipe
@@ -69,11 +73,12 @@ def two_phases(first_stops: bool) -> str:
 
 @pytest.fixture(scope="module")
 def mnist_test(mnist_data) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test images the smoke twin evaluates (max_eval_batches batches of eval_batch_size, 0 = all)."""
+    """The test images the smoke twin evaluates (the stratified subset of max_eval_batches batches, 0 = all)."""
     images, labels = split_arrays(mnist_data)
     recipe = load_recipe("mnist_mlp_smoke")
     n = recipe.max_eval_batches * recipe.data.eval_batch_size or len(labels)
-    return images[:n], labels[:n]
+    subset = torch.from_numpy(stratified_subset(labels.numpy(), n, recipe.seed))
+    return images[subset], labels[subset]
 
 
 def run_two_phases(mnist_data: Path, folder: Path, first_stops: bool) -> tuple[dict, list[dict], Path]:
@@ -224,13 +229,32 @@ def test_tta_flip_averages_the_logits_of_each_image_and_its_mirror(accelerator):
     assert got["loss"] != pytest.approx(F.cross_entropy(plain, labels).item(), rel=1e-3)
 
 
-def test_max_eval_batches_caps_every_evaluation(accelerator):
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
-    batches = [(torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))) for _ in range(4)]
-    for cap, count in ((0, 20), (1, 5), (3, 15), (9, 20)):
-        recipe = load_recipe("c10_cnn_smoke", [f"max_eval_batches={cap}"])
-        got, preds, _ = loop.evaluate(model, Batches(batches), recipe, accelerator, collect=True)
-        assert got["count"] == count and len(preds) == count
+def test_max_eval_batches_evaluates_a_fixed_stratified_subset():
+    """Splits are stored class by class: a cap of 2 batches of 16 on 2 ranks must not be the first 64 records (all
+    class 0) but 64 records spread over the classes as the split is, the same on every rank and every epoch,
+    each in exactly one rank's shard."""
+    labels = np.repeat(np.arange(10), [50, 50, 50, 50, 50, 30, 30, 30, 30, 30])  # 400, sorted by class
+    images = np.zeros((len(labels), 4, 4, 3), dtype=np.uint8)
+
+    def shards(epoch: int) -> list[np.ndarray]:
+        seen = []
+        for rank in range(2):
+            options = LoaderOptions(data_dir=Path("."), split="test", batch_size=16, train=False, spec=AugmentSpec(),
+                                    device=torch.device("cpu"), seed=4, rank=rank, world_size=2, max_batches=2)
+            loader = TensorLoader.from_arrays(images, labels, mean=(0.0,) * 3, std=(1.0,) * 3, num_classes=10,
+                                              options=options)
+            loader.set_epoch(epoch)
+            assert len(loader) == 2
+            seen.append(torch.cat([y for _, y in loader]).numpy())
+        return seen
+
+    first = shards(0)
+    assert [len(s) for s in first] == [32, 32]
+    counts = np.bincount(np.concatenate(first), minlength=10)
+    assert counts.tolist() == [8] * 5 + [5, 5, 5, 5, 4]  # 64 x 50/400, and 64 x 30/400 = 4.8 by largest remainder
+    assert all(np.array_equal(a, b) for a, b in zip(first, shards(3)))  # the same subset every epoch
+    assert np.array_equal(stratified_subset(labels, 64, 4), stratified_subset(labels, 64, 4))
+    assert not np.array_equal(stratified_subset(labels, 64, 4), stratified_subset(labels, 64, 5))
 
 
 def one_step(accelerator: Accelerator, settings: list[str], log: bool) -> tuple[torch.Tensor, torch.Tensor,

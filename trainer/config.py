@@ -177,7 +177,8 @@ class Recipe:
     tta_flip: bool = False  # evaluate on the image and its mirror, averaging logits
     checkpoint_every_steps: int = 0  # 0 = every epoch only
     max_steps_per_epoch: int = 0  # 0 = whole epoch; smoke recipes cut epochs short
-    max_eval_batches: int = 0  # 0 = every batch; smoke recipes evaluate (and test) on this many per process
+    max_eval_batches: int = 0  # 0 = every sample; smoke twins evaluate (and test) a fixed stratified subset of
+    # this many batches per process
     tensorboard: bool = True
     wandb: bool = False  # used when installed; offline mode without a network
 

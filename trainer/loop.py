@@ -10,7 +10,6 @@ It runs on one device or as one of N processes under `accelerate launch` / `torc
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import os
@@ -172,7 +171,8 @@ def split_loader(recipe: Recipe, accelerator: Accelerator, split: str, train: bo
         device=accelerator.device, seed=recipe.seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, num_workers=recipe.data.num_workers,
         label_smoothing=recipe.loss.label_smoothing, channels_last=recipe.channels_last,
-        resolution=recipe.data.resolutions())  # photos of varied sizes: crop sides, progressive resizing
+        resolution=recipe.data.resolutions(),  # photos of varied sizes: crop sides, progressive resizing
+        max_batches=0 if train else recipe.max_eval_batches)  # smoke runs: a stratified subset
     return TensorLoader(options, memory[split]) if memory else build_loader(recipe.data.loader, options)
 
 
@@ -198,16 +198,18 @@ def build_data(recipe: Recipe, accelerator: Accelerator, memory: dict[str, Split
 def evaluate(model: nn.Module, loader: Loader, recipe: Recipe, accelerator: Accelerator, collect: bool = False,
              extra: dict[str, Callable] | None = None
              ) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor | None]:
-    """Loss and accuracy over every sample of the split exactly once (sums reduced across ranks), or over
-    each rank's first `max_eval_batches` batches (smoke runs); with `collect`, also every prediction and
-    label (gathered to the host once, at the end). `extra` metrics (the Python API's) are functions of the
-    split's logits and labels, all of them, gathered to the host once."""
+    """Loss and accuracy over every sample the loader holds (the split, or with max_eval_batches its fixed
+    stratified subset), each exactly once across ranks (sums reduced across ranks; a rank may have none);
+    with `collect`, also every prediction and label (gathered to the host once, at the end). `extra` metrics
+    (the Python API's) are functions of the split's logits and labels, all of them, gathered to the host once.
+
+    `model` is a plain module (`Run.eval_model`): no collective runs in its forward."""
     model.eval()
     sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # loss sum, correct, top-5 correct, count
     preds, labels, outputs = [], [], []
     num_classes = 0
     loader.set_epoch(0)
-    for images, targets in itertools.islice(loader, recipe.max_eval_batches or None):
+    for images, targets in loader:
         with accelerator.autocast():
             logits = model(images)
             if recipe.tta_flip:
@@ -228,14 +230,20 @@ def evaluate(model: nn.Module, loader: Loader, recipe: Recipe, accelerator: Acce
     metrics = {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
     if num_classes > 5:  # top-5 of five classes or fewer says nothing
         metrics["top5_accuracy"] = top5 / count
-    all_labels = torch.cat(gather_object([torch.cat(labels).cpu()])) if collect or extra else None
+    all_labels = gathered(labels, torch.int64) if collect or extra else None
     if extra:
-        all_logits = torch.cat(gather_object([torch.cat(outputs).cpu()]))
+        all_logits = gathered(outputs, torch.float32)
         metrics.update({name: float(fn(all_logits, all_labels)) for name, fn in extra.items()})
     if not collect:
         return metrics, None, None
-    all_preds = torch.cat(gather_object([torch.cat(preds).cpu()]))
-    return metrics, all_preds, all_labels
+    return metrics, gathered(preds, torch.int64), all_labels
+
+
+def gathered(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """This rank's batches of one output, concatenated over all ranks on the host (a rank without samples
+    adds nothing: torch.cat skips 1-D empty tensors)."""
+    mine = torch.cat(parts).cpu() if parts else torch.empty(0, dtype=dtype)
+    return torch.cat(gather_object([mine]))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -285,6 +293,7 @@ class Run:
     profiler: StepProfiler | None = None
     epoch_times: EpochTimes | None = None  # the last epoch's
     train_start: float = 0.0
+    first_step_at: float | None = None  # Unix time this process began its first training step (start-up cost)
     finished_early: bool = False
 
     @property
@@ -300,7 +309,13 @@ class Run:
         return self.run_dir / "best.safetensors"
 
     def eval_model(self, phase: Phase) -> nn.Module:
-        return self.ema.module if self.ema is not None else phase.step.model
+        """The module evaluated, kept and exported: the EMA's, else the plain one under the DDP and compile
+        wrappers. Not DDP's: its forward broadcasts BatchNorm buffers (a collective), which hangs a rank whose
+        shard holds fewer evaluation batches than rank 0's (none, when a split has fewer samples than ranks).
+        Not the compiled one: compile modes reduce-overhead and max-autotune replay CUDA graphs, whose outputs
+        the next replay overwrites (flip TTA's second forward, the logits kept for metrics); evaluation is
+        forward-only, and runs eager (only a GPU can time what that costs: benchmarks/device/README.md)."""
+        return self.ema.module if self.ema is not None else plain_model(self.accelerator, phase.step.model)
 
 
 def prepare_phase(run: Run, index: int) -> Phase:
@@ -338,8 +353,8 @@ def build_model(recipe: Recipe, data: Data, accelerator: Accelerator,
     for metric in early_metrics - known:
         raise UserError(f"early stopping watches '{metric}', which this run does not compute; choose one of "
                         f"{', '.join(sorted(known))}" + ("" if data.val else " (or set data.val_split=val)"))
-    data.test.set_epoch(0)
-    probe = next(iter(data.test))[0][:2]
+    data.train.set_epoch(0)  # every rank has a train batch; a rank may have no test samples
+    probe = next(iter(data.train))[0][:2]
     try:
         with torch.no_grad():
             model.eval()(probe)
@@ -513,6 +528,8 @@ def train_one_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int) -> tu
             with step.label("data"):
                 images, targets = next(batches)
             run.timer.mark()
+            if run.first_step_at is None:
+                run.first_step_at = time.time()
             step(images, targets, sums, log=log_now)
             run.timer.mark()
         run.timer.count(targets.shape[0])
@@ -555,7 +572,7 @@ def end_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int, totals: Epo
                loader_images_per_s=times.loader_images_per_s or "")
     stopping = EarlyStopping(phase.config.early_stopping, p)
     if stopping.observe(row) and run.main:
-        save_weights(plain_model(accelerator, run.eval_model(phase)), run.best_path)
+        save_weights(run.eval_model(phase), run.best_path)
     if run.main:
         run.log.log(row)
         shown = {k: f"{v:.4f}" for k, v in row.items() if k.endswith(("loss", "accuracy"))}
@@ -591,11 +608,14 @@ def finish(run: Run, phase: Phase) -> dict:
     """Test the deciding phase's best weights (or the last ones), export them, write reports and summary."""
     accelerator = run.accelerator
     run.profiler.finish()  # a run shorter than --profile asked for still writes what it profiled
-    final = plain_model(accelerator, run.eval_model(phase))
-    if run.best_path.is_file():
-        final.load_state_dict(load_file(run.best_path))
-    accelerator.wait_for_everyone()
-    test, preds, labels = evaluate(run.eval_model(phase), run.data.test, run.recipe, accelerator, collect=True)
+    final = run.eval_model(phase)
+    # rank 0 wrote best.safetensors, maybe moments ago and maybe on a disk only its node sees: it reads the
+    # file and every rank tests those weights (each reading it could mix models across ranks)
+    best = load_file(run.best_path) if run.main and run.best_path.is_file() else None
+    best = broadcast_object_list([best])[0]
+    if best is not None:
+        final.load_state_dict(best)
+    test, preds, labels = evaluate(final, run.data.test, run.recipe, accelerator, collect=True)
     wall = time.perf_counter() - run.train_start
     summary = {}
     if run.main:
@@ -609,6 +629,7 @@ def finish(run: Run, phase: Phase) -> dict:
                    "test_samples": test["count"], "epochs": len(run.log.rows), "early_stopped": run.finished_early,
                    "images_per_s": sum(rates) / len(rates) if rates else None, "wall_s": wall,
                    "parameters": count_parameters(final), "processes": accelerator.num_processes,
+                   "first_step_at": run.first_step_at,
                    "run_dir": str(run.run_dir), "plots": [p.name for p in plots]}
         if "top5_accuracy" in test:
             summary["test_top5_accuracy"] = test["top5_accuracy"]
