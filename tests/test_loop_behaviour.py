@@ -22,15 +22,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from benchmarks.fault_harness import outputs
+from common.errors import UserError
 from pipelines.augment import AugmentSpec
 from pipelines.base import LoaderOptions, stratified_subset
 from pipelines.dataset import open_split
 from pipelines.tensor_loader import TensorLoader
 from tests.train_helpers import metrics, run_train
 from trainer import checkpoint, loop
-from trainer.config import load_recipe
+from trainer.config import OptimizerConfig, load_recipe
 from trainer.losses import loss_terms
 from trainer.modelio import make_model
+from trainer.optim import build_optimizer, param_groups
 from trainer.step import EpochSums, TrainStep
 
 
@@ -301,6 +303,33 @@ def test_no_clipping_logs_the_raw_norm_at_logging_steps(accelerator):
     raw, update, logged, count = one_step(accelerator, [], log=True)
     assert torch.allclose(update, raw, atol=1e-7)
     assert count == 1 and logged == pytest.approx(raw.norm().item(), rel=1e-5)
+
+
+def test_the_logged_gradient_norm_counts_only_finite_norms():
+    """fp16's loss scaler skips a step whose gradients overflowed; its inf/NaN norm must not reach the epoch mean."""
+    sums = EpochSums(torch.device("cpu"))
+    logits, targets = torch.zeros(2, 3), torch.tensor([0, 1])
+    for norm in (2.0, float("inf"), 4.0, float("nan")):
+        sums.add({"loss": torch.tensor(1.0)}, logits, targets, torch.tensor(norm))
+    totals = EpochSums.totals(sums.stacked())
+    assert (totals.grad_norm, totals.grad_norms) == (3.0, 2)
+    assert math.isnan(totals.nonfinite_grad_norm_sum)  # what the non-finite check reads without a loss scaler
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+def test_fp16_refuses_an_optimizer_the_loss_scaler_would_sync_for(accelerator, name):
+    """With a loss scaler, a non-fused optimizer (RMSprop: torch has no fused kernel) makes the scaler read
+    found_inf on the host every step: one line suggesting bf16 instead. Fused ones take the scaler's tensors."""
+    model = nn.Linear(4, 2)
+    recipe = load_recipe("c10_cnn_smoke")
+    optimizer = build_optimizer(param_groups(model, recipe.phases[0]), OptimizerConfig(name=name), "cpu")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # what Accelerate builds for fp16 on CUDA
+    if name != "rmsprop":
+        TrainStep(accelerator, model, optimizer, scheduler, recipe)
+        return
+    with pytest.raises(UserError, match=r"^precision fp16 with RMSprop: .*use precision=bf16"):
+        TrainStep(accelerator, model, optimizer, scheduler, recipe)
 
 
 # -- resuming across a phase boundary ------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ class FiniteWatch:
     def check(self, totals: EpochTotals, step: int, lr: float) -> float:
         """The mean training loss of the epoch so far."""
         loss = totals.loss
-        what, value = ("gradient norm", totals.grad_norm_sum) if self.check_grads and math.isfinite(loss) \
+        what, value = ("gradient norm", totals.nonfinite_grad_norm_sum) if self.check_grads and math.isfinite(loss) \
             else ("loss", loss)
         if math.isfinite(value):
             self.last = (loss, step)

@@ -30,7 +30,8 @@ class EpochTotals:
     correct: float = 0.0
     seen: float = 0.0
     grad_norm_sum: float = 0.0
-    grad_norms: float = 0.0  # how many gradient norms were summed (every step when clipping by norm)
+    grad_norms: float = 0.0  # how many finite gradient norms were summed (every step when clipping by norm)
+    nonfinite_grad_norm_sum: float = 0.0  # the others' sum: 0, or inf/NaN (what FiniteWatch looks at)
     kd_soft_sum: float = 0.0
     kd_hard_sum: float = 0.0
 
@@ -80,9 +81,12 @@ class EpochSums:
                 self._queued[total].append(terms[term].detach())
         labels = targets.argmax(1) if targets.dtype.is_floating_point else targets
         self._hits.append(logits.argmax(1) == labels)
-        if grad_norm is not None:
-            self.values["grad_norm_sum"].add_(grad_norm.detach())
-            self.values["grad_norms"].add_(1)
+        if grad_norm is not None:  # only finite norms: fp16's loss scaler skips the steps whose norm is inf/NaN
+            norm = grad_norm.detach()
+            finite = torch.isfinite(norm)
+            self.values["grad_norm_sum"].add_(torch.where(finite, norm, 0.0))
+            self.values["grad_norms"].add_(finite)
+            self.values["nonfinite_grad_norm_sum"].add_(torch.where(finite, 0.0, norm))
         self.seen += n
         if len(self._hits) >= self.FLUSH_EVERY:
             self._flush()
@@ -127,6 +131,12 @@ class TrainStep:
         self.backward = torch.Tensor.backward if direct else accelerator.backward
         self.optimizer_step = inner.step if direct else optimizer.step
         self.zero_grad = inner.zero_grad if direct else optimizer.zero_grad
+        if accelerator.scaler is not None and not getattr(inner, "_step_supports_amp_scaling", False):
+            from common.errors import UserError
+
+            raise UserError(f"precision fp16 with {type(inner).__name__}: torch has no fused kernel for it, so the "
+                            "loss scaler would read found_inf on the host every step; use precision=bf16, or "
+                            "sgd/adam/adamw")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.steps = 0  # steps taken by this object (drives the EMA's every-k schedule)
         self.last_lrs = scheduler.get_last_lr()  # the rates the latest step used (host floats)
