@@ -37,7 +37,7 @@ from pipelines.base import LoaderOptions
 from pipelines.dataset import load_manifest
 from trainer.config import PhaseConfig, Recipe, load_recipe
 from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.step import EpochSums, TrainStep
+from trainer.step import EpochSums, TrainStep, configure_backends
 from trainer.timing import StepTimer
 
 RECIPE = "c10_finetune"  # its augmentations, loss, gradient clipping and optimizer
@@ -79,6 +79,7 @@ def shared_step(model: nn.Module, recipe: Recipe, config: StepConfig, device: to
     optimizer and schedule, the running sums) on `model`, set up as `config` says."""
     AcceleratorState._reset_state(True)  # one Accelerator per row: each row has its own precision
     accelerator = Accelerator(mixed_precision=config.precision, cpu=device.type == "cpu")
+    configure_backends(device)  # cuDNN autotuning and TF32 as train.py sets them
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt).train()
     last = recipe.phases[-1]  # its optimizer and schedule, on every module (the model may lack its groups' names)

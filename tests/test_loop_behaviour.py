@@ -475,3 +475,31 @@ def test_every_file_of_the_run_folder_is_published_by_rename(tiny_rgb_data, tmp_
     assert top <= renamed, sorted(p.name for p in top - renamed)
     assert set(checkpoint.candidates(run_dir)) <= renamed
     assert not [p for p in run_dir.rglob(".tmp-*")]
+
+
+def test_cudnn_autotuning_and_tf32_are_set_in_one_place_and_recorded(tiny_rgb_data, tmp_path, monkeypatch):
+    """train.py and the throughput benchmarks share configure_backends: cuDNN's autotuner, and TF32 for fp32 on
+    CUDA unless the recipe asks for strict_fp32; environment.json records what was set."""
+    from benchmarks import train_throughput
+    from trainer.step import configure_backends
+
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        cuda = torch.device("cuda")
+        assert configure_backends(cuda) == {"cudnn_benchmark": True, "cudnn_allow_tf32": True,
+                                            "float32_matmul_precision": "high"}
+        assert configure_backends(cuda, strict_fp32=True, deterministic=True) == {
+            "cudnn_benchmark": False, "cudnn_allow_tf32": False, "float32_matmul_precision": "highest"}
+        calls = []
+        monkeypatch.setattr(train_throughput, "configure_backends", calls.append)
+        train_throughput.shared_step(nn.Linear(2, 2), load_recipe("c10_finetune"),
+                                     train_throughput.StepConfig("no", False, False), torch.device("cpu"), "default")
+        assert calls == [torch.device("cpu")]
+        run_dir = tmp_path / "run"
+        run_train(["--recipe", "c10_cnn_smoke", "--data", str(tiny_rgb_data), "--run-dir", str(run_dir), "--cpu",
+                   "--set", "phases.0.epochs=1", "--set", "tensorboard=false", "--set", "strict_fp32=true"])
+        backends = json.loads((run_dir / "environment.json").read_text())["backends"]
+        assert backends == {"cudnn_benchmark": True, "cudnn_allow_tf32": False, "float32_matmul_precision": "highest"}
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = before[:2]
+        torch.set_float32_matmul_precision(before[2])

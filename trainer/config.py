@@ -171,6 +171,7 @@ class Recipe:
     channels_last: bool = True
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    strict_fp32: bool = False  # true: no TF32 on CUDA (fp32 matmuls and convolutions at full precision)
     grad_clip_norm: float = 0.0  # 0 = off (seed 000: 1.0)
     grad_clip_value: float = 0.0  # 0 = off (seed 003: 0.1)
     ema_decay: float = 0.0  # 0 = off; evaluation then uses the EMA weights

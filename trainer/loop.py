@@ -48,7 +48,7 @@ from trainer.optim import build_optimizer, build_scheduler, check_module_prefixe
 from trainer.profiling import StepProfiler
 from trainer.report import plot_history, write_reports
 from trainer.runlog import MetricsLog, new_run_dir, run_environment
-from trainer.step import EpochSums, EpochTotals, TrainStep
+from trainer.step import EpochSums, EpochTotals, TrainStep, configure_backends
 from trainer.syncs import SyncCheck
 from trainer.teacher import load_teacher, train_teacher_first
 from trainer.timing import EpochTimes, StepTimer, starvation_warning
@@ -396,7 +396,8 @@ def start(recipe: Recipe, options: RunOptions) -> Run | None:
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=10))])
     if options.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = not options.deterministic  # fixed shapes: cuDNN picks its fastest kernels
+    backends = configure_backends(accelerator.device, deterministic=options.deterministic,
+                                  strict_fp32=recipe.strict_fp32)
     set_seed(recipe.seed)
     if finished_already(options, accelerator):
         return None
@@ -434,8 +435,8 @@ def start(recipe: Recipe, options: RunOptions) -> Run | None:
             write_text(run_dir / "config.toml", recipe_to_toml(recipe))
             if hasattr(model, "pretrained_report"):  # what pretrained loading copied, and what it left fresh
                 write_json(run_dir / "pretrained.json", dataclasses.asdict(model.pretrained_report))
-        write_json(run_dir / "environment.json", run_environment(recipe.seed, data.manifest,
-                                                                 accelerator.num_processes, str(accelerator.device)))
+        environment = run_environment(recipe.seed, data.manifest, accelerator.num_processes, str(accelerator.device))
+        write_json(run_dir / "environment.json", {**environment, "backends": backends})
         print(f"{model_summary(model)}\nrun folder: {run_dir}"
               + (f"\nresuming from {run.resumed_from}" if run.resumed_from else ""))
         run.log = MetricsLog(run_dir, tensorboard=recipe.tensorboard, wandb=recipe.wandb, config=to_dict(recipe),

@@ -22,6 +22,20 @@ from trainer.losses import loss_terms
 from trainer.profiling import unlabelled
 
 
+def configure_backends(device: torch.device, *, deterministic: bool = False, strict_fp32: bool = False) -> dict:
+    """cuDNN's autotuner (fixed shapes: it picks the fastest kernels) and, on CUDA, TF32 for fp32 matmuls and
+    convolutions, set in this one place for train.py and the throughput benchmarks alike, so a benchmark
+    times the step users run. `strict_fp32` (the recipe key) keeps full fp32; TF32 stays off on the CPU,
+    where the setting would change CPU matmuls. Process-wide torch settings; what was set, for
+    environment.json. Only a GPU can time their effect (benchmarks/device/README.md)."""
+    tf32 = device.type == "cuda" and not strict_fp32
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    return {"cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_allow_tf32": tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
 @dataclass
 class EpochTotals:
     """The epoch's sums read back to the host (summed over ranks at the epoch's end)."""
