@@ -256,3 +256,34 @@ def test_converted_folder_runs_as_the_command_line_does(mnist_data, tmp_path):
     assert carved.fit().history[0]["val_accuracy"] > 0.5
     per_class = json.loads((mnist_data / "manifest.json").read_text())["splits"]["train"]["histogram"]
     assert carved.evaluate("val")["count"] == sum(round(0.05 * n) for n in per_class)
+
+
+def test_predict_runs_the_recipes_autocast_on_a_channels_last_model(mnist, tmp_path):
+    """predict() feeds channels-last batches (as training does) to a channels-last model under the recipe's
+    autocast: with bf16, the convolutions compute in bf16 as they did in training and evaluation."""
+    recipe = {**RECIPE, "model": {"name": "simple_cnn"}, "precision": "bf16"}
+    trainer = Trainer(recipe, data=mnist, run_dir=tmp_path / "run", device="cpu")
+    trainer.fit(show_plots=False)
+    convs = [m for m in trainer.model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    seen = []
+    convs[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    trainer.predict(mnist["test"][0][:8])
+    assert seen == [torch.bfloat16]
+
+
+def test_the_distillation_teacher_is_channels_last_like_its_batches(tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer.modelio import make_model
+    from trainer.teacher import load_teacher
+
+    info = {"name": "simple_cnn", "args": {}, "num_classes": 10, "image_shape": [32, 32, 3], "channels": "RGB"}
+    model = make_model(info)
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    manifest = {"classes": list(range(10)), "image_shape": [32, 32, 3]}
+    for channels_last in (True, False):
+        teacher = load_teacher(str(tmp_path), manifest, torch.device("cpu"), channels_last)
+        weights = [m.weight for m in teacher.modules() if isinstance(m, nn.Conv2d)]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) == channels_last for w in weights)

@@ -162,8 +162,10 @@ def finished_result(run_dir: Path) -> FitResult:
     return FitResult(read_history(run_dir), summary, run_dir, [p for p in plots if p.is_file()])
 
 
-def exported_model(run_dir: Path, info: dict, module: nn.Module | None, device: torch.device) -> nn.Module:
-    """The run's exported weights, in `module` (a model built in Python) or in the registry model model.json names."""
+def exported_model(run_dir: Path, info: dict, module: nn.Module | None, device: torch.device,
+                   channels_last: bool) -> nn.Module:
+    """The run's exported weights, in `module` (a model built in Python) or in the registry model model.json names,
+    in the memory format predict() feeds it (as in training)."""
     if module is None:
         if info["name"].startswith(CUSTOM):
             cls = info["name"][len(CUSTOM):]
@@ -175,6 +177,8 @@ def exported_model(run_dir: Path, info: dict, module: nn.Module | None, device: 
     except RuntimeError as exc:
         raise UserError(f"the weights in {run_dir} do not fit {type(module).__name__} "
                         f"({str(exc).splitlines()[0]}); pass the model the run trained") from None
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
     return module.to(device).eval()
 
 
@@ -251,7 +255,7 @@ class Trainer:
 
     def _load(self, run_dir: Path) -> None:
         self.info = json.loads((run_dir / "model.json").read_text())
-        self.model = exported_model(run_dir, self.info, self.module, self.device)
+        self.model = exported_model(run_dir, self.info, self.module, self.device, self.recipe.channels_last)
         self.result = finished_result(run_dir)
 
     def _trained(self) -> nn.Module:
@@ -290,13 +294,16 @@ class Trainer:
         transform = EvalTransform(mean=stats["mean"], std=stats["std"], channels_last=self.recipe.channels_last)
         model.eval()
         chunks = []
-        for start in range(0, len(pixels), self.recipe.data.eval_batch_size):
-            batch = torch.from_numpy(pixels[start:start + self.recipe.data.eval_batch_size]).to(self.device)
-            x, _ = transform(batch.permute(0, 3, 1, 2), None)
-            logits = model(x)
-            if self.recipe.tta_flip:
-                logits = (logits + model(x.flip(3))) / 2
-            chunks.append(logits.float().softmax(1).cpu())
+        with isolated_state():  # the recipe's autocast, as evaluate() and training run it
+            accelerator = Accelerator(mixed_precision=self.recipe.precision, cpu=self.device.type == "cpu")
+            with accelerator.autocast():
+                for start in range(0, len(pixels), self.recipe.data.eval_batch_size):
+                    batch = torch.from_numpy(pixels[start:start + self.recipe.data.eval_batch_size]).to(self.device)
+                    x, _ = transform(batch.permute(0, 3, 1, 2), None)
+                    logits = model(x)
+                    if self.recipe.tta_flip:
+                        logits = (logits + model(x.flip(3))) / 2
+                    chunks.append(logits.float().softmax(1).cpu())
         probabilities = torch.cat(chunks)
         return Prediction(probabilities.argmax(1), probabilities)
 

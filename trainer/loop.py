@@ -410,7 +410,7 @@ def start(recipe: Recipe, options: RunOptions) -> Run | None:
     info, model = build_model(recipe, data, accelerator, options.model)
     if recipe.loss.distill.teacher:
         train_teacher_first(recipe, options.cpu)
-    teacher = load_teacher(recipe.loss.distill.teacher, data.manifest, accelerator.device) \
+    teacher = load_teacher(recipe.loss.distill.teacher, data.manifest, accelerator.device, recipe.channels_last) \
         if recipe.loss.distill.teacher else None
 
     # the main process checks and makes the folder, the others take its path (a default name holds the time)

@@ -77,8 +77,9 @@ def wait_for_teacher(folder: Path, rank: int) -> None:
                             "and, on several machines, put that folder on a filesystem every machine shares")
 
 
-def load_teacher(path: str, manifest: dict, device: torch.device) -> nn.Module:
-    """A frozen teacher from a run folder (model.json + model.safetensors) of an earlier run."""
+def load_teacher(path: str, manifest: dict, device: torch.device, channels_last: bool) -> nn.Module:
+    """A frozen teacher from a run folder (model.json + model.safetensors) of an earlier run, in the memory
+    format of the batches it sees (channels-last ones would make a contiguous teacher convert every batch)."""
     folder = Path(path)
     folder = folder.parent if folder.suffix == ".safetensors" else folder
     if not (folder / "model.json").is_file() or not (folder / "model.safetensors").is_file():
@@ -97,4 +98,6 @@ def load_teacher(path: str, manifest: dict, device: torch.device) -> nn.Module:
     except (RuntimeError, OSError) as exc:
         raise UserError(f"teacher weights in {folder} do not fit its model.json ({str(exc).splitlines()[0]}); "
                         "re-export the teacher run") from None
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
     return teacher.to(device).eval().requires_grad_(False)
