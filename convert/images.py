@@ -12,6 +12,7 @@ import io
 import multiprocessing
 import os
 import re
+import struct
 import warnings
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator
@@ -66,10 +67,17 @@ def _rgb(img: Image.Image) -> Image.Image:
 
 
 def image_signature(prefix: bytes) -> bool:
-    """Whether the first 16 bytes of a file are the signature of a format PIL reads (PIL's own test; the few
-    formats without a signature, none of them an ImageFolder suffix, say no)."""
+    """Whether the first 16 bytes of a file are the signature of a format PIL reads (PIL's own test, whose
+    errors on a short file it ignores as Image.open does; the few formats without a signature, none of them an
+    ImageFolder suffix, say no)."""
     Image.init()
-    return any(accept is not None and accept(prefix) for _, accept in Image.OPEN.values())
+    for _, accept in Image.OPEN.values():
+        try:
+            if accept is not None and accept(prefix):
+                return True
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
+    return False
 
 
 def decode_image(data: bytes, options: DecodeOptions) -> np.ndarray | str:

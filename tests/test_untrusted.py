@@ -410,3 +410,16 @@ def test_a_bomb_over_twice_the_limit_names_our_limit_not_pils(tmp_path: Path) ->
     assert reason == "a decompression bomb: 179,560,000 pixels, over --max-pixels 89,478,485 (not decoded)"
     assert decode_image(png_bomb(10_000), DecodeOptions()).startswith(
         "a decompression bomb: 10000x10000 pixels, over --max-pixels 89,478,485")
+
+
+def test_archive_member_shorter_than_a_signature_is_skipped(tmp_path: Path) -> None:
+    """Found by the converter fuzzing: a member of 2 bytes named .jpg made PIL's BMP signature test raise."""
+    source = write_imagefolder(tmp_path / "tree")
+    archive_path = tmp_path / "tree.tar"
+    with tarfile.open(archive_path, "w") as tar:
+        tar.add(tmp_path / "tree", arcname="tree")
+        _add(tar, "tree/train/cat/short.jpg", b"\xff\xd8")
+    with pytest.warns(UserWarning, match="skipped 1 file"):
+        out = convert("imagefolder", archive_path, tmp_path / "out")
+    assert load_manifest(out)["skipped_files"] == {"tree/train/cat/short.jpg": "not an image PIL can read"}
+    np.testing.assert_array_equal(open_split(out, "train").images, source["train"][0])

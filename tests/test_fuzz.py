@@ -1,0 +1,76 @@
+"""Fuzzing as part of the suite (benchmarks/fuzz.py, seeded: a failure names the command that reproduces it):
+mutated JPEGs through the C crop decoder with guard bytes, in a child process (and under ASan/UBSan where gcc
+has libasan); mutated .beton/manifest.json pairs through open_split and every installed backend's constructor
+and first batch; hostile converter sources through convert_dataset. Each case must be refused or give a
+correct result: never another exception, garbage, a crash or a hang. About 40-50 s together on 2 cores."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks.fuzz import Report, built_library, fuzz, sanitized_library
+
+MAX_RSS_MIB = 3 * 1024  # no child may come near the memory a bomb would take
+
+
+def check(report: Report, *, least_ok: int, least_refused: int) -> None:
+    """No failure (each with the command that reproduces it), and cases that both pass and are refused: the
+    mutations reach past the first check."""
+    assert not report.skipped, report.skipped
+    failures = "\n".join(f"case {case}: {outcome}: {detail} (reproduce: python -m benchmarks.fuzz --kind "
+                         f"{report.kind} --seed {report.seed} --case {case})"
+                         for case, outcome, detail in report.failures)
+    assert not report.failures, f"{len(report.failures)} of {report.cases} cases failed:\n{failures}"
+    assert report.counts["ok"] >= least_ok and report.counts["refused"] >= least_refused, report.counts
+    assert report.peak_rss_mib < MAX_RSS_MIB
+
+
+def test_mutated_jpegs_through_the_crop_decoder(tmp_path: Path) -> None:
+    if built_library() is None:
+        pytest.skip("pipelines/_crop_decode is not built (`python setup.py build_ext --inplace`)")
+    report = fuzz("jpeg", 3000, seed=26, workdir=tmp_path)
+    assert report.cases == 3000
+    check(report, least_ok=500, least_refused=500)
+
+
+def test_mutated_jpegs_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if sanitized_library(probe, {}) is None:
+        pytest.skip("gcc cannot build with -fsanitize=address,undefined here")
+    report = fuzz("jpeg", 500, seed=27, workdir=tmp_path, sanitize=True)
+    assert report.sanitized
+    check(report, least_ok=50, least_refused=50)
+
+
+def test_mutated_betons_and_manifests_through_open_split_and_every_backend(tmp_path: Path) -> None:
+    """Until the .beton reader's hardening (issue 26, items 4-6) lands, cases here may fail: they are its
+    findings, not this test's."""
+    report = fuzz("beton", 150, seed=26, workdir=tmp_path)
+    check(report, least_ok=10, least_refused=50)
+
+
+def test_hostile_sources_through_the_converter(tmp_path: Path) -> None:
+    report = fuzz("convert", 40, seed=26, workdir=tmp_path)
+    check(report, least_ok=5, least_refused=10)
+
+
+def test_the_harness_counts_crashes_and_hangs_and_goes_on(tmp_path: Path) -> None:
+    """A decoder that crashes on some inputs and hangs on others: each costs one case, the rest still run."""
+    source = tmp_path / "bad.c"
+    source.write_text("#include <stdint.h>\n#include <stdlib.h>\n"
+                      "int decode_region(const unsigned char *s, uint64_t n, unsigned char *d, uint64_t c, uint32_t t,"
+                      " uint32_t l, uint32_t h, uint32_t w, uint32_t k, double *r) {\n"
+                      "  if (n % 13 == 0) abort();\n  if (n % 17 == 0) for (;;) {}\n  return -1;\n}\n"
+                      "int resize_area(const unsigned char *s, int32_t r, int32_t c, double a, double b, double x,"
+                      " double y, unsigned char *d, int32_t h, int32_t w) { return -1; }\n")
+    library = tmp_path / "bad.so"
+    if subprocess.run(["gcc", "-shared", "-fPIC", str(source), "-o", str(library)]).returncode != 0:
+        pytest.skip("no C compiler")
+    report = fuzz("jpeg", 60, seed=1, workdir=tmp_path / "work", library=library, timeout=1)
+    assert report.cases == 60
+    assert report.counts["crash"] > 0 and report.counts["hang"] > 0 and report.counts["refused"] > 0
+    assert {outcome for _, outcome, _ in report.failures} <= {"crash", "hang", "wrong"}
