@@ -1,7 +1,8 @@
-"""Write one split to a .beton with ffcv's DatasetWriter, and check that it reads back as the source.
+"""Write one split to a .beton with the project's own writer, and check that it reads back as the source.
 
-Verification goes through `pipelines.dataset.BetonFile`, the same reader every loader uses, so a file
-that passes here is exactly what training will see.
+Writing goes through `pipelines.beton.write_beton_file` (deterministic: the same source and options give the
+same bytes for any --workers) and verification through `pipelines.beton.BetonFile`, the same reader every
+loader uses, so a file that passes here is exactly what training will see.
 """
 
 from __future__ import annotations
@@ -9,38 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from common.errors import UserError
 from convert.sources import SplitData
-from pipelines.dataset import BetonFile
+from pipelines.beton import BetonFile, encode_jpeg, page_size_for, write_beton_file
 
 VERIFY_SAMPLES = 256
+JPEG_MARGIN = 1 << 16  # room in a page for a JPEG that came out bigger than its raw pixels
 
 
 ENCODINGS = ("raw", "jpg", "mix")  # mix: a seeded fraction JPEG, the rest raw (ffcv-imagenet's 'proportion')
-
-
-class _Records:
-    """The indexable view DatasetWriter reads: (image, label[, coarse_label]) per sample.
-
-    DatasetWriter's workers encode each record right after reading it, in the same process, so the image
-    field's write mode is set here, record by record, from the seeded `jpeg` plan (ffcv's own 'proportion'
-    mode draws from each worker's unseeded RNG). `verify_beton` checks every sampled record's mode.
-    """
-
-    def __init__(self, split: SplitData, image_field: object, jpeg: np.ndarray):
-        self.split, self.image_field, self.jpeg = split, image_field, jpeg
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int) -> tuple:
-        if self.image_field is not None:
-            self.image_field.write_mode = "jpg" if self.jpeg[i] else "raw"
-        record = (self.split.images[i], int(self.split.labels[i]))
-        if self.split.coarse_labels is not None:
-            record += (int(self.split.coarse_labels[i]),)
-        return record
 
 
 def storage_for(split: SplitData, encode: str) -> str:
@@ -59,37 +39,29 @@ def write_beton(path: Path, split: SplitData, *, jpeg: np.ndarray, quality: int 
     """Write `split` to `path` (overwriting it); fields image, label and, when present, coarse_label.
 
     RGB images are stored raw or as JPEG of `quality` as `jpeg` says, record by record; single-channel
-    ones as a fixed-shape array.
+    ones as a fixed-shape array. Pages are sized for the largest image (raw bytes plus room for a JPEG
+    that came out bigger).
     """
-    from ffcv.fields import IntField, NDArrayField, RGBImageField
-    from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
-
-    shape = split.images[0].shape
-    if shape[-1] == 1:
-        image_field, rgb_field = NDArrayField(np.dtype("uint8"), tuple(shape)), None
-    else:
-        image_field = rgb_field = RGBImageField(write_mode="raw", jpeg_quality=quality)
-    fields = {"image": image_field, "label": IntField()}
+    name = path.name.lstrip(".").split(".")[0]  # train, val or test (written to .<name>.beton.partial)
+    if not len(split):
+        raise UserError(f"the {name} split is empty: no images to write; check the source")
+    int_fields = {"label": split.labels}
     if split.coarse_labels is not None:
-        fields["coarse_label"] = IntField()
-    # A sample must fit in one page, and a worker that fails makes DatasetWriter wait forever:
-    # size pages for the largest image (raw bytes plus room for a JPEG that came out bigger).
+        int_fields["coarse_label"] = split.coarse_labels
     largest = max(im.nbytes for im in split.images) if isinstance(split.images, list) else split.images[0].nbytes
-    page_size = max(MIN_PAGE_SIZE, 1 << int(largest + (1 << 16)).bit_length())
-    writers = max(1, min(workers, 8, len(split) // 1000 + 1))
-    writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=writers)
-    writer.from_indexed_dataset(_Records(split, rgb_field, jpeg), chunksize=256)
+    with tqdm(total=len(split), desc=f"writing {name}",
+              unit=" images", leave=False) as bar:
+        write_beton_file(path, split.images, int_fields, jpeg=jpeg, quality=quality, workers=workers,
+                         page_size=page_size_for(largest + JPEG_MARGIN), progress=bar.update)
 
 
 def verify_beton(path: Path, split: SplitData, *, jpeg: np.ndarray, quality: int = 90, seed: int = 0) -> None:
     """Reopen `path` and compare it with the source: count, every label, and a sample of images.
 
     Raw and ndarray records must match pixel for pixel; JPEG ones (variable sizes included) must have the
-    source's shape and be byte for byte the JPEG that ffcv's encoder makes of the source pixels, so they
+    source's shape and be byte for byte the JPEG that `encode_jpeg` makes of the source pixels, so they
     decode exactly as a fresh encoding would, within JPEG's tolerance of the source.
     """
-    from ffcv.fields.rgb_image import encode_jpeg
-
     beton = BetonFile(path)
     fail = f"verification of {path.name} failed"
     hint = "nothing was written; check free disk space and convert again"
@@ -105,7 +77,7 @@ def verify_beton(path: Path, split: SplitData, *, jpeg: np.ndarray, quality: int
         got, want = beton.image(i), split.images[i]
         if got.shape != want.shape:
             raise UserError(f"{fail}: record {i} has shape {got.shape}, source {want.shape}; {hint}")
-        same = (np.array_equal(beton.stored_bytes(i), encode_jpeg(want, quality)) if jpeg[i]
+        same = (beton.stored_bytes(i).tobytes() == encode_jpeg(want, quality) if jpeg[i]
                 else np.array_equal(got, want))
         if not same:
             raise UserError(f"{fail}: record {i} differs from the source image; {hint}")

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.errors import UserError
 from pipelines.augment import AffineSpec, AugmentSpec, EraseSpec, JitterSpec, TrainTransform
 from pipelines.base import (
     CENTER_CROP_RATIO,
@@ -43,7 +41,7 @@ from pipelines.base import (
     ShardedLoader,
     varied_sizes,
 )
-from pipelines.dataset import BetonFile, Split, load_manifest
+from pipelines.dataset import Split, load_manifest, open_beton
 
 # torch's "reflect" does not repeat the edge pixel, which is DALI's "reflect_101"
 OUT_OF_BOUNDS = {"constant": "pad", "reflect": "reflect_101"}
@@ -148,10 +146,7 @@ class DaliPhotoLoader(DaliLoader):
 
     def __init__(self, options: LoaderOptions):
         manifest = load_manifest(options.data_dir)
-        if options.split not in manifest["splits"]:
-            raise UserError(f"{options.data_dir} has no '{options.split}' split; "
-                            f"present: {', '.join(sorted(manifest['splits']))}")
-        self.beton = BetonFile(Path(options.data_dir) / f"{options.split}.beton")
+        self.beton = open_beton(options.data_dir, options.split, manifest)
         ShardedLoader.__init__(self, options, n=len(self.beton), mean=manifest["mean"], std=manifest["std"],
                                num_classes=len(manifest["classes"]))
         self.labels = torch.from_numpy(self.beton.labels()).to(options.device)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import queue
 import traceback
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
@@ -50,14 +49,11 @@ class FfcvLoader(ShardedLoader):
     """Implements `pipelines.base.Loader` over one split's `.beton`, read by FFCV."""
 
     def __init__(self, options: LoaderOptions):
-        from pipelines.dataset import BetonFile, load_manifest
+        from pipelines.dataset import load_manifest, open_beton
 
         manifest = load_manifest(options.data_dir)
-        if options.split not in manifest["splits"]:
-            raise UserError(f"{options.data_dir} has no '{options.split}' split; "
-                            f"present: {', '.join(sorted(manifest['splits']))}")
-        self.path = Path(options.data_dir) / f"{options.split}.beton"
-        beton = BetonFile(self.path)  # one-line errors for a missing or corrupt file, before FFCV sees it
+        beton = open_beton(options.data_dir, options.split, manifest)  # checked against the manifest before FFCV
+        self.path = beton.path
         super().__init__(options, n=len(beton), mean=manifest["mean"], std=manifest["std"],
                          num_classes=len(manifest["classes"]))
         self.varied = varied_sizes(manifest)
@@ -69,16 +65,17 @@ class FfcvLoader(ShardedLoader):
         straight to a square of side `crop_side()` (set again each epoch: progressive resizing)."""
         from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
 
-        from pipelines.crop_decode import CenterCropDecoder, RandomResizedCropDecoder
+        from pipelines.crop_decode import photo_decoders
 
         if grey:
             return NDArrayDecoder()
         if not self.varied:
             return SimpleRGBImageDecoder()
         side = (self.crop_side(),) * 2
+        random_crop, centre_crop = photo_decoders()
         if self.options.train:
-            return RandomResizedCropDecoder(side, scale=RRC_SCALE, ratio=RRC_RATIO)
-        return CenterCropDecoder(side, ratio=CENTER_CROP_RATIO)
+            return random_crop(side, scale=RRC_SCALE, ratio=RRC_RATIO)
+        return centre_crop(side, ratio=CENTER_CROP_RATIO)
 
     def _ffcv_loader(self, first_order):
         """The FFCV Loader, built once (its numba pipeline and memory manager cost ~1 s a build); each

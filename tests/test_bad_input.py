@@ -187,7 +187,7 @@ CASES = [
     ("beton-truncated", lambda p: ["--data", p.broken["truncated"]],
      "(truncated or replaced); convert the dataset again"),
     ("beton-garbage", lambda p: ["--data", p.broken["garbage"]],
-     "is truncated or not a .beton file; convert"),
+     "is truncated or not a .beton file (format version 65535, not FFCV's 2); convert"),
     ("beton-missing", lambda p: ["--data", p.broken["missing"]], "train.beton is missing; create it with"),
     ("manifest-mismatch", lambda p: ["--data", p.broken["count"]],
      "holds 640 records but the manifest says 641"),
@@ -228,8 +228,8 @@ def test_cli_exits_2_with_one_error_line(paths):
                "--run-dir", str(paths.run)]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.splitlines() == [f"error: {garbage}/train.beton is truncated or not a .beton file; convert "
-                                       "the dataset again with --force"]
+    assert out.stderr.splitlines() == [f"error: {garbage}/train.beton is truncated or not a .beton file (format "
+                                       "version 65535, not FFCV's 2); convert the dataset again with --force"]
     assert snapshot(paths.run) == before
 
 

@@ -1,6 +1,7 @@
-"""The same data on every node: a dataset's identity is a checksum over its records, equal for two
-conversions of the same source even when their files differ, and different when one label differs;
-ranks holding different copies at the same path all stop with one line naming host, rank and path."""
+"""The same data on every node: a dataset's identity is a checksum over its records, equal for two copies of
+the same records even when their files differ (this project's writer and FFCV's parallel one), and different
+when one label differs; ranks holding different copies at the same path all stop with one line naming host,
+rank and path."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import numpy as np
 import pytest
 
 from convert import convert_dataset
-from pipelines.dataset import BetonFile, dataset_identity
+from pipelines.beton import FIELD, HEADER, BetonFile, metadata_type
+from pipelines.dataset import dataset_identity
+from tests.loader_helpers import require
 from trainer import distributed
 from trainer.distributed import identity_cache, node_identity
 
@@ -26,29 +29,47 @@ WORKER = Path(__file__).with_name("same_data_worker.py")
 
 @pytest.fixture(scope="module")
 def copies(real_data_root, tmp_path_factory) -> dict[str, Path]:
-    """Real MNIST converted with one writer and with two (FFCV lays the records out differently), and a
-    copy of the first with record 0's label changed in place (same size and record count: a stale copy
-    only its records can tell apart)."""
+    """Real MNIST converted by this project, the same records rewritten by FFCV's parallel DatasetWriter
+    (2 workers: another layout, other bytes), and a copy of the first with record 0's label changed in place
+    (same size and record count: a stale copy only its records can tell apart)."""
     root = tmp_path_factory.mktemp("copies")
-    src = real_data_root / "mnist"
-    one = convert_dataset("mnist", src, root / "w1", workers=1, log=lambda _: None)
-    two = convert_dataset("mnist", src, root / "w2", workers=2, log=lambda _: None)
+    one = convert_dataset("mnist", real_data_root / "mnist", root / "w1", workers=1, log=lambda _: None)
+    two = Path(shutil.copytree(one, root / "w2" / "mnist"))
+    rewrite_with_ffcv(two)
     changed = Path(shutil.copytree(one, root / "changed" / "mnist"))
     relabel_first_record(changed / "test.beton")
     return {"one_writer": one, "two_writers": two, "changed": changed}
 
 
+def rewrite_with_ffcv(folder: Path) -> None:
+    """Every split's records written again by stock FFCV with 2 workers; the manifest's sizes and sha256s
+    follow the new files."""
+    require("ffcv")
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.writer import DatasetWriter
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for split, entry in manifest["splits"].items():
+        path = folder / f"{split}.beton"
+        beton = BetonFile(path)
+        records = list(zip(beton.images(), beton.labels().tolist()))
+        writer = DatasetWriter(str(path), {"image": NDArrayField(np.dtype("uint8"), beton.shape),
+                                           "label": IntField()}, num_workers=2)
+        writer.from_indexed_dataset(records, chunksize=500)
+        entry.update(bytes=path.stat().st_size, sha256=sha256(path))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def relabel_first_record(beton: Path) -> None:
     """Add 1 (mod 10) to record 0's label, in the metadata table right after the header and field table."""
-    from ffcv.reader import Reader
-    from ffcv.types import HeaderType
-
-    reader = Reader(str(beton))
-    field = f"f{reader.field_names.index('label')}"
-    dtype, offset = reader.metadata.dtype.fields[field][:2]
-    label = int(reader.metadata[0][field])
+    header = np.fromfile(beton, dtype=HEADER, count=1)[0]
+    fields = np.fromfile(beton, dtype=FIELD, count=int(header["num_fields"]), offset=HEADER.itemsize)
+    names = [bytes(f["name"]).split(b"\0")[0].decode() for f in fields]
+    meta = metadata_type([int(t) for t in fields["type_id"]])
+    dtype, offset = meta.fields[f"f{names.index('label')}"][:2]
+    label = int(BetonFile(beton).labels()[0])
     with open(beton, "r+b") as f:
-        f.seek(HeaderType.itemsize + reader.field_descriptors.nbytes + offset)
+        f.seek(HEADER.itemsize + fields.nbytes + offset)
         f.write(np.array((label + 1) % 10, dtype=dtype).tobytes())
     assert BetonFile(beton).labels()[0] == (label + 1) % 10
 

@@ -15,7 +15,7 @@ from common.errors import UserError
 from common.schema import from_dict
 from pipelines.augment import AugmentSpec
 from pipelines.base import LoaderOptions
-from pipelines.dataset import Split
+from pipelines.beton import page_size_for, write_beton_file
 from pipelines.tensor_loader import TensorLoader
 
 N, H, W, C = 103, 8, 6, 3
@@ -141,20 +141,19 @@ def test_real_mnist_digits_round_trip(real_data_root):
         assert x.shape == (64, 1, 28, 28) and torch.isfinite(x).all() and y.dtype == torch.int64
 
 
-def test_constructor_opens_the_split_and_uses_its_statistics(monkeypatch, tmp_path):
+def test_constructor_opens_the_split_and_uses_its_statistics(tmp_path):
+    """From a real .beton and manifest (no arrays passed): the file's pixels, chunk by chunk, normalized with the
+    manifest's statistics."""
     images, labels = arrays()
-    manifest = {"classes": [str(i) for i in range(N)], "mean": list(MEAN), "std": list(STD)}
-    opened = []
-
-    def open_split(data_dir, split):
-        opened.append((data_dir, split))
-        return Split(name=split, images=images, labels=labels, manifest=manifest, path=tmp_path / f"{split}.beton")
-
-    monkeypatch.setattr("pipelines.base.open_split", open_split)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "splits": {}, "image_shape": [H, W, C]}))
+    write_beton_file(tmp_path / "test.beton", images, {"label": labels}, jpeg=np.zeros(N, dtype=bool),
+                     page_size=page_size_for(images[0].nbytes))
+    size = (tmp_path / "test.beton").stat().st_size
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "splits": {"test": {"count": N, "bytes": size}}, "image_shape": [H, W, C],
+        "classes": [str(i) for i in range(N)], "mean": list(MEAN), "std": list(STD)}))
     options = LoaderOptions(data_dir=tmp_path, split="test", batch_size=50, train=False, spec=AugmentSpec(),
                             device=torch.device("cpu"))
     data = TensorLoader(options)
-    assert opened == [(tmp_path, "test")] and len(data) == 3
+    assert len(data) == 3 and sum(len(y) for _, y in data) == N
     for x, y in data:
         torch.testing.assert_close(x, expected(y), rtol=0, atol=1e-6)
