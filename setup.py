@@ -1,7 +1,27 @@
-"""The project's one compiled part (everything else is in pyproject.toml): pipelines/crop_decode.c, the FFCV
-backend's crop decoding and resizing, loaded with ctypes (no Python API, hence the version-free abi3 name)."""
+"""The project's one compiled part, and it is optional: pipelines/crop_decode.c, the FFCV photo path's crop decoder
+(loaded with ctypes: no Python API, hence the version-free abi3 name). Everything else is in pyproject.toml.
+
+Where no C compiler or no libjpeg headers are found, or the build fails, the install goes on without it (one
+warning line): the FFCV backend then decodes photos with FFCV's own decoders, and nothing else uses it.
+"""
+
+import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that skips an extension it cannot build instead of failing the install."""
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # no compiler (DistutilsExecError, FileNotFoundError), no jpeglib.h (CompileError)
+            print(f"warning: not building {ext.name} ({type(exc).__name__}: {exc}); the ffcv photo path will use "
+                  "FFCV's own decoders. Install a C compiler and libjpeg headers to build it.", file=sys.stderr)
+
 
 setup(ext_modules=[Extension("pipelines._crop_decode", ["pipelines/crop_decode.c"], libraries=["jpeg", "m"],
-                             extra_compile_args=["-O3"], py_limited_api=True)])
+                             extra_compile_args=["-O3"], py_limited_api=True)],
+      cmdclass={"build_ext": OptionalBuildExt})

@@ -17,7 +17,8 @@ BACKENDS = {
 }
 
 INSTALL_HINT = {
-    "ffcv": "install it with `pip install ffcv` (needs libopencv-dev and libturbojpeg0-dev)",
+    "ffcv": "install it with `pip install .[ffcv]` (FFCV builds from source: it needs a C++ compiler, "
+            "libopencv-dev and libturbojpeg0-dev)",
     "dali": "install it with `pip install .[dali-cu13]` (or .[dali-cu12])",
 }
 
@@ -33,6 +34,6 @@ def build_loader(backend: str, options: LoaderOptions) -> Loader:
             importlib.import_module(package)
         except ImportError:
             raise UserError(f"loader '{backend}' needs the {package} package, which is not installed: "
-                            f"{INSTALL_HINT[backend]}, or use --set loader=tensor") from None
+                            f"{INSTALL_HINT[backend]}, or use --loader tensor") from None
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls(options)

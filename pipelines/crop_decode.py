@@ -12,12 +12,17 @@ the area average matches OpenCV's to within one level; a shrunk crop's bounds st
 the resize.
 
 The crops are drawn by FFCV's own `get_random_crop`/`get_center_crop` with the same arguments.
+
+The library is optional: `pip install .[ffcv]` builds it where a C compiler and libjpeg headers are present,
+and a failed build never fails the install. Without it, `available()` is False and the FFCV backend falls
+back to FFCV's own decoders (`photo_decoders`), with one warning line.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -29,16 +34,16 @@ from ffcv.fields.rgb_image import (
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.compiler import Compiler
 
-from common.errors import UserError
+LIBRARY = "pipelines._crop_decode"  # built from crop_decode.c by setup.py, where a compiler and libjpeg are
+NOT_BUILT = (f"warning: {LIBRARY} (the FFCV photo path's crop decoder) is not built, so FFCV's own decoders "
+             "decode whole images (about 2x slower); install a C compiler and libjpeg headers (e.g. apt-get install "
+             "gcc libjpeg-dev) and reinstall with `pip install .[ffcv]` to build it")
 
-LIBRARY = "pipelines._crop_decode"  # built from crop_decode.c by `make setup` (setup.py)
 
-
-def _load() -> ctypes.CDLL:
+def _load() -> ctypes.CDLL | None:
     spec = importlib.util.find_spec(LIBRARY)
     if spec is None or spec.origin is None:
-        raise UserError(f"{LIBRARY} (the FFCV backend's crop decoder) is not built; run `make setup` "
-                        "(it needs libjpeg-dev and a C compiler)")
+        return None
     lib = ctypes.CDLL(spec.origin)
     lib.decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
                                   *[ctypes.c_uint32] * 5, ctypes.c_void_p]
@@ -49,7 +54,13 @@ def _load() -> ctypes.CDLL:
 
 
 _lib = _load()
-_decode_region_c, _resize_area_c = _lib.decode_region, _lib.resize_area
+_decode_region_c, _resize_area_c = (_lib.decode_region, _lib.resize_area) if _lib else (None, None)
+_warned = False
+
+
+def available() -> bool:
+    """Whether the compiled crop decoder is there (`pip install .[ffcv]` builds it where it can)."""
+    return _lib is not None
 
 
 def decode_region(source: np.ndarray, dst: np.ndarray, top: int, left: int, height: int, width: int,
@@ -134,3 +145,15 @@ class RandomResizedCropDecoder(_RegionDecoding, RandomResizedCropRGBImageDecoder
 class CenterCropDecoder(_RegionDecoding, CenterCropRGBImageDecoder):
     """ffcv-imagenet's evaluation decoder (centre square of `ratio` times the shorter side, resized to
     `output_size`), decoding only the crop."""
+
+
+def photo_decoders() -> tuple[type, type]:
+    """The training and evaluation crop decoders for photos: this module's, or, where the library is not built,
+    FFCV's own (the same crops, decoding whole images), after one warning line per process."""
+    global _warned
+    if available():
+        return RandomResizedCropDecoder, CenterCropDecoder
+    if not _warned:
+        print(NOT_BUILT, file=sys.stderr)
+        _warned = True
+    return RandomResizedCropRGBImageDecoder, CenterCropRGBImageDecoder

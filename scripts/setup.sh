@@ -34,8 +34,8 @@ if [ ! -f "$stamp" ]; then
       *) .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 ;;
     esac
   fi
-  extras=dev
-  [ "$(uname -s)" = Linux ] && extras="dev,dali-cu13"
+  extras=dev,ffcv
+  [ "$(uname -s)" = Linux ] && extras="dev,ffcv,dali-cu13"
   .venv/bin/pip install -q -e ".[${extras}]"
   rm -f .venv/.installed-*
   touch "$stamp"
