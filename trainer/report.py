@@ -2,7 +2,8 @@
 
 Metrics come from torchmetrics so they match what the loop logs; the text table keeps the layout of
 sklearn's `classification_report` (what the seed printed) without depending on sklearn. Plots use
-`matplotlib.figure.Figure` directly, so no display and no global pyplot state are involved.
+`matplotlib.figure.Figure` directly, so no display and no global pyplot state are involved. Both are imported
+where a report is made, at the end of a run: they cost ~0.8 s of start-up that the first step does not wait for.
 """
 
 from __future__ import annotations
@@ -10,20 +11,15 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-    multiclass_precision,
-    multiclass_recall,
-)
 
 from common.errors import UserError
 from common.files import atomic_path, write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_COLUMNS = ("name", "precision", "recall", "f1-score", "support")
 ANNOTATE_MAX_CLASSES = 20  # beyond this the counts in the confusion matrix cells become unreadable
@@ -45,6 +41,13 @@ def classification_report(
     Classes that are neither predicted nor present count as 0 per class and are left out of the macro
     average, as sklearn does for labels it never sees.
     """
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
     _check_predictions(preds, labels)
     args = {"preds": preds, "target": labels, "num_classes": len(class_names)}
     support = torch.bincount(labels, minlength=len(class_names)).tolist()
@@ -92,6 +95,8 @@ def write_reports(run_dir: Path, preds: torch.Tensor, labels: torch.Tensor, clas
         writer.writeheader()
         writer.writerows(rows)
 
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
     matrix = multiclass_confusion_matrix(preds, labels, num_classes=len(class_names)).tolist()
     with atomic_path(run_dir / "confusion_matrix.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
@@ -104,6 +109,8 @@ def write_reports(run_dir: Path, preds: torch.Tensor, labels: torch.Tensor, clas
 
 def _confusion_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
     """Counts heat map; cells are annotated only while they stay readable (<= ANNOTATE_MAX_CLASSES)."""
+    from matplotlib.figure import Figure
+
     n = len(class_names)
     side = min(max(6.0, 0.5 * n), 24.0)
     label_size = min(10.0, 40 * side / n)  # about 60% of a row's height (72 pt per inch) once many rows share it
@@ -177,6 +184,8 @@ def _mark_phases(ax, xs: list[float], phases: list[str]) -> None:
 def _plot_series(ax, xs: list[float], columns: dict[str, list], names: list[str],
                  labels: list[str] | None = None) -> None:
     """Plot each column that holds a value; markers keep single-epoch series visible."""
+    from matplotlib.ticker import MaxNLocator
+
     for name, label in zip(names, labels or names):
         if _has_values(columns.get(name, [])):
             ax.plot(xs, columns[name], marker="o", markersize=3, label=label)
@@ -189,6 +198,8 @@ def _plot_series(ax, xs: list[float], columns: dict[str, list], names: list[str]
 
 def _history_figures(columns: dict[str, list]) -> dict[str, Figure]:
     """The history plots by file name; lr and distillation plots only when their columns hold values."""
+    from matplotlib.figure import Figure
+
     xs = _epoch_axis(columns)
     phases = columns.get("phase", [""] * len(xs))
     figures = {}

@@ -102,11 +102,8 @@ class MetricsLog:
         if keep_rows and self.path.is_file():
             with open(self.path, newline="") as f:
                 self.rows = list(csv.DictReader(f))[:keep_rows]
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.tb = None  # opened at the first row, so start-up does not wait for TensorBoard's imports
+        self._tb_dir = run_dir / "tensorboard" if tensorboard else None
         self.wandb = None
         if wandb:
             try:
@@ -125,6 +122,10 @@ class MetricsLog:
             writer.writeheader()
             writer.writerows(self.rows)
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
+        if self._tb_dir is not None and self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self._tb_dir))
         if self.tb is not None:
             for key, value in numbers.items():
                 self.tb.add_scalar(key, value, row["epoch"])
