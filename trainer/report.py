@@ -1,14 +1,16 @@
 """End-of-run reports: the classification report, the confusion matrix and the training-history plots.
 
-Metrics come from torchmetrics so they match what the loop logs; the text table keeps the layout of
+The metrics are computed from the confusion matrix with torch alone, and the text table keeps the layout of
 sklearn's `classification_report` (what the seed printed) without depending on sklearn. Plots use
-`matplotlib.figure.Figure` directly, so no display and no global pyplot state are involved. Both are imported
-where a report is made, at the end of a run: they cost ~0.8 s of start-up that the first step does not wait for.
+`matplotlib.figure.Figure` directly, so no display and no global pyplot state are involved; matplotlib is
+imported only when a plot is drawn (it costs ~0.6 s of start-up otherwise), and where it is not installed (a
+bare GPU image) the reports are written without their pictures, after one note.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +23,7 @@ from common.files import atomic_path, write_text
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+_noted = False  # the missing-matplotlib note, printed once per process
 REPORT_COLUMNS = ("name", "precision", "recall", "f1-score", "support")
 ANNOTATE_MAX_CLASSES = 20  # beyond this the counts in the confusion matrix cells become unreadable
 
@@ -41,35 +44,32 @@ def classification_report(
     Classes that are neither predicted nor present count as 0 per class and are left out of the macro
     average, as sklearn does for labels it never sees.
     """
-    from torchmetrics.functional.classification import (
-        multiclass_accuracy,
-        multiclass_f1_score,
-        multiclass_precision,
-        multiclass_recall,
-    )
-
     _check_predictions(preds, labels)
-    args = {"preds": preds, "target": labels, "num_classes": len(class_names)}
-    support = torch.bincount(labels, minlength=len(class_names)).tolist()
+    matrix = confusion_matrix(preds, labels, len(class_names)).double()
+    tp, predicted, support = matrix.diag(), matrix.sum(0), matrix.sum(1)
+    per_class = {"precision": _ratio(tp, predicted), "recall": _ratio(tp, support),
+                 "f1-score": _ratio(2 * tp, predicted + support)}
+    rows = [{"name": name, **{k: float(v[c]) for k, v in per_class.items()}, "support": int(support[c])}
+            for c, name in enumerate(class_names)]
     total = len(labels)
-    per_class = [multiclass_precision(**args, average=None).tolist(),
-                 multiclass_recall(**args, average=None).tolist(),
-                 multiclass_f1_score(**args, average=None).tolist()]
-    rows = [
-        {"name": name, "precision": p, "recall": r, "f1-score": f, "support": s}
-        for name, p, r, f, s in zip(class_names, *per_class, support)
-    ]
-    accuracy = multiclass_accuracy(**args, average="micro").item()
-    rows.append({"name": "accuracy", "precision": "", "recall": "", "f1-score": accuracy, "support": total})
-    for average in ("macro", "weighted"):
-        rows.append({
-            "name": f"{average} avg",
-            "precision": multiclass_precision(**args, average=average).item(),
-            "recall": multiclass_recall(**args, average=average).item(),
-            "f1-score": multiclass_f1_score(**args, average=average).item(),
-            "support": total,
-        })
+    rows.append({"name": "accuracy", "precision": "", "recall": "", "f1-score": float(tp.sum()) / total,
+                 "support": total})
+    seen = (predicted + support) > 0  # classes neither predicted nor present stay out of the macro average
+    rows.append({"name": "macro avg", **{k: float(v[seen].mean()) for k, v in per_class.items()}, "support": total})
+    rows.append({"name": "weighted avg", **{k: float((v * support).sum()) / total for k, v in per_class.items()},
+                 "support": total})
     return _format_table(rows), rows
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts of (true class, predicted class), int64 (num_classes, num_classes)."""
+    flat = labels.long() * num_classes + preds.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, 0 where the denominator is 0 (an undefined precision, recall or F1)."""
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), torch.zeros_like(numerator))
 
 
 def _format_table(rows: list[dict]) -> str:
@@ -95,16 +95,27 @@ def write_reports(run_dir: Path, preds: torch.Tensor, labels: torch.Tensor, clas
         writer.writeheader()
         writer.writerows(rows)
 
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
-    matrix = multiclass_confusion_matrix(preds, labels, num_classes=len(class_names)).tolist()
+    matrix = confusion_matrix(preds, labels, len(class_names)).tolist()
     with atomic_path(run_dir / "confusion_matrix.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["true\\predicted", *class_names])
         writer.writerows([name, *counts] for name, counts in zip(class_names, matrix))
-    with atomic_path(run_dir / "confusion_matrix.png") as tmp:
-        _confusion_figure(matrix, class_names).savefig(tmp, dpi=100)
+    if can_plot():
+        with atomic_path(run_dir / "confusion_matrix.png") as tmp:
+            _confusion_figure(matrix, class_names).savefig(tmp, dpi=100)
     return text
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is installed; where it is not, one note says the pictures are left out."""
+    global _noted
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    if not _noted:
+        print("note: matplotlib is not installed (pip install matplotlib), so the run's plots and confusion matrix "
+              "picture are left out; the CSV files hold their numbers")
+        _noted = True
+    return False
 
 
 def _confusion_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
@@ -242,7 +253,7 @@ def plot_history(metrics_csv: Path, out_dir: Path) -> list[Path]:
     A metrics.csv without rows yields no plots rather than an error, so a run that stopped early still ends cleanly.
     """
     columns = read_history(Path(metrics_csv))
-    if not columns:
+    if not columns or not can_plot():
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

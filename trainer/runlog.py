@@ -123,9 +123,13 @@ class MetricsLog:
             writer.writerows(self.rows)
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
         if self._tb_dir is not None and self.tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self._tb_dir))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # a bare image (torch without tensorboard)
+                print("note: tensorboard is not installed (pip install tensorboard); logging to metrics.csv only")
+                self._tb_dir = None
+            else:
+                self.tb = SummaryWriter(str(self._tb_dir))
         if self.tb is not None:
             for key, value in numbers.items():
                 self.tb.add_scalar(key, value, row["epoch"])
