@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import UserError
-from convert.archive import Limits, bomb_error, expansion_limit, walk
+from convert.archive import MAX_FILE_BYTES, Limits, bomb_error, expansion_limit, walk
 from convert.images import DecodeOptions, default_workers
 from convert.unpickle import load_cifar_pickle
 
@@ -35,6 +35,7 @@ CIFAR_FILES = {
 # the most images one file holds: CIFAR-10's six batches 10,000 each, CIFAR-100's train 50,000 and test 10,000
 CIFAR_MAX_ROWS = {**{name: 10_000 for name in [*CIFAR_FILES["cifar10"]["train"], *CIFAR_FILES["cifar10"]["test"]]},
                   "train": 50_000, "test": 10_000}
+CIFAR_MAX_FILE_BYTES = 256 << 20  # CIFAR-100's train pickle, the largest, is 155 MB
 IDX_FILES = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
 # torchvision class name and the folder its download leaves the raw files in
 TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python"),
@@ -134,23 +135,35 @@ def download(dataset: str, root: Path) -> Path:
     return root / folder
 
 
-def _read_files(src: Path, wanted: set[str], skip: SkipList, limits: Limits) -> tuple[dict[str, bytes], list[str]]:
+def _read_files(src: Path, wanted: set[str], skip: SkipList, limits: Limits,
+                max_bytes: int) -> tuple[dict[str, bytes], list[str]]:
     """The files named in `wanted` (by base name) from a tarball, or from a folder or its first subfolder
-    that has any (torchvision's root layout), and the names seen (for telling what else `src` might be)."""
+    that has any (torchvision's root layout), and the names seen (for telling what else `src` might be).
+    A wanted file over `max_bytes` (more than the format's largest) stops with one line before it is read."""
+    def too_big(name: str, size: int) -> UserError:
+        return UserError(f"{src}: {name} is {size:,} bytes, more than any such file holds ({max_bytes:,} at most); "
+                         "download the dataset again")
+
     if src.is_file():
         found, seen = {}, []
-        for parts, read in walk(src, skip, limits):
-            if read is not None:
+        for parts, member in walk(src, skip, limits):
+            if member is not None:
                 seen.append(parts[-1])
                 if parts[-1] in wanted and parts[-1] not in found:
-                    found[parts[-1]] = read()
+                    if member.size > max_bytes:
+                        raise too_big(parts[-1], member.size)
+                    found[parts[-1]] = member()
         return found, seen
     folders = [src, *sorted(p for p in src.iterdir() if p.is_dir())]
     listing = {folder: {p.name: p for p in folder.iterdir() if p.is_file()} for folder in folders}
     seen = [name for names in listing.values() for name in names]
     for folder in folders:
         if wanted & set(listing[folder]):
-            return {n: p.read_bytes() for n, p in listing[folder].items() if n in wanted}, seen
+            files = {n: p for n, p in listing[folder].items() if n in wanted}
+            for name, path in files.items():
+                if path.stat().st_size > max_bytes:
+                    raise too_big(name, path.stat().st_size)
+            return {n: p.read_bytes() for n, p in files.items()}, seen
     return {}, seen
 
 
@@ -195,7 +208,7 @@ def _cifar_split(batches: list[tuple[str, dict]], label_keys: list[str], num_cla
 def _read_cifar(dataset: str, src: Path, skip: SkipList, limits: Limits) -> SourceData:
     layout = CIFAR_FILES[dataset]
     names = [*layout["train"], *layout["test"], layout["meta"]]
-    found, seen = _read_files(src, set(names), skip, limits)
+    found, seen = _read_files(src, set(names), skip, limits, CIFAR_MAX_FILE_BYTES)
     missing = [n for n in names if n not in found]
     if missing:
         raise _wrong_kind(dataset, src, ", ".join(missing), seen)
@@ -240,7 +253,7 @@ def _parse_idx(data: bytes, name: str, ndim: int, limits: Limits) -> np.ndarray:
                         "items (download it again)")
     expected = header_bytes + math.prod(dims)  # Python integers: no overflow
     if stream is None:
-        body, size = data[header_bytes:], str(len(data))
+        body, size = memoryview(data)[header_bytes:], str(len(data))  # a view: no copy
     else:
         if expected > expansion_limit(len(data), limits):
             raise bomb_error(f"{name} (its header claims {dims[0]:,} items)", len(data), limits)
@@ -255,7 +268,7 @@ def _parse_idx(data: bytes, name: str, ndim: int, limits: Limits) -> np.ndarray:
 def _read_idx_dataset(dataset: str, src: Path, skip: SkipList, limits: Limits) -> SourceData:
     variants = {stem: [f"{stem}{sep}idx{nd}-ubyte{gz}" for sep in "-." for gz in ("", ".gz")]
                 for stems in IDX_FILES.values() for stem, nd in zip(stems, (3, 1))}
-    found, seen = _read_files(src, {v for names in variants.values() for v in names}, skip, limits)
+    found, seen = _read_files(src, {v for names in variants.values() for v in names}, skip, limits, MAX_FILE_BYTES)
     splits = {}
     for split, (image_stem, label_stem) in IDX_FILES.items():
         arrays = []

@@ -423,3 +423,18 @@ def test_archive_member_shorter_than_a_signature_is_skipped(tmp_path: Path) -> N
         out = convert("imagefolder", archive_path, tmp_path / "out")
     assert load_manifest(out)["skipped_files"] == {"tree/train/cat/short.jpg": "not an image PIL can read"}
     np.testing.assert_array_equal(open_split(out, "train").images, source["train"][0])
+
+
+def test_cifar_file_larger_than_any_cifar_file_is_refused_unread(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member is read whole before it is unpickled: one larger than CIFAR-100's train pickle (155 MB; the cap,
+    256 MiB, is lowered to 1 MB here) stops with one line from its size alone."""
+    from convert import sources
+
+    monkeypatch.setattr(sources, "CIFAR_MAX_FILE_BYTES", 1 << 20)
+    folder = write_cifar10(tmp_path / "src")["folder"]
+    (folder / "data_batch_4").write_bytes(bytes(2 << 20))
+    for src in (folder, tar_folder(folder, tmp_path / "cifar-10-python.tar.gz")):
+        with pytest.raises(UserError, match=r"data_batch_4 is 2,097,152 bytes, more than any such file holds "
+                                            r"\(1,048,576 at most\); download the dataset again"):
+            convert("cifar10", src, tmp_path / "out")
