@@ -1,0 +1,1 @@
+"""The recipe files (`*.toml`), shipped as package data so a non-editable install finds them by name too."""
