@@ -2,7 +2,7 @@
 mutated JPEGs through the C crop decoder with guard bytes, in a child process (and under ASan/UBSan where gcc
 has libasan); mutated .beton/manifest.json pairs through open_split and every installed backend's constructor
 and first batch; hostile converter sources through convert_dataset. Each case must be refused or give a
-correct result: never another exception, garbage, a crash or a hang. About 40-50 s together on 2 cores."""
+correct result: never another exception, garbage, a crash or a hang. About 60 s together on 2 busy cores."""
 
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ def test_mutated_jpegs_under_address_and_undefined_behaviour_sanitizers(tmp_path
 
 
 def test_mutated_betons_and_manifests_through_open_split_and_every_backend(tmp_path: Path) -> None:
-    """Until the .beton reader's hardening (issue 26, items 4-6) lands, cases here may fail: they are its
-    findings, not this test's."""
+    """Against the reader before its rewrite (a5a6fe0~1), 9 of these 150 cases failed: 2 segfaults, KeyError and
+    TypeError on manifests of the wrong shape, and splits opened with classes True, mean None or labels past the
+    classes; none fail since."""
     report = fuzz("beton", 150, seed=26, workdir=tmp_path)
     check(report, least_ok=10, least_refused=50)
 
@@ -70,7 +71,7 @@ def test_the_harness_counts_crashes_and_hangs_and_goes_on(tmp_path: Path) -> Non
     library = tmp_path / "bad.so"
     if subprocess.run(["gcc", "-shared", "-fPIC", str(source), "-o", str(library)]).returncode != 0:
         pytest.skip("no C compiler")
-    report = fuzz("jpeg", 60, seed=1, workdir=tmp_path / "work", library=library, timeout=1)
-    assert report.cases == 60
+    report = fuzz("jpeg", 40, seed=1, workdir=tmp_path / "work", library=library, timeout=1)
+    assert report.cases == 40
     assert report.counts["crash"] > 0 and report.counts["hang"] > 0 and report.counts["refused"] > 0
     assert {outcome for _, outcome, _ in report.failures} <= {"crash", "hang", "wrong"}
