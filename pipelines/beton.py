@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from common.errors import UserError
 
@@ -206,6 +206,22 @@ class BetonFile:
             i = int(np.argmax(wrong))
             self._refuse(f"record {i} holds {self._sizes[i]:,} bytes for {h[i]}x{w[i]} raw pixels")
 
+    def check_jpeg_headers(self) -> None:
+        """Every JPEG record starts as a JPEG and its frame header states the height and width the metadata does.
+
+        Reads only each record's first markers (not a decode): a backend that decodes in its own code (FFCV's
+        workers, which ignore decoder errors) then never decodes a record whose size or kind is a lie.
+        """
+        if self.storage != "jpg":
+            return
+        for i in np.flatnonzero(self._jpg):
+            size = jpeg_frame_size(self.stored_bytes(int(i)))
+            want = (int(self._hw[i, 0]), int(self._hw[i, 1]))
+            if size != want:
+                found = "no JPEG frame header" if size is None else f"a {size[0]}x{size[1]} JPEG"
+                raise UserError(f"{self.path}: record {i} holds {found}, but the file says {want[0]}x{want[1]}; "
+                                f"{CONVERT_AGAIN}")
+
     def __len__(self) -> int:
         return self.num_samples
 
@@ -251,6 +267,9 @@ class BetonFile:
                     raise UserError(f"{self.path}: record {i}'s JPEG is {img.size[0]}x{img.size[1]} pixels but "
                                     f"the file says {w}x{h}; {CONVERT_AGAIN}")
                 return np.asarray(img.convert("RGB"))
+        except UnidentifiedImageError:
+            raise UserError(f"{self.path}: record {i} is not a readable JPEG (no JPEG header); "
+                            f"{CONVERT_AGAIN}") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise UserError(f"{self.path}: record {i} is not a readable JPEG ({exc}); {CONVERT_AGAIN}") from None
 
@@ -271,9 +290,9 @@ class BetonFile:
         one read per run of records lying back to back in the file (no per-record Python work, and no file
         pages mapped into the process); JPEG records are decoded one by one."""
         stop = start + len(out)
-        if self.storage == "jpg":
+        if self.storage == "jpg":  # JPEG records (and, in a mixed file, raw ones) one by one
             for i in range(start, stop):
-                out[i - start] = self._decode_jpeg(i, self.stored_bytes(i), *(int(v) for v in self._hw[i]))
+                out[i - start] = self.image(i)
             return
         flat = out.reshape(-1)
         size = flat.size // max(len(out), 1)
@@ -305,6 +324,31 @@ class BetonFile:
             part = buffer[:min(size, self.num_samples - start)]
             self.read_into(start, part)
             yield start, part
+
+
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start of frame (not DHT, JPG, DAC)
+
+
+def jpeg_frame_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header, walking its markers from the start; None if there is none
+    before the data ends or a marker is malformed."""
+    buf = data[:1 << 16].tobytes()  # the frame header comes before any scan data
+    if buf[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(buf):
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in SOF_MARKERS:
+            return (buf[i + 5] << 8 | buf[i + 6], buf[i + 7] << 8 | buf[i + 8])
+        elif marker == 0xDA or marker == 0xD9:  # a scan or the end before any frame header
+            return None
+        else:
+            i += 2 + (buf[i + 2] << 8 | buf[i + 3])
+    return None
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:

@@ -128,7 +128,8 @@ def check_manifest(path: Path, manifest: dict) -> None:
 
 def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None) -> BetonFile:
     """One split's .beton, checked against its manifest before any backend reads it: the file's size, its
-    record count, its image channels and its labels (within the manifest's classes)."""
+    record count, its JPEG records' headers, its image channels and its labels (within the manifest's
+    classes)."""
     data_dir = Path(data_dir)
     manifest = manifest or load_manifest(data_dir)
     splits = manifest["splits"]
@@ -144,6 +145,7 @@ def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None) -
     if len(beton) != entry["count"]:
         raise UserError(f"{path} holds {len(beton)} records but the manifest says {entry['count']}; "
                         "convert the dataset again with --force")
+    beton.check_jpeg_headers()
     channels = beton.shape[2] if beton.storage == "ndarray" else 3
     if channels != len(manifest["mean"]):
         raise UserError(f"{path} holds {channels}-channel images but the manifest's mean has "
