@@ -70,12 +70,12 @@ print(first)
 """
 
 
-def run_child(command: list[str], first_step: FirstStep) -> tuple[float, float]:
+def run_child(command: list[str], first_step: FirstStep, cwd: Path = ROOT) -> tuple[float, float]:
     """Seconds from launch to the first step (the Unix time `first_step(stdout)` gives) and the child's peak RSS
     in MB (its own rusage: `os.wait4` reaps it, not Popen)."""
     start = time.time()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, env={**os.environ, "PYTHONPATH": str(cwd)})
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -85,8 +85,10 @@ def run_child(command: list[str], first_step: FirstStep) -> tuple[float, float]:
         return first_step(out.read()) - start, usage.ru_maxrss / 1024
 
 
-def commands(recipe_name: str, data: Path, run_dir: Path) -> dict[str, tuple[list[str], FirstStep]]:
-    """The three commands of one job, each with how to read its first step's Unix time."""
+def commands(recipe_name: str, data: Path, run_dir: Path,
+             other: Path | None = None) -> dict[str, tuple[list[str], FirstStep, Path]]:
+    """The commands of one job, each with how to read its first step's Unix time and where it runs; with `other`,
+    also `train.py` of that checkout (e.g. an older commit, for a before/after table)."""
     from trainer.config import load_recipe
 
     recipe = load_recipe(recipe_name)
@@ -98,8 +100,13 @@ def commands(recipe_name: str, data: Path, run_dir: Path) -> dict[str, tuple[lis
     hand = [sys.executable, "-c", HANDWRITTEN, str(data), recipe.model.name, repr(recipe.model.args),
             str(recipe.data.batch_size), str(phase.optimizer.lr), str(recipe.max_steps_per_epoch * phase.epochs),
             str(recipe.max_eval_batches), str(recipe.data.eval_batch_size)]
-    return {"floor": ([sys.executable, "-c", FLOOR], last_line), "ours": (ours, summary),
-            "hand-written": (hand, last_line)}
+    runs = {"floor": ([sys.executable, "-c", FLOOR], last_line, ROOT), "ours": (ours, summary, ROOT),
+            "hand-written": (hand, last_line, ROOT)}
+    if other is not None:
+        other_dir = run_dir.with_name(run_dir.name + "-other")
+        other_summary = lambda _: json.loads((other_dir / "summary.json").read_text())["first_step_at"]  # noqa: E731
+        runs[f"ours at {other.name}"] = ([*ours[:-1], str(other_dir)], other_summary, other)
+    return runs
 
 
 def prepare(data_root: Path, work: Path) -> dict[str, Path]:
@@ -118,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "data" / "startup", help="where data is converted")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are reported)")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--other-checkout", type=Path, metavar="DIR",
+                        help="also time train.py of this checkout (its summary.json must record first_step_at)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         raise UserError(f"--rounds must be at least 1, got {args.rounds}")
@@ -127,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for job, dataset in JOBS.items():
                 run_dir = Path(tmp) / f"{job}-{r}"
-                for name, (command, first_step) in commands(job, data[dataset], run_dir).items():
-                    results.setdefault(job, {}).setdefault(name, []).append(run_child(command, first_step))
+                for name, (command, first_step, cwd) in commands(job, data[dataset], run_dir,
+                                                                 args.other_checkout).items():
+                    results.setdefault(job, {}).setdefault(name, []).append(run_child(command, first_step, cwd))
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     print(f"| job | command | launch to first step, s (median of {args.rounds}) | gap to floor, s | peak RSS, MB |")
     print("|---|---|---:|---:|---:|")
