@@ -1,15 +1,44 @@
-"""Shared fixtures. Real data comes from $DATA_ROOT; with REQUIRE_REAL_DATA=1 (CI) its absence fails."""
+"""Shared fixtures. Real data comes from $DATA_ROOT; with REQUIRE_REAL_DATA=1 (CI) its absence fails.
+
+The loader and augmentation tests run on the device `--device` (or $TEST_DEVICE) names, the CPU by default;
+asking for CUDA where torch sees none stops the session before any test runs, so a GPU machine whose CUDA
+is broken never passes the CPU tests in its place. Tests that need CUDA take `cuda_device` and skip without it.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:  # torch is imported by the fixtures that need it: collecting stays light
+    import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+DEVICES = ("cpu", "cuda")
+DEVICE = pytest.StashKey[str]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", choices=DEVICES, default=None,
+                     help="device of the loader and augmentation tests (default: $TEST_DEVICE, else cpu)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    name = config.getoption("--device") or os.environ.get("TEST_DEVICE") or "cpu"
+    if name not in DEVICES:
+        raise pytest.UsageError(f"TEST_DEVICE={name!r} is not a test device; use one of {', '.join(DEVICES)}")
+    if name == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("the tests were asked to run on CUDA (--device / TEST_DEVICE) but torch sees no "
+                                    "CUDA device; run them on a GPU machine, or without it on the CPU")
+    config.stash[DEVICE] = name
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,6 +47,24 @@ def own_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         yield
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig: pytest.Config) -> torch.device:
+    """The device the loader and augmentation tests put their tensors on."""
+    import torch
+
+    return torch.device(pytestconfig.stash[DEVICE])
+
+
+@pytest.fixture(scope="session")
+def cuda_device() -> torch.device:
+    """CUDA device 0 for tests that only mean something there; they skip without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return torch.device("cuda")
 
 
 @pytest.fixture(scope="session")

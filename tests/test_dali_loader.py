@@ -36,11 +36,11 @@ FULL_CHAIN = {"crop": {"padding": 2, "padding_mode": "reflect"}, "flip": {"p": 0
               "erase": {"p": 0.5, "value": "random"}, "mix": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}}
 
 
-def test_identity_rgb_eval_and_train(tiny_rgb_data):
+def test_identity_rgb_eval_and_train(tiny_rgb_data, device):
     split = open_split(tiny_rgb_data, "test")
-    check_identity(build_loader("dali", options(tiny_rgb_data, "test", train=False)), split, np.arange(200))
+    check_identity(build_loader("dali", options(tiny_rgb_data, "test", device, train=False)), split, np.arange(200))
 
-    loader = build_loader("dali", options(tiny_rgb_data, "test", train=True, seed=5, world_size=2, rank=1))
+    loader = build_loader("dali", options(tiny_rgb_data, "test", device, train=True, seed=5, world_size=2, rank=1))
     assert len(loader) == 1
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -48,17 +48,18 @@ def test_identity_rgb_eval_and_train(tiny_rgb_data):
         check_identity(loader, split, order)
 
 
-def test_identity_grey_mnist(mnist_data):
+def test_identity_grey_mnist(mnist_data, device):
     split = open_split(mnist_data, "test")
-    loader = build_loader("dali", options(mnist_data, "test", train=False, batch_size=1000, world_size=3, rank=2))
+    opts = options(mnist_data, "test", device, train=False, batch_size=1000, world_size=3, rank=2)
+    loader = build_loader("dali", opts)
     check_identity(loader, split, np.arange(2, len(split.labels), 3))
 
 
 @pytest.mark.parametrize("mode", ["constant", "reflect"])
-def test_crop_and_flip_follow_the_spec(mode):
+def test_crop_and_flip_follow_the_spec(mode, device):
     images, padding, p = position_images(2000), 4, 0.3
     batches = run_arrays(DaliLoader, images, {"crop": {"padding": padding, "padding_mode": mode, "fill": 0},
-                                              "flip": {"p": p}})
+                                              "flip": {"p": p}}, device)
     pixels = np.concatenate([as_pixels(x, **UNIT) for x, _ in batches])
     dy, dx, flipped = crop_flip_draws(pixels, padding)
     check_uniform_offsets(dy, padding)
@@ -71,8 +72,9 @@ def test_crop_and_flip_follow_the_spec(mode):
     np.testing.assert_array_equal(pixels, expected.permute(0, 2, 3, 1).numpy())
 
 
-def test_erase_rate_area_and_shape():
-    batches = run_arrays(DaliLoader, position_images(2000), {"erase": {"p": 0.4, "scale": [0.05, 0.25], "value": 7.0}})
+def test_erase_rate_area_and_shape(device):
+    spec = {"erase": {"p": 0.4, "scale": [0.05, 0.25], "value": 7.0}}
+    batches = run_arrays(DaliLoader, position_images(2000), spec, device)
     f = erased_fractions(batches, 7.0)
     erased = f[f > 0]
     assert abs(len(erased) / len(f) - 0.4) < five_sigma(len(f), 0.4)
@@ -84,9 +86,9 @@ def test_erase_rate_area_and_shape():
         assert mask.sum() == len(rows) * len(cols) == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
 
 
-def test_erase_with_random_values_is_standard_noise():
+def test_erase_with_random_values_is_standard_noise(device):
     images = position_images(1000)
-    batches = run_arrays(DaliLoader, images, {"erase": {"p": 1.0, "value": "random"}})
+    batches = run_arrays(DaliLoader, images, {"erase": {"p": 1.0, "value": "random"}}, device)
     x = torch.cat([x for x, _ in batches])
     changed = (x - torch.from_numpy(images).permute(0, 3, 1, 2) / 255).abs() > 1e-4
     noise = x[changed]
@@ -94,9 +96,9 @@ def test_erase_with_random_values_is_standard_noise():
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
 
 
-def test_brightness_factors_span_the_range():
+def test_brightness_factors_span_the_range(device):
     grey = np.full((2000, 8, 8, 3), 100, dtype=np.uint8)
-    batches = run_arrays(DaliLoader, grey, {"jitter": {"brightness": 0.4}})
+    batches = run_arrays(DaliLoader, grey, {"jitter": {"brightness": 0.4}}, device)
     factors = np.concatenate([as_pixels(x, **UNIT)[:, 0, 0, 0] for x, _ in batches]) / 100
     assert np.all((factors > 0.6 - 0.006) & (factors < 1.4 + 0.006))  # uint8 rounding
     assert factors.min() < 0.62 and factors.max() > 1.38
@@ -105,10 +107,10 @@ def test_brightness_factors_span_the_range():
     assert torch.equal(per_image.amin(1), per_image.amax(1))  # one factor per image, all pixels alike
 
 
-def test_mixup_lambda_is_beta_through_the_shared_stage():
+def test_mixup_lambda_is_beta_through_the_shared_stage(device):
     alpha = 0.4
     images = position_images(2000)
-    batches = run_arrays(DaliLoader, images, {"mix": {"mixup_alpha": alpha}})
+    batches = run_arrays(DaliLoader, images, {"mix": {"mixup_alpha": alpha}}, device)
     lam = []
     for _, y in batches:
         assert y.shape == (500, 10) and torch.allclose(y.sum(1), torch.ones(500))
@@ -123,8 +125,8 @@ def test_mixup_lambda_is_beta_through_the_shared_stage():
     assert abs(np.mean(mixed > 0.9) - np.mean(reference > 0.9)) < five_sigma(len(mixed), np.mean(reference > 0.9))
 
 
-def test_same_seed_same_batches_and_resume(tiny_rgb_data):
-    opts = options(tiny_rgb_data, "train", train=True, spec=FULL_CHAIN, seed=7, label_smoothing=0.1)
+def test_same_seed_same_batches_and_resume(tiny_rgb_data, device):
+    opts = options(tiny_rgb_data, "train", device, train=True, spec=FULL_CHAIN, seed=7, label_smoothing=0.1)
     first, second = build_loader("dali", opts), build_loader("dali", opts)
     assert len(first) == 10
     first.set_epoch(1)
@@ -143,9 +145,9 @@ def test_same_seed_same_batches_and_resume(tiny_rgb_data):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
-def test_full_chain_on_grey_images():
+def test_full_chain_on_grey_images(device):
     digits = np.random.default_rng(0).integers(0, 256, (600, 28, 28, 1), dtype=np.uint8)
-    opts = options(Path("."), "train", train=True, spec=FULL_CHAIN, batch_size=200)
+    opts = options(Path("."), "train", device, train=True, spec=FULL_CHAIN, batch_size=200)
     loader = DaliLoader.from_arrays(digits, np.arange(600) % 10, mean=[0.5], std=[0.25], num_classes=10,
                                     options=opts)
     batches = list(loader)

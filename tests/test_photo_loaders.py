@@ -73,7 +73,9 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def photo_options(data: Path, split: str, *, train: bool, resolution: ResolutionSchedule, batch_size: int = 16,
                   spec: dict | None = None):
-    return replace(options(data, split, train=train, spec=spec, batch_size=batch_size), resolution=resolution)
+    # on the CPU whatever the test device: the photo decoders' device paths are not yet under TEST_DEVICE
+    cpu = torch.device("cpu")
+    return replace(options(data, split, cpu, train=train, spec=spec, batch_size=batch_size), resolution=resolution)
 
 
 def backend_loader(backend: str, opts):
