@@ -41,7 +41,7 @@ from trainer.distributed import ELASTIC_ENV
 ROOT = Path(__file__).resolve().parents[1]
 # measured time, not results: they differ between any two runs and are left out of the comparison
 WALL_COLUMNS = ("epoch_time_s", "images_per_s", "peak_mem_mb", "data_wait_s", "step_s", "data_wait_fraction",
-                "loader_images_per_s")
+                "input_device_s", "loader_images_per_s")
 DEFAULT_SETTINGS = ("phases.0.epochs=3", "max_steps_per_epoch=40", "checkpoint_every_steps=7",
                     "tensorboard=false")
 

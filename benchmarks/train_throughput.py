@@ -69,7 +69,7 @@ class Result:
     name: str
     config: StepConfig
     images_per_s: float
-    data_wait_fraction: float  # of the timed steps, waiting for the next batch
+    data_wait_fraction: float  # of the timed steps, the host waiting for the next batch
     peak_mem_mb: float | None  # None off the GPU
 
 
@@ -124,8 +124,8 @@ def device_seconds(device: torch.device, work: Callable[[], None]) -> float:
 
 def images_per_second(step: TrainStep, sums: EpochSums, batches: Batches, device: torch.device, warmup: int,
                       steps: int) -> tuple[float, float]:
-    """Images/s over `steps` steps after `warmup`, and the fraction of that time the device waited for data
-    (the trainer's own `StepTimer`: CUDA events on a GPU, wall clocks on the CPU)."""
+    """Images/s over `steps` steps after `warmup`, and the fraction of that time the host waited for the loader
+    (the trainer's own `StepTimer`, so the loader's on-device augmentations are not counted as waiting)."""
     for _ in range(warmup):
         step(*next(batches), sums, log=False)
     images = 0

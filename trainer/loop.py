@@ -51,7 +51,7 @@ from trainer.runlog import MetricsLog, new_run_dir, run_environment
 from trainer.step import EpochSums, EpochTotals, TrainStep, configure_backends
 from trainer.syncs import SyncCheck
 from trainer.teacher import load_teacher, train_teacher_first
-from trainer.timing import EpochTimes, StepTimer, starvation_warning
+from trainer.timing import EpochTimes, Feed, StepTimer, starvation_warning
 
 LOG_EVERY = 50  # steps between progress-bar loss updates and non-finite checks (each one syncs the device)
 WARMUP_STEPS = 2  # first steps of an epoch the sync check leaves alone (epoch set-up, lazy optimizer state)
@@ -172,6 +172,7 @@ def split_loader(recipe: Recipe, accelerator: Accelerator, split: str, train: bo
         world_size=accelerator.num_processes, num_workers=recipe.data.num_workers,
         label_smoothing=recipe.loss.label_smoothing, channels_last=recipe.channels_last,
         resolution=recipe.data.resolutions(),  # photos of varied sizes: crop sides, progressive resizing
+        **recipe.data.memory_options(),  # the ffcv order and os_cache, the memory budget (README "Scale")
         max_batches=0 if train else recipe.max_eval_batches)  # smoke runs: a stratified subset
     return TensorLoader(options, memory[split]) if memory else build_loader(recipe.data.loader, options)
 
@@ -570,6 +571,7 @@ def end_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int, totals: Epo
                peak_mem_mb=peak_memory_mb(accelerator.device))
     times = run.epoch_times  # this process's: waiting for batches vs. in the step
     row.update(data_wait_s=times.data_wait_s, step_s=times.step_s, data_wait_fraction=times.data_wait_s / epoch_time,
+               input_device_s="" if times.input_device_s is None else times.input_device_s,
                loader_images_per_s=times.loader_images_per_s or "")
     stopping = EarlyStopping(phase.config.early_stopping, p)
     if stopping.observe(row) and run.main:
@@ -646,7 +648,10 @@ def finish(run: Run, phase: Phase) -> dict:
               f"{summary['images_per_s'] or 0:,.0f} images/s  "
               + (f"data wait {worst_wait:.1%} (worst epoch)  " if waits else "")
               + f"{wall:.1f}s\nrun folder: {run.run_dir}")
-        warning = starvation_warning(worst_wait, worst_epoch, run.recipe.data.loader) if waits else None
+        data = run.recipe.data
+        feed = Feed(data.loader, accelerator.device.type, data.num_workers, data.batch_size,
+                    run.data.manifest.get("image_shape") is not None, tuple(run.recipe.augment.enabled()))
+        warning = starvation_warning(worst_wait, worst_epoch, feed) if waits else None
         if warning:
             print(warning)
     accelerator.end_training()
