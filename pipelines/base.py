@@ -25,6 +25,9 @@ MIN_RESOLUTION = 8  # the smallest crop side a photo loader makes
 RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop: area fraction of the source image
 RRC_RATIO = (3 / 4, 4 / 3)  # and aspect ratio (width / height) of the crop
 CENTER_CROP_RATIO = 224 / 256  # evaluation: crop side / shorter image side, the ImageNet convention
+BLOCK_BYTES = 1 << 30  # page-aware order: pages shuffled together by default (FFCV's cache holds about two blocks)
+PAGE_AWARE_STREAM = 0x9A6E  # the page-aware order's own random stream, apart from rank_indices' permutations
+FFCV_PREFETCH = 3  # batches ahead FFCV's process cache loads a page (compute_schedule's prefetch_ahead)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ class LoaderOptions:
     channels_last: bool = True
     resolution: ResolutionSchedule = ResolutionSchedule()  # photos of varied sizes only
     max_batches: int = 0  # eval: a fixed, seeded, stratified subset of this many batches per rank; 0 = every sample
+    order: str = "auto"  # ffcv: "random" | "page_aware" | "auto" (page-aware for a .beton larger than RAM allows)
+    block_pages: int = 0  # page-aware order: pages shuffled together; 0 = as many as fill BLOCK_BYTES
+    os_cache: bool | None = None  # ffcv: FFCV's os_cache; None = off with the page-aware order, on with the random
+    memory_budget_gb: float = 0.0  # at most this much memory counts as free (also $BETON_MEMORY_BUDGET_GB); 0 = no cap
 
 
 def varied_sizes(manifest: dict) -> bool:
@@ -107,9 +114,66 @@ def rank_indices(n: int, *, epoch: int, seed: int, rank: int, world_size: int, t
     """
     if not train:
         return np.arange(rank, n, world_size, dtype=np.int64)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    per_rank = (n // (world_size * batch_size)) * batch_size
+    return _deal(np.random.default_rng([seed, epoch]).permutation(n), rank=rank, world_size=world_size,
+                 batch_size=batch_size)
+
+
+def _deal(order: np.ndarray, *, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+    """Rank `rank`'s contiguous block of an epoch's global training order, cut to a multiple of
+    world_size * batch_size (drop_last): disjoint shards, each sample at most once per epoch."""
+    per_rank = (len(order) // (world_size * batch_size)) * batch_size
     return order[rank * per_rank:(rank + 1) * per_rank]
+
+
+def record_pages(beton: BetonFile) -> np.ndarray:
+    """The page each record lies in (records never straddle pages), as FFCV maps them: data pointer // page size."""
+    return beton._ptrs // beton.page_size  # BetonFile keeps its validated pointers; it has no public accessor
+
+
+def default_block_pages(page_size: int) -> int:
+    """Pages per block of the page-aware order when the recipe names none: as many as fill BLOCK_BYTES."""
+    return max(1, BLOCK_BYTES // page_size)
+
+
+def page_aware_indices(pages: np.ndarray, *, epoch: int, seed: int, rank: int, world_size: int, train: bool,
+                       batch_size: int, block_pages: int) -> np.ndarray:
+    """The sample indices this rank visits this epoch, in an order that reads each page of the file once.
+
+    Train: the pages in a permutation seeded by (seed, epoch), cut into blocks of `block_pages` pages; each
+    block's samples shuffled together, the blocks one after another; then dealt as `rank_indices` deals (each
+    rank a contiguous run, drop_last), so a rank reads its own pages. Every batch then draws from the pages of
+    at most two blocks when a block holds at least a batch (`pages` gives each sample's page: `record_pages`).
+    Eval: the samples in file order, each rank a contiguous run of as many samples as `rank_indices` gives it.
+    """
+    n = len(pages)
+    if not train:
+        start = rank * (n // world_size) + min(rank, n % world_size)
+        return np.argsort(pages, kind="stable")[start:start + len(range(rank, n, world_size))]
+    rng = np.random.default_rng([seed, epoch, PAGE_AWARE_STREAM])
+    page_ids, page_of = np.unique(pages, return_inverse=True)
+    block = rng.permutation(len(page_ids))[page_of] // block_pages
+    shuffled = rng.permutation(n)
+    order = shuffled[np.argsort(block[shuffled], kind="stable")]  # block by block, shuffled within each
+    return _deal(order, rank=rank, world_size=world_size, batch_size=batch_size)
+
+
+def cache_pages(pages: np.ndarray, batch_size: int, prefetch: int = FFCV_PREFETCH) -> int:
+    """The most pages FFCV's process cache (os_cache=False) holds at once for a rank visiting pages `pages` (one
+    per sample, in order) in batches of `batch_size`: a page takes a slot from `prefetch` batches before its first
+    batch through its last (ffcv.memory_managers.process_cache.schedule.compute_schedule); FFCV allocates that
+    many pages up front."""
+    if not len(pages):
+        return 0
+    batch = np.arange(len(pages)) // batch_size
+    page_ids, page_of = np.unique(pages, return_inverse=True)
+    first = np.full(len(page_ids), batch[-1])
+    np.minimum.at(first, page_of, batch)
+    last = np.zeros(len(page_ids), dtype=np.int64)
+    np.maximum.at(last, page_of, batch)
+    change = np.zeros(int(batch[-1]) + 2, dtype=np.int64)
+    np.add.at(change, np.maximum(first - prefetch, 0), 1)
+    np.add.at(change, last + 1, -1)
+    return int(np.cumsum(change).max())
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -165,6 +229,8 @@ class ShardedLoader:
             else EvalTransform(mean=mean, std=std, channels_last=options.channels_last)
         self.epoch = 0
         self._start_batch = 0
+        self.pages: np.ndarray | None = None  # each sample's page when the order is page-aware (FfcvLoader)
+        self.block_pages = 0
 
     def __len__(self) -> int:
         return self._len
@@ -190,14 +256,21 @@ class ShardedLoader:
         res = self.options.resolution
         return res.for_epoch(self.epoch) if self.options.train else res.eval
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's sample order in `epoch`: the eval subset's shard, the page-aware order, or rank_indices'."""
+        o = self.options
+        if self._pool is not None:
+            return self._pool[o.rank::o.world_size]
+        shard = dict(epoch=epoch, seed=o.seed, rank=o.rank, world_size=o.world_size, train=o.train,
+                     batch_size=o.batch_size)
+        if self.pages is not None:
+            return page_aware_indices(self.pages, block_pages=self.block_pages, **shard)
+        return rank_indices(self.n, **shard)
+
     def _take_order(self) -> tuple[np.ndarray, int]:
         """This rank's sample order for the current epoch and the batch to start at (consumed once)."""
-        o = self.options
-        order = rank_indices(self.n, epoch=self.epoch, seed=o.seed, rank=o.rank, world_size=o.world_size,
-                             train=o.train, batch_size=o.batch_size) if self._pool is None \
-            else self._pool[o.rank::o.world_size]
         start, self._start_batch = self._start_batch, 0
-        return order, start
+        return self.epoch_order(self.epoch), start
 
     def _generator(self, batch: int) -> torch.Generator:
         o = self.options

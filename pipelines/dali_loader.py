@@ -41,6 +41,7 @@ from pipelines.base import (
     ShardedLoader,
     varied_sizes,
 )
+from pipelines.budget import PAGE_AWARE_FIX, USE_FFCV, check, dali_need
 from pipelines.dataset import Split, load_manifest, open_beton
 
 # torch's "reflect" does not repeat the edge pixel, which is DALI's "reflect_101"
@@ -57,6 +58,9 @@ class DaliLoader(ArrayLoader):
         return super().__new__(cls)
 
     def __init__(self, options: LoaderOptions, split: Split | None = None):
+        if split is None:  # the .beton's header says what its arrays will take, before they are decoded
+            self.memory = dali_need(open_beton(options.data_dir, options.split), photos=False)
+            check(self.memory, options.device, options.memory_budget_gb, USE_FFCV)
         super().__init__(options, split)
         self.images = self.split.images
         self._setup_dali(self.split.mean, self.split.std, self.split.num_classes)
@@ -147,6 +151,8 @@ class DaliPhotoLoader(DaliLoader):
     def __init__(self, options: LoaderOptions):
         manifest = load_manifest(options.data_dir)
         self.beton = open_beton(options.data_dir, options.split, manifest)
+        self.memory = dali_need(self.beton, photos=True)
+        check(self.memory, options.device, options.memory_budget_gb, PAGE_AWARE_FIX)
         ShardedLoader.__init__(self, options, n=len(self.beton), mean=manifest["mean"], std=manifest["std"],
                                num_classes=len(manifest["classes"]))
         self.labels = torch.from_numpy(self.beton.labels()).to(options.device)

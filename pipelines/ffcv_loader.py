@@ -7,8 +7,11 @@ semantics, padding included), which the other backends cannot reproduce and whic
 the middle of an epoch. Instead this rank's sample list comes from `pipelines.base.rank_indices` and is
 passed as `indices=` with `OrderOption.SEQUENTIAL`: the order is ours (seeded per epoch, the same
 shards as the tensor and DALI backends), and a resume at batch k just drops the first k * batch_size
-indices. FFCV's Loader is rebuilt for each epoch with that epoch's list; building one costs
-milliseconds once the pipeline code is compiled (the first build in a process pays FFCV's numba JIT).
+indices. For a .beton larger than memory allows (`data.order = "page_aware"`, or "auto"), the order is
+`pipelines.base.page_aware_indices`, shuffled within blocks of pages as FFCV's QUASI_RANDOM is but seeded,
+sharded and resumable like ours, and FFCV runs with os_cache off: its process cache then reads each page
+once an epoch and holds about two blocks (`pipelines.budget` checks that figure before FFCV starts).
+FFCV's Loader is built once and given each epoch's list (the first build in a process pays FFCV's numba JIT).
 
 Augmentation. FFCV's own CPU crop/flip/cutout ops are not used: decoded uint8 batches go to the device
 as early as possible (`ToDevice` right after `ToTensor`) and every augmentation runs there through the
@@ -41,8 +44,12 @@ from pipelines.base import (
     RRC_SCALE,
     LoaderOptions,
     ShardedLoader,
+    default_block_pages,
+    record_pages,
     varied_sizes,
 )
+from pipelines.beton import BetonFile
+from pipelines.budget import PAGE_AWARE_FIX, check, choose_order, ffcv_need, record_bytes
 
 
 class FfcvLoader(ShardedLoader):
@@ -59,6 +66,25 @@ class FfcvLoader(ShardedLoader):
         self.varied = varied_sizes(manifest)
         self._loader = None  # FFCV's Loader, built at the first epoch
         self.decoder = self._image_decoder(grey=beton.storage == "ndarray")
+        self._plan_memory(beton)
+
+    def _plan_memory(self, beton: BetonFile) -> None:
+        """Choose the order (random or page-aware) and os_cache, then refuse before FFCV starts when the pages
+        they keep at once do not fit in free host memory."""
+        o = self.options
+        order = choose_order(o.order, beton, o.memory_budget_gb)
+        if order == "page_aware":
+            self.pages = record_pages(beton)
+            self.block_pages = o.block_pages or default_block_pages(beton.page_size)
+        self.os_cache = self.pages is None if o.os_cache is None else o.os_cache
+        side = max(self.crop_side(), o.resolution.max_res)
+        sample_bytes = side * side * 3 if self.varied else record_bytes(beton)
+        whole_file = self.os_cache and self.pages is None
+        self.memory = ffcv_need(beton, None if whole_file else self.epoch_order(0), os_cache=self.os_cache,
+                                batch_size=o.batch_size, sample_bytes=sample_bytes)
+        fix = PAGE_AWARE_FIX if self.pages is None else \
+            f"lower data.order_block_pages (now {self.block_pages}) or data.batch_size"
+        check(self.memory, o.device, o.memory_budget_gb, fix)
 
     def _image_decoder(self, grey: bool):
         """Stored pixels as they are for fixed-size data; for photos of varied sizes, crop-and-resize decoders
@@ -98,7 +124,7 @@ class FfcvLoader(ShardedLoader):
         # Squeeze(1), not Squeeze(): a last batch of one sample must keep its batch dimension
         return Loader(
             str(self.path), batch_size=self.options.batch_size, num_workers=self.options.num_workers,
-            order=OrderOption.SEQUENTIAL, indices=first_order, os_cache=True, drop_last=self.options.train,
+            order=OrderOption.SEQUENTIAL, indices=first_order, os_cache=self.os_cache, drop_last=self.options.train,
             pipelines={
                 "image": [self.decoder, ToTensor(), to_device(device)],
                 "label": [IntDecoder(), ToTensor(), Squeeze(1), to_device(device)],

@@ -14,6 +14,7 @@ import torch
 from common.errors import UserError
 from pipelines.base import ArrayLoader, LoaderOptions, ShardedLoader, varied_sizes
 from pipelines.beton import BetonFile
+from pipelines.budget import TENSOR_CHUNK, USE_FFCV, check, tensor_need
 from pipelines.dataset import Split, load_manifest, open_beton
 
 
@@ -31,6 +32,8 @@ class TensorLoader(ArrayLoader):
             raise UserError(f"{options.data_dir} holds images of varied sizes, which the tensor loader cannot hold "
                             "as one array; use --loader ffcv or --loader dali (they crop and resize while decoding)")
         beton = open_beton(options.data_dir, options.split, manifest)
+        self.memory = tensor_need(beton)
+        check(self.memory, options.device, options.memory_budget_gb, USE_FFCV)
         labels = beton.labels()
         ShardedLoader.__init__(self, options, n=len(beton), mean=manifest["mean"], std=manifest["std"],
                                num_classes=len(manifest["classes"]), labels=labels)
@@ -43,7 +46,7 @@ class TensorLoader(ArrayLoader):
         the device): the host never holds a second whole copy, so a run's peak memory is the split once."""
         h, w, c = beton.image_shape()
         images = torch.empty((len(beton), c, h, w), dtype=torch.uint8, device=device)
-        for start, chunk in beton.chunks():
+        for start, chunk in beton.chunks(TENSOR_CHUNK):
             if device.type == "cpu":  # numpy's strided copy transposes ~3x faster than torch's here
                 np.copyto(images.numpy()[start:start + len(chunk)], chunk.transpose(0, 3, 1, 2))
             else:

@@ -38,8 +38,18 @@ class DataConfig:
     max_res: int = 0
     start_ramp: int = 0  # epochs, counted from 0 over all phases
     end_ramp: int = 0
+    # sets larger than memory (README "Scale"): the ffcv backend's order and os_cache, and a cap on free memory
+    order: Literal["random", "page_aware", "auto"] = "auto"  # auto: page-aware for a .beton over half the free RAM
+    order_block_pages: int = 0  # page-aware order: pages shuffled together; 0 = as many as fill 1 GiB
+    os_cache: bool | Literal["auto"] = "auto"  # ffcv: auto = off with the page-aware order, on with the random
+    memory_budget_gb: float = 0.0  # at most this much memory counts as free (else $BETON_MEMORY_BUDGET_GB); 0 = none
 
     def __post_init__(self) -> None:
+        if self.order == "page_aware" and self.loader != "ffcv":
+            raise UserError(f"data.order = \"page_aware\" is an order of the ffcv loader, not of '{self.loader}'; "
+                            "use --loader ffcv, or data.order = \"auto\"")
+        check_range("order_block_pages", self.order_block_pages, 0)
+        check_range("memory_budget_gb", self.memory_budget_gb, 0)
         check_range("batch_size", self.batch_size, 1)
         check_range("eval_batch_size", self.eval_batch_size, 1)
         check_range("num_workers", self.num_workers, 0)
@@ -50,6 +60,11 @@ class DataConfig:
             check_range("max_res", self.max_res, self.min_res)
             check_range("start_ramp", self.start_ramp, 0)
             check_range("end_ramp", self.end_ramp, self.start_ramp)
+
+    def memory_options(self) -> dict[str, Any]:
+        """The loaders' view of the scale settings (LoaderOptions' order, block_pages, os_cache, memory_budget_gb)."""
+        return dict(order=self.order, block_pages=self.order_block_pages, memory_budget_gb=self.memory_budget_gb,
+                    os_cache=None if self.os_cache == "auto" else self.os_cache)
 
     def resolutions(self) -> ResolutionSchedule:
         """The loaders' view of the resolution settings."""

@@ -1,0 +1,160 @@
+"""What a loader backend will hold in memory, checked against what is free before anything is loaded.
+
+A split too large for its backend used to end in the kernel's OOM killer or a CUDA out-of-memory traceback
+halfway through loading. Each backend now works out its need from the .beton's header alone (record counts,
+image sizes, pages: no decoding) and, when it does not fit, stops with one line giving both figures and the
+backend or setting that fits. Free memory is the device's (`torch.cuda.mem_get_info`) for what lives on a
+CUDA device and the host's MemAvailable (/proc/meminfo) for the rest; a budget (the recipe's
+`data.memory_budget_gb`, else $BETON_MEMORY_BUDGET_GB) caps both, so a test can show a refusal on real data.
+Where neither a measurement nor a budget exists (no /proc, MPS), nothing is checked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+from pipelines.base import cache_pages, record_pages
+from pipelines.beton import BetonFile
+
+GB = 1e9
+BUDGET_ENV = "BETON_MEMORY_BUDGET_GB"
+MEMINFO = Path("/proc/meminfo")
+PAGE_AWARE_FRACTION = 0.5  # order "auto": page-aware once a .beton is larger than this share of free host memory
+TENSOR_CHUNK = 4096  # records the tensor backend stages on the host per copy to the device
+FFCV_BATCH_SLOTS = 3 + 2  # FFCV's decoded batches in flight: batches_ahead (3) + 2 (its EpochIterator)
+USE_FFCV = "use --loader ffcv, which reads the .beton as it goes (with data.order = \"page_aware\" for a set larger " \
+           "than RAM)"
+PAGE_AWARE_FIX = "use --loader ffcv with data.order = \"page_aware\" (or \"auto\"): FFCV then reads the .beton block " \
+                 "by block with os_cache off, each page once an epoch"
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes a loader holds: on its training device (when that is not the host) and on the host."""
+
+    backend: str
+    device_bytes: int
+    host_bytes: int
+    what: str  # what is held, in words, for the message
+
+    def describe(self) -> str:
+        parts = [f"{gb(self.device_bytes)} on the device"] if self.device_bytes else []
+        return f"{self.backend}: {', '.join(parts + [f'{gb(self.host_bytes)} on the host'])} ({self.what})"
+
+
+def gb(nbytes: float) -> str:
+    return f"{nbytes / GB:.3g} GB"
+
+
+def budget_bytes(budget_gb: float = 0.0) -> float | None:
+    """The cap on what counts as free: the recipe's value, else $BETON_MEMORY_BUDGET_GB; None when neither is set."""
+    if budget_gb:
+        return budget_gb * GB
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise UserError(f"{BUDGET_ENV}={raw!r} is not a positive number of GB; set it to e.g. 16, or unset it")
+    return value * GB
+
+
+def host_free() -> int | None:
+    """The host's MemAvailable in bytes (what can be allocated without swapping), or None without /proc."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _capped(measured: int | None, cap: float | None) -> float | None:
+    known = [v for v in (measured, cap) if v is not None]
+    return min(known) if known else None
+
+
+def free_host(budget_gb: float = 0.0) -> float | None:
+    """Host bytes that count as free: MemAvailable, capped by the budget."""
+    return _capped(host_free(), budget_bytes(budget_gb))
+
+
+def check(need: MemoryNeed, device: torch.device, budget_gb: float, fix: str) -> None:
+    """Refuse with one line, before loading, when `need` does not fit in what is free; `fix` names what fits."""
+    cap = budget_bytes(budget_gb)
+    host = free_host(budget_gb)
+    if device.type == "cuda":
+        on_device = _capped(torch.cuda.mem_get_info(device)[0], cap)
+        places = [(need.device_bytes, on_device, str(device)), (need.host_bytes, host, "the host")]
+    elif device.type == "cpu":
+        places = [(need.device_bytes + need.host_bytes, host, "the host")]
+    else:  # MPS and others: no free-memory query; the budget alone applies
+        places = [(need.device_bytes, cap, str(device)), (need.host_bytes, cap, "the host")]
+    for wanted, free, where in places:
+        if free is not None and wanted > free:
+            capped = f" (memory budget {gb(cap)}: data.memory_budget_gb or {BUDGET_ENV})" if free == cap else ""
+            raise UserError(f"the {need.backend} loader needs {gb(wanted)} on {where} ({need.what}) but "
+                            f"{gb(free)} is free{capped}; {fix}")
+
+
+def decoded_bytes(beton: BetonFile) -> int:
+    """The split decoded into one uint8 array: the sum of h * w * channels over its records (JPEGs included)."""
+    channels = beton.shape[2] if beton.storage == "ndarray" else 3
+    return int(np.prod(beton.sizes(), axis=1).sum()) * channels
+
+
+def record_bytes(beton: BetonFile) -> int:
+    """One decoded record of a fixed-size split."""
+    return int(np.prod(beton.image_shape()))
+
+
+def tensor_need(beton: BetonFile) -> MemoryNeed:
+    """The split on the device, plus one chunk staged on the host (and its copy on the device before the
+    transpose)."""
+    chunk = min(TENSOR_CHUNK, len(beton)) * record_bytes(beton)
+    return MemoryNeed("tensor", decoded_bytes(beton) + chunk, chunk,
+                      f"{len(beton):,} decoded images and one chunk of {TENSOR_CHUNK} in staging")
+
+
+def dali_need(beton: BetonFile, photos: bool) -> MemoryNeed:
+    """Fixed-size data: the decoded split as host arrays feeding fn.external_source. Photos: their records, read
+    through the page cache in a random order (a set larger than it is reread from disk every epoch)."""
+    if photos:
+        return MemoryNeed("dali", 0, beton.path.stat().st_size, "the .beton in the page cache, read in random order")
+    return MemoryNeed("dali", 0, decoded_bytes(beton), f"{len(beton):,} decoded images as host arrays")
+
+
+def ffcv_need(beton: BetonFile, order: np.ndarray | None, *, os_cache: bool, batch_size: int,
+              sample_bytes: int) -> MemoryNeed:
+    """With os_cache and the random order (`order` None): the whole .beton in the page cache. Otherwise the pages
+    this rank's `order` (an epoch's sample indices) keeps in FFCV's process cache or the page cache at once. Plus
+    FFCV's decoded batches in flight (`sample_bytes` each sample)."""
+    batches = FFCV_BATCH_SLOTS * batch_size * sample_bytes
+    if order is None:
+        return MemoryNeed("ffcv", 0, beton.path.stat().st_size + batches,
+                          "the .beton in the page cache (os_cache, random order) and its batches in flight")
+    pages = cache_pages(record_pages(beton)[order], batch_size)
+    where = "FFCV's process cache" if not os_cache else "the page cache"
+    return MemoryNeed("ffcv", 0, pages * beton.page_size + batches,
+                      f"{pages:,} pages of {beton.page_size >> 20} MiB at once in {where}, and batches in flight")
+
+
+def choose_order(order: str, beton: BetonFile, budget_gb: float) -> str:
+    """"random" or "page_aware": "auto" is page-aware when the .beton is larger than PAGE_AWARE_FRACTION of the
+    free host memory (capped by the budget), where a random order would reread it from disk every epoch."""
+    if order != "auto":
+        return order
+    free = free_host(budget_gb)
+    large = free is not None and beton.path.stat().st_size > PAGE_AWARE_FRACTION * free
+    return "page_aware" if large else "random"

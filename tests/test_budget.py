@@ -1,0 +1,124 @@
+"""Each backend states its memory need from the .beton's header and, over the budget, stops before loading with
+one line giving both figures and what fits; on real MNIST (47 MB of pixels) and hymenoptera (JPEG photos)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import UserError
+from pipelines import budget, build_loader
+from pipelines.beton import BetonFile
+from tests.loader_helpers import installed, options
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_PIXELS = 60_000 * 28 * 28
+
+
+def refusal(backend: str, data_dir: Path, device, **kw) -> str:
+    with pytest.raises(UserError) as info:
+        build_loader(backend, options(data_dir, "train", device, train=True, **kw))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_tensor_refuses_over_the_recipe_budget_and_fits_under_it(mnist_data, device):
+    message = refusal("tensor", mnist_data, device, memory_budget_gb=0.04)
+    where = "the host" if device.type == "cpu" else str(device)
+    assert message.startswith(f"the tensor loader needs 0.0535 GB on {where} (60,000 decoded images and one chunk of "
+                              "4096 in staging) but 0.04 GB is free (memory budget 0.04 GB: data.memory_budget_gb "
+                              "or BETON_MEMORY_BUDGET_GB); use --loader ffcv")
+    loader = build_loader("tensor", options(mnist_data, "train", device, train=True, memory_budget_gb=0.06))
+    assert loader.memory.device_bytes + loader.memory.host_bytes == MNIST_PIXELS + 2 * 4096 * 784
+
+
+def test_the_environment_variable_caps_free_memory(mnist_data, device, monkeypatch):
+    monkeypatch.setenv(budget.BUDGET_ENV, "0.02")
+    assert "but 0.02 GB is free" in refusal("tensor", mnist_data, device)
+    monkeypatch.setenv(budget.BUDGET_ENV, "lots")
+    assert refusal("tensor", mnist_data, device) == ("BETON_MEMORY_BUDGET_GB='lots' is not a positive number of GB; "
+                                                     "set it to e.g. 16, or unset it")
+
+
+def test_free_host_memory_from_proc_or_the_budget_alone(monkeypatch, tmp_path):
+    assert budget.host_free() is None or budget.host_free() > 0
+    monkeypatch.setattr(budget, "MEMINFO", tmp_path / "absent")  # no /proc: the budget alone counts
+    assert budget.host_free() is None and budget.free_host() is None and budget.free_host(2.0) == 2e9
+    need = budget.MemoryNeed("tensor", 0, int(3e9), "test")
+    budget.check(need, torch.device("cpu"), 0.0, "fix")  # nothing to compare with: no refusal
+    with pytest.raises(UserError, match="needs 3 GB on the host .* but 2 GB is free"):
+        budget.check(need, torch.device("cpu"), 2.0, "fix")
+
+
+def test_dali_refuses_its_host_arrays(mnist_data, device):
+    if not installed("nvidia.dali"):
+        pytest.skip("DALI is not installed")
+    message = refusal("dali", mnist_data, device, memory_budget_gb=0.03)
+    assert message.startswith("the dali loader needs 0.047 GB on the host (60,000 decoded images as host arrays) "
+                              "but 0.03 GB is free")
+    assert message.endswith("use --loader ffcv, which reads the .beton as it goes (with data.order = \"page_aware\" "
+                            "for a set larger than RAM)")
+
+
+def test_ffcv_random_order_refuses_then_page_aware_fits(mnist_data, device):
+    """The random order with os_cache needs the whole file in the page cache; the page-aware order with os_cache
+    off needs two blocks of pages (here 4 of 2 MiB) and FFCV's batches in flight; a block too large for the
+    budget is refused with its own fix."""
+    if not installed("ffcv"):
+        pytest.skip("ffcv is not installed")
+    size = (mnist_data / "train.beton").stat().st_size
+    message = refusal("ffcv", mnist_data, device, order="random", memory_budget_gb=0.03)
+    assert message.startswith(f"the ffcv loader needs {budget.gb(size + 5 * 64 * 784)} on the host (the .beton in "
+                              "the page cache (os_cache, random order) and its batches in flight) but 0.03 GB")
+    assert message.endswith(f"; {budget.PAGE_AWARE_FIX}")
+    assert "but 0.03 GB" in refusal("ffcv", mnist_data, device, order="random", os_cache=False,
+                                    memory_budget_gb=0.03)  # FFCV's own cache would hold every page
+    loader = build_loader("ffcv", options(mnist_data, "train", device, train=True, order="page_aware",
+                                          block_pages=2, memory_budget_gb=0.03))
+    assert loader.memory.host_bytes == 4 * (2 << 20) + 5 * 64 * 784 and not loader.os_cache
+    assert refusal("ffcv", mnist_data, device, order="page_aware", block_pages=2, memory_budget_gb=0.005) \
+        .endswith("; lower data.order_block_pages (now 2) or data.batch_size")
+
+
+def test_auto_order_turns_page_aware_when_the_file_exceeds_half_the_budget(mnist_data, device):
+    if not installed("ffcv"):
+        pytest.skip("ffcv is not installed")
+    large = build_loader("ffcv", options(mnist_data, "train", device, train=True, memory_budget_gb=0.09))
+    assert large.pages is not None and not large.os_cache  # a 0.051 GB file > 0.5 x 0.09 GB
+    small = build_loader("ffcv", options(mnist_data, "train", device, train=True, memory_budget_gb=0.12))
+    assert small.pages is None and small.os_cache
+
+
+def test_jpeg_need_is_the_decoded_size(hymenoptera_data, device):
+    """For JPEG records the need is what they decode to (sum of h * w * 3 from the header); the DALI photo path,
+    reading through the page cache in random order, is refused naming the page-aware ffcv order."""
+    beton = BetonFile(hymenoptera_data / "train.beton")
+    assert budget.decoded_bytes(beton) == sum(beton.image(i).nbytes for i in range(len(beton)))
+    if installed("nvidia.dali"):
+        assert refusal("dali", hymenoptera_data, device, batch_size=4, memory_budget_gb=0.001) \
+            .endswith(f"; {budget.PAGE_AWARE_FIX}")
+
+
+def test_cuda_device_memory_is_checked(mnist_data, cuda_device):
+    free = torch.cuda.mem_get_info(cuda_device)[0]
+    message = refusal("tensor", mnist_data, cuda_device, memory_budget_gb=0.04)
+    assert f"on {cuda_device}" in message and free > 0
+
+
+def test_the_recipe_key_refuses_through_train_py(mnist_data):
+    """The real command line: status 2 and the one refusal line, before any loading or training."""
+    command = [sys.executable, "train.py", "--recipe", "mnist_cnn_smoke", "--data", str(mnist_data), "--cpu",
+               "--set", "data.memory_budget_gb=0.01"]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: the tensor loader needs 0.0535 GB on the host")
+    assert np.isfinite(float(lines[0].split("needs ")[1].split(" GB")[0]))
