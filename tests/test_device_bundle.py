@@ -194,4 +194,5 @@ def test_every_command_in_the_device_readme_parses(monkeypatch):
             continue
         checked.append(words)
     modules = {w[2] for w in checked if w[1:2] == ["-m"]}
-    assert {"benchmarks.device.check_cuda", "benchmarks.loaders", "convert", "pytest"} <= modules
+    assert {"benchmarks.device.first_contact", "benchmarks.device.check_cuda", "benchmarks.loaders", "convert",
+            "pytest"} <= modules
