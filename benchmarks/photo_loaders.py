@@ -68,14 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 class ImageFolderLoader:
     """torchvision's ImageNet training input: ImageFolder, RandomResizedCrop + flip + ToTensor + Normalize in
-    DataLoader workers (kept alive across epochs), batches moved to the device."""
+    DataLoader workers (kept alive across epochs unless `persistent` is off), batches moved to the device."""
 
-    def __init__(self, root: Path, side: int, mean, std, *, batch_size: int, workers: int, device: torch.device):
+    def __init__(self, root: Path, side: int, mean, std, *, batch_size: int, workers: int, device: torch.device,
+                 persistent: bool = True):
         transform = T.Compose([T.RandomResizedCrop(side, scale=RRC_SCALE, ratio=RRC_RATIO), T.RandomHorizontalFlip(),
                                T.ToTensor(), T.Normalize(mean, std)])
         self.loader = DataLoader(datasets.ImageFolder(str(root), transform=transform), batch_size=batch_size,
-                                 shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0,
-                                 pin_memory=device.type == "cuda")
+                                 shuffle=True, drop_last=True, num_workers=workers,
+                                 persistent_workers=persistent and workers > 0, pin_memory=device.type == "cuda")
         self.device = device
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
