@@ -127,7 +127,7 @@ def _deal(order: np.ndarray, *, rank: int, world_size: int, batch_size: int) -> 
 
 def record_pages(beton: BetonFile) -> np.ndarray:
     """The page each record lies in (records never straddle pages), as FFCV maps them: data pointer // page size."""
-    return beton._ptrs // beton.page_size  # BetonFile keeps its validated pointers; it has no public accessor
+    return beton.pointers() // beton.page_size
 
 
 def default_block_pages(page_size: int) -> int:

@@ -243,6 +243,10 @@ class BetonFile:
         """Each record's (height, width), as stored."""
         return self._hw.copy()
 
+    def pointers(self) -> np.ndarray:
+        """Each record's byte offset in the file (checked against the allocation table), int64."""
+        return self._ptrs.copy()
+
     def stored_bytes(self, i: int) -> np.ndarray:
         """Sample i's image exactly as stored (pixels, or JPEG bytes): a read-only view into the file."""
         return self._data[self._ptrs[i]:self._ptrs[i] + self._sizes[i]]

@@ -127,7 +127,7 @@ def test_loader_batches_never_sync(backend, train, tiny_rgb_data):
     come out without a sync."""
     if BACKENDS[backend][2]:
         require(BACKENDS[backend][2])
-    loader = build_loader(backend, options(tiny_rgb_data, "train" if train else "test", train=train,
+    loader = build_loader(backend, options(tiny_rgb_data, "train" if train else "test", CPU, train=train,
                                            spec=FULL_CHAIN, batch_size=32, num_workers=1))
     loader.set_epoch(1)
     batches = iter(loader)
