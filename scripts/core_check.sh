@@ -18,9 +18,10 @@ git ls-files -z | xargs -0 cp --parents -t "$work" 2>/dev/null || fail "copying 
 src=$work   # tracked files only: no build/ folder or compiled decoder from another environment
 
 [ -x "$PY" ] || python3 -m venv "$ENV"
-"$PY" -c "import torch, torchvision" 2>/dev/null || "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
-CC=/nonexistent/cc CXX=/nonexistent/c++ "$PY" -m pip install -q --only-binary :all: "$src" pytest nbclient nbformat \
-  ipykernel 2>&1 | grep -v "^WARNING: Location" || true
+quiet() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }  # pip's notes on this machine's local index folders
+"$PY" -c "import torch, torchvision" 2>/dev/null || quiet "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+CC=/nonexistent/cc CXX=/nonexistent/c++ quiet "$PY" -m pip install -q --only-binary :all: "$src" pytest nbclient \
+  nbformat ipykernel
 "$PY" -c "import pipelines.beton, trainer.loop" || fail "the core did not install"
 for module in ffcv numba nvidia.dali; do
   ! "$PY" -c "import $module" 2>/dev/null || fail "$module is importable in the core environment"
