@@ -30,11 +30,13 @@ from tests.loader_helpers import (
 
 # ---------------------------------------------------------------- the baseline itself
 
+CPU = torch.device("cpu")  # the torchvision baseline is a host-side DataLoader
+
 
 def test_output_contract_on_converted_data(tiny_rgb_data):
     spec = {"crop": {"padding": 4}, "flip": {"p": 0.5}, "jitter": {"brightness": 0.2, "hue": 0.05},
             "erase": {"p": 0.5}, "mix": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}}
-    loader = build_torchvision_loader(options(tiny_rgb_data, "train", train=True, spec=spec, num_workers=2))
+    loader = build_torchvision_loader(options(tiny_rgb_data, "train", CPU, train=True, spec=spec, num_workers=2))
     batches = list(loader)
     assert len(batches) == len(loader) == 640 // 64
     for x, y in batches:
@@ -43,7 +45,7 @@ def test_output_contract_on_converted_data(tiny_rgb_data):
         assert y.shape == (64, 10) and torch.allclose(y.sum(1), torch.ones(64))
 
     split = open_split(tiny_rgb_data, "test")
-    eval_loader = build_torchvision_loader(options(tiny_rgb_data, "test", train=False, world_size=2, rank=1))
+    eval_loader = build_torchvision_loader(options(tiny_rgb_data, "test", CPU, train=False, world_size=2, rank=1))
     assert len(eval_loader) == 2  # 100 samples on rank 1, batches of 64
     check_identity(eval_loader, split, np.arange(1, 200, 2))
 
@@ -53,7 +55,7 @@ def test_crop_and_flip_statistics_agree_with_device_ops():
     spec = {"crop": {"padding": padding}, "flip": {"p": p}}
     draws = {}
     for name, cls in (("baseline", TorchvisionLoader), ("device", TensorLoader)):
-        pixels = np.concatenate([as_pixels(x, **UNIT) for x, _ in run_arrays(cls, images, spec, num_workers=0)])
+        pixels = np.concatenate([as_pixels(x, **UNIT) for x, _ in run_arrays(cls, images, spec, CPU, num_workers=0)])
         draws[name] = crop_flip_draws(pixels, padding)
     for dy, dx, flipped in draws.values():
         check_uniform_offsets(dy, padding)
@@ -65,7 +67,7 @@ def test_crop_and_flip_statistics_agree_with_device_ops():
 def test_erase_statistics_agree_with_device_ops():
     images = position_images(2000)
     spec = {"erase": {"p": 0.5, "scale": [0.05, 0.25], "value": 7.0}}  # 7 is no pixel / 255
-    fractions = {name: erased_fractions(run_arrays(cls, images, spec, num_workers=0), 7.0)
+    fractions = {name: erased_fractions(run_arrays(cls, images, spec, CPU, num_workers=0), 7.0)
                  for name, cls in (("baseline", TorchvisionLoader), ("device", TensorLoader))}
     for f in fractions.values():
         erased = f[f > 0]
