@@ -25,8 +25,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.errors import UserError
+from pipelines.beton import MAX_PIXELS
 
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own bomb threshold: 89,478,485 pixels (a 3 x 8-bit 256 MiB)
+DEFAULT_MAX_PIXELS = MAX_PIXELS  # PIL's own bomb threshold: 89,478,485 pixels (a 3 x 8-bit 256 MiB); one limit
 MAX_SIDE = 65535  # FFCV stores heights and widths as 16-bit numbers
 CHUNK_FILES, CHUNK_BYTES = 32, 4 << 20  # files sent to a worker at once; a few chunks per worker in flight
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")

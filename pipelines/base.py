@@ -213,7 +213,7 @@ class ShardedLoader:
     order, and the device transform keyed by (seed, epoch, batch, rank). Subclasses implement __iter__."""
 
     def __init__(self, options: LoaderOptions, *, n: int, mean: Sequence[float], std: Sequence[float],
-                 num_classes: int, labels: np.ndarray | None = None):
+                 num_classes: int, labels: np.ndarray):
         self.options = options
         self.n = n
         self._pool = self._eval_subset(labels)  # None: every sample
@@ -240,15 +240,13 @@ class ShardedLoader:
         self.epoch = epoch
         self._start_batch = start_batch
 
-    def _eval_subset(self, labels: np.ndarray | None) -> np.ndarray | None:
-        """With `max_batches` (evaluation only): the stratified subset every rank deals its shard from; `labels`
-        are the split's, read from its .beton when not given."""
+    def _eval_subset(self, labels: np.ndarray) -> np.ndarray | None:
+        """With `max_batches` (evaluation only): the stratified subset of the split (its `labels`) every rank
+        deals its shard from."""
         o = self.options
         size = o.max_batches * o.batch_size * o.world_size
         if o.train or not o.max_batches or size >= self.n:
             return None
-        if labels is None:
-            labels = BetonFile(Path(o.data_dir) / f"{o.split}.beton").labels()
         return stratified_subset(labels, size, o.seed)
 
     def crop_side(self) -> int:

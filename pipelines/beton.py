@@ -48,7 +48,8 @@ FIELD_NAMES = {INT_FIELD: "IntField", RGB_FIELD: "RGBImageField", NDARRAY_FIELD:
 JPG_MODE, RAW_MODE = 0, 1  # ffcv.fields.rgb_image.IMAGE_MODES
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 1 << 21, 1 << 32  # ffcv.writer's bounds; page sizes are powers of two
 MAX_FIELDS = 64
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # the converter's --max-pixels default: no record decodes to more
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's bomb threshold, the converter's --max-pixels default (crop_decode.c too)
+CONVERT_HINT = "create it with `python -m convert <dataset> --src PATH --out DIR`"
 CONVERT_AGAIN = "convert the dataset again with --force"
 ENCODE_CHUNK = 1024  # records encoded per batch of threads: memory stays bounded for any split size
 
@@ -69,8 +70,7 @@ class BetonFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise UserError(f"dataset file {self.path} is missing; create it with "
-                            "`python -m convert <dataset> --src PATH --out DIR`")
+            raise UserError(f"dataset file {self.path} is missing; {CONVERT_HINT}")
         size = self.path.stat().st_size
         if size < HEADER.itemsize:
             self._refuse(f"{size} bytes, shorter than a header")
@@ -145,7 +145,7 @@ class BetonFile:
                 or fields.get("coarse_label", INT_FIELD) != INT_FIELD):
             kinds = ", ".join(f"{n} ({FIELD_NAMES[t]})" for n, t in fields.items())
             raise UserError(f"{self.path} has fields {kinds}, not an image field and an integer label; "
-                            "create it with `python -m convert <dataset> --src PATH --out DIR`")
+                            f"{CONVERT_HINT}")
 
     def _ndarray_shape(self, args: np.ndarray) -> tuple[int, ...]:
         """The shape an NDArrayField's arguments give; uint8 only, as the converters write grey images."""
@@ -227,10 +227,6 @@ class BetonFile:
 
     def __len__(self) -> int:
         return self.num_samples
-
-    @property
-    def field_names(self) -> list[str]:
-        return list(self._names)
 
     def has_field(self, name: str) -> bool:
         return name in self._columns

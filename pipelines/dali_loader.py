@@ -153,9 +153,10 @@ class DaliPhotoLoader(DaliLoader):
         self.beton = open_beton(options.data_dir, options.split, manifest)
         self.memory = dali_need(self.beton, photos=True)
         check(self.memory, options.device, options.memory_budget_gb, PAGE_AWARE_FIX)
+        labels = self.beton.labels()
         ShardedLoader.__init__(self, options, n=len(self.beton), mean=manifest["mean"], std=manifest["std"],
-                               num_classes=len(manifest["classes"]))
-        self.labels = torch.from_numpy(self.beton.labels()).to(options.device)
+                               num_classes=len(manifest["classes"]), labels=labels)
+        self.labels = torch.from_numpy(labels).to(options.device)
         self._setup_dali(manifest["mean"], manifest["std"], len(manifest["classes"]))
 
     def _source_batch(self, idx: np.ndarray) -> list[np.ndarray]:

@@ -19,10 +19,9 @@ from typing import NoReturn
 import numpy as np
 
 from common.errors import UserError
-from pipelines.beton import BetonFile
+from pipelines.beton import CONVERT_HINT, BetonFile
 
 MANIFEST = "manifest.json"
-CONVERT_HINT = "create it with `python -m convert <dataset> --src PATH --out DIR`"
 SPLITS = ("train", "val", "test")
 
 

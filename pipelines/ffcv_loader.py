@@ -62,7 +62,7 @@ class FfcvLoader(ShardedLoader):
         beton = open_beton(options.data_dir, options.split, manifest)  # checked against the manifest before FFCV
         self.path = beton.path
         super().__init__(options, n=len(beton), mean=manifest["mean"], std=manifest["std"],
-                         num_classes=len(manifest["classes"]))
+                         num_classes=len(manifest["classes"]), labels=beton.labels())
         self.varied = varied_sizes(manifest)
         self._loader = None  # FFCV's Loader, built at the first epoch
         self.decoder = self._image_decoder(grey=beton.storage == "ndarray")

@@ -35,7 +35,7 @@ from common.files import write_json, write_text
 from common.schema import to_dict
 from models import count_parameters, model_summary
 from pipelines import build_loader
-from pipelines.base import Loader, LoaderOptions
+from pipelines.base import Loader, LoaderOptions, varied_sizes
 from pipelines.dataset import Split, load_manifest
 from pipelines.tensor_loader import TensorLoader
 from trainer import checkpoint
@@ -650,7 +650,7 @@ def finish(run: Run, phase: Phase) -> dict:
               + f"{wall:.1f}s\nrun folder: {run.run_dir}")
         data = run.recipe.data
         feed = Feed(data.loader, accelerator.device.type, data.num_workers, data.batch_size,
-                    run.data.manifest.get("image_shape") is not None, tuple(run.recipe.augment.enabled()))
+                    not varied_sizes(run.data.manifest), tuple(run.recipe.augment.enabled()))
         warning = starvation_warning(worst_wait, worst_epoch, feed) if waits else None
         if warning:
             print(warning)
