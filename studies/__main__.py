@@ -19,7 +19,7 @@ from studies import landscape, probes, trained
 from studies.catalog import SCALES, STUDIES, Run, Study, get_study, study_run_dir, study_runs
 from studies.plots import draw
 from studies.report import Section, markdown_table, write_report
-from studies.results import RunResult, load_result, summary_rows, table_columns
+from studies.results import RunResult, first_seeds, group_columns, group_rows, load_result, summary_rows, table_columns
 from studies.runner import execute, plan
 
 # per scale: sample images for the filter probes; images, 1-D points and 2-D grid side for the landscape
@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("study", help="which study (see the list below)")
     parser.add_argument("--scale", choices=SCALES, default="smoke",
                         help="smoke: minutes on a CPU; medium: ~10 CPU minutes (depth_mlp, distill); "
+                             "cpu: seed 001's studies with several seeds, ~2 h of a 2-core CPU for the three; "
                              "full: the seeds' epochs (default smoke)")
     parser.add_argument("--out", default="runs/studies", help="output folder (default runs/studies)")
     parser.add_argument("--data", help="converted dataset folder for all runs (default: each recipe's)")
@@ -93,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = summary_rows(results)
     sections = [Section("Summary", table_columns(results, study.extra), rows)]
-    figures = {plot.file: draw(plot, rows, results) for plot in study.plots}
+    table_rows, curve_results = rows, results
+    if len(first_seeds(results)) < len(results):  # several seeds: mean ± std first, every run below it
+        table_rows, curve_results = group_rows(rows), first_seeds(results)
+        sections = [Section("Summary", group_columns(results, study.extra), table_rows),
+                    Section("Runs", table_columns(results, study.extra), rows)]
+    figures = {plot.file: draw(plot, table_rows, curve_results) for plot in study.plots}
     if study.probe and results[0].summary is not None:
         extra_sections, extra_figures = probe(study, results[0].folder, data, args.scale)
         sections += extra_sections

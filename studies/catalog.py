@@ -4,6 +4,9 @@ Smoke scale uses each recipe's `*_smoke` twin (a few steps on the CPU) and keeps
 sweep (depths 2 and 8, two learning rates, one temperature): every code path at the least cost. Full
 scale is the recipe itself (the seeds' epochs); a study's `scales` adds the overrides every one of its
 runs gets at that scale.
+CPU scale (seed 001's studies only) is sized to answer their questions on a 2-core CPU in about two
+hours: each run is repeated over `seeds[scale]` seeds (labels `<run>-seed<k>`, `--set seed=k`) so the
+report can give mean ± std; a run marked `seeded=False` (the distillation teacher) is trained once.
 Seed-003 studies follow the `c100_scratch` recipe (ResNet34, Adam + OneCycle, MixUp/CutMix); at smoke
 scale they swap in a small CNN so they finish in seconds.
 """
@@ -18,7 +21,7 @@ from typing import Any, Literal
 from common.errors import UserError, did_you_mean
 from trainer.config import load_recipe
 
-SCALES = ("smoke", "medium", "full")
+SCALES = ("smoke", "medium", "cpu", "full")
 
 
 @dataclass
@@ -31,6 +34,8 @@ class Run:
     facts: dict[str, Any] = field(default_factory=dict)  # study-specific table columns (Depth, LR, ...)
     teacher: str = ""  # label of the run (of this study) that distils into this one
     compare_to: str = ""  # label of the run this one's Improvement column is measured against
+    seeded: bool = True  # repeated per seed when the scale has several (False: trained once, e.g. a teacher)
+    group: str = ""  # the run's label before its seed suffix: the report's mean ± std rows group by it
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,13 @@ class Plot:
 
     kinds: curves (loss and accuracy per epoch, a row of panels per `panel` value), bars (`y` per `x`,
     a bar per `hue`), scatter / lines (`y` against `x`, a series per `hue`), heatmap (`y` over `x` by
-    `hue`, a panel per `panel` value), lr (lr_* columns per epoch), kd_losses (hard, soft, combined).
+    `hue`, a panel per `panel` value), lr (lr_* columns per epoch), kd_losses (hard, soft, combined),
+    dynamics (lr and gradient norm per epoch, epochs run and best epoch, peak memory, per run).
+    Tables' plots (bars, scatter, lines, heatmap) draw one point per run group (mean, ± std bars); the
+    per-epoch ones draw each group's first seed.
     """
 
-    kind: Literal["curves", "bars", "scatter", "lines", "heatmap", "lr", "kd_losses"]
+    kind: Literal["curves", "bars", "scatter", "lines", "heatmap", "lr", "kd_losses", "dynamics"]
     file: str
     title: str
     x: str = ""
@@ -63,6 +71,7 @@ class Study:
     extra: tuple[str, ...] = ()  # derived columns shown in the table (Train Acc, Gap, Best Test Acc, ...)
     probe: str = ""  # probe studies: filters | stride_padding | loss_landscape (measure the trained run)
     note: str = ""
+    seeds: dict[str, int] = field(default_factory=dict)  # scale -> seeds per run (default 1)
 
 
 def recipe_for(recipe: str, scale: str) -> str:
@@ -75,9 +84,11 @@ MNIST_ARCHS = (("MLP", "mnist_mlp"), ("ResidualMLP", "mnist_resmlp"))
 CIFAR_ARCHS = (("SimpleCNN", "c10_cnn"), ("ResidualCNN", "c10_rescnn"))
 
 
-def _depth_runs(archs: tuple[tuple[str, str], ...], key: str, column: str, values: tuple[int, int, int]):
+def _depth_runs(archs: tuple[tuple[str, str], ...], key: str, column: str, values: tuple[int, ...],
+                extra: dict[str, tuple[int, ...]] | None = None):
+    """Runs per arch and depth: the ends of `values` at smoke scale, `extra[scale]` added at that scale."""
     def runs(scale: str) -> list[Run]:
-        shown = (values[0], values[-1]) if scale == "smoke" else values
+        shown = (values[0], values[-1]) if scale == "smoke" else values + (extra or {}).get(scale, ())
         return [Run(f"{arch}-{column[0].lower()}{v}", recipe, (f"model.args.{key}={v}",),
                     {"Arch": arch, column: v}) for arch, recipe in archs for v in shown]
     return runs
@@ -93,22 +104,33 @@ def _depth_plots(column: str) -> tuple[Plot, ...]:
 
 # distillation: at medium scale (real CIFAR-10 on a 2-core CPU) the teacher gets more steps than the
 # students, whose runs pay for the teacher's forward pass too; every student sees the same batches
+# cpu scale: the teacher is the c10_rescnn recipe unchanged (20 whole epochs, ~150 s each on one core of this
+# CPU), every student 5 x 100 steps (64,000 images), on the same batches per seed
 DISTILL_BUDGET = {
     "smoke": ((), ()),
     "medium": (("phases.0.epochs=3", "max_steps_per_epoch=100"),
                ("phases.0.epochs=4", "max_steps_per_epoch=30")),
+    "cpu": ((), ("phases.0.epochs=5", "max_steps_per_epoch=100")),
     "full": ((), ()),
 }
+RECIPE_ALPHA = 0.7  # c10_kd's alpha: the temperature sweep runs at it
+EXTRA_ALPHAS = {"cpu": (0.3, 0.9)}  # at the recipe's T = 4
 
 
 def _distill_runs(scale: str) -> list[Run]:
     teacher_set, student_set = DISTILL_BUDGET[scale]
     temperatures = (4.0,) if scale == "smoke" else (1.0, 2.0, 4.0, 8.0)
-    runs = [Run("teacher", "c10_rescnn", teacher_set, {"Role": "teacher (ResidualCNN)", "T": ""}),
-            Run("student", "c10_cnn", student_set, {"Role": "student baseline (SimpleCNN)", "T": ""})]
+    kd = {"Role": "student + distillation"}
+    runs = [Run("teacher", "c10_rescnn", teacher_set, {"Role": "teacher (ResidualCNN)", "T": "", "alpha": ""},
+                seeded=False),
+            Run("student", "c10_cnn", student_set, {"Role": "student baseline (SimpleCNN)", "T": "", "alpha": ""})]
     runs += [Run(f"student-kd-T{t:g}", "c10_kd", (*student_set, f"loss.distill.temperature={t}"),
-                 {"Role": "student + distillation", "T": t}, teacher="teacher", compare_to="student")
+                 {**kd, "T": t, "alpha": RECIPE_ALPHA}, teacher="teacher", compare_to="student")
              for t in temperatures]
+    runs += [Run(f"student-kd-T4-a{a:g}", "c10_kd", (*student_set, "loss.distill.temperature=4.0",
+                                                      f"loss.distill.alpha={a}"),
+                 {**kd, "T": 4.0, "alpha": a}, teacher="teacher", compare_to="student")
+             for a in EXTRA_ALPHAS.get(scale, ())]
     return runs
 
 
@@ -175,24 +197,40 @@ def _trained_model(scale: str) -> list[Run]:
 
 
 CURVES = Plot("curves", "curves.png", "Loss and accuracy per epoch")
+DYNAMICS = Plot("dynamics", "dynamics.png",
+                "Training dynamics: learning rate, gradient norm, early-stopping points, peak memory")
+# cpu scale of depth_mlp: to convergence on a val split (convert mnist with --val-fraction)
+DEPTH_MLP_CPU = ("phases.0.epochs=30", "data.val_split=val", "phases.0.early_stopping.metric=val_loss",
+                 "phases.0.early_stopping.patience=3")
 STUDIES = {s.name: s for s in (
-    Study("depth_mlp", "MLP vs residual MLP on MNIST at depths 2/4/8", "seed 001, ex. 1.1-1.2",
-          _depth_runs(MNIST_ARCHS, "depth", "Depth", (2, 4, 8)),
-          {"smoke": ("phases.0.epochs=2",), "medium": (), "full": ()}, _depth_plots("Depth"),
-          extra=("Train Acc", "Best Test Acc"),
-          note="medium scale is the recipe itself (5 epochs): it already fits a CPU."),
+    Study("depth_mlp", "MLP vs residual MLP on MNIST at depths 2/4/8 (cpu scale: and 16)", "seed 001, ex. 1.1-1.2",
+          _depth_runs(MNIST_ARCHS, "depth", "Depth", (2, 4, 8), {"cpu": (16,)}),
+          {"smoke": ("phases.0.epochs=2",), "medium": (), "cpu": DEPTH_MLP_CPU, "full": ()},
+          (*_depth_plots("Depth"), DYNAMICS), extra=("Train Acc", "Best Test Acc", "Epochs"),
+          note="medium scale is the recipe itself (5 epochs): it already fits a CPU. cpu scale trains to "
+               "convergence: up to 30 epochs, stopped when the val loss has not improved for 3, and tested "
+               "with the weights of its best val loss.",
+          seeds={"cpu": 3}),
     Study("depth_cnn", "Simple CNN vs residual CNN on CIFAR-10 at 2/3/4 stages", "seed 001, ex. 1.3",
           _depth_runs(CIFAR_ARCHS, "stages", "Stages", (2, 3, 4)),
-          {"smoke": (), "full": ()}, _depth_plots("Stages"), extra=("Train Acc", "Best Test Acc")),
+          {"smoke": (), "cpu": ("phases.0.epochs=4", "max_steps_per_epoch=100"), "full": ()},
+          (*_depth_plots("Stages"), DYNAMICS), extra=("Train Acc", "Best Test Acc"),
+          note="cpu scale: the same budget for every model, 4 epochs x 100 steps of 128 (51,200 images, "
+               "1.1 passes), the recipe's augmentation and cosine schedule.",
+          seeds={"cpu": 2}),
     Study("distill", "Knowledge distillation: residual-CNN teacher -> simple-CNN student",
-          "seed 001, ex. 2.2", _distill_runs, {"smoke": (), "medium": (), "full": ()},
-          (Plot("lines", "temperature.png", "Distilled student accuracy vs temperature", x="T",
+          "seed 001, ex. 2.2", _distill_runs, {"smoke": (), "medium": (), "cpu": (), "full": ()},
+          (Plot("bars", "baseline_vs_distilled.png", "Teacher, baseline and distilled students", x="Model"),
+           Plot("lines", "temperature.png", "Distilled student accuracy vs temperature", x="T",
                 reference="student"),
            Plot("kd_losses", "kd_losses.png", "Distillation losses (hard = CE, soft = T^2 KL, combined)"),
            Plot("scatter", "size_vs_accuracy.png", "Model size vs test accuracy", x="Params", hue="Role"),
-           CURVES),
+           CURVES, DYNAMICS),
           extra=("Improvement",),
-          note="Improvement is the distilled student's test accuracy minus the baseline student's."),
+          note="Improvement is the distilled student's test accuracy minus the baseline student's of the same "
+               "seed (the same initialisation and batches). At cpu scale the teacher trains once, the recipe's "
+               "20 epochs of the whole training set; every student 5 x 100 steps.",
+          seeds={"smoke": 2, "cpu": 3}),
     Study("lr_sweep", "Learning-rate sweep (OneCycle max_lr)", "seed 003, ex. 1", _lr_runs, C100_SCALES,
           (CURVES, Plot("lr", "lr_curves.png", "Learning rate per epoch"),
            Plot("lines", "lr_vs_accuracy.png", "Test accuracy vs max learning rate", x="LR")),
@@ -230,16 +268,27 @@ def get_study(name: str) -> Study:
 
 
 def study_runs(study: Study, scale: str) -> list[Run]:
-    """The study's runs at `scale` with the scale's overrides (labels unique, teachers known)."""
+    """The study's runs at `scale` with the scale's overrides, each seeded run once per seed (labels
+    unique, teachers known; a student is compared with the baseline of its own seed)."""
     if scale not in study.scales:
         raise UserError(f"study '{study.name}' has no {scale} scale; choose one of {', '.join(study.scales)}")
+    seeds = study.seeds.get(scale, 1)
     runs = []
     for run in study.runs(scale):
-        runs.append(Run(run.label, recipe_for(run.recipe, scale), (*study.scales[scale], *run.overrides),
-                        run.facts, run.teacher, run.compare_to))
+        overrides = (*study.scales[scale], *run.overrides)
+        recipe = recipe_for(run.recipe, scale)
+        if seeds == 1 or not run.seeded:
+            runs.append(Run(run.label, recipe, overrides, run.facts, run.teacher, run.compare_to, run.seeded,
+                            run.label))
+            continue
+        for seed in range(seeds):
+            compare_to = f"{run.compare_to}-seed{seed}" if run.compare_to else ""
+            runs.append(Run(f"{run.label}-seed{seed}", recipe, (*overrides, f"seed={seed}"),
+                            {**run.facts, "Seed": seed}, run.teacher, compare_to, True, run.label))
     labels = [r.label for r in runs]
     assert len(set(labels)) == len(labels), f"duplicate run labels in {study.name}"
     assert all(r.teacher in labels for r in runs if r.teacher), f"unknown teacher in {study.name}"
+    assert all(r.compare_to in labels for r in runs if r.compare_to), f"unknown baseline in {study.name}"
     return runs
 
 

@@ -37,13 +37,27 @@ def format_cell(column: str, value: Any) -> str:
     return str(value)
 
 
+def format_spread(column: str, value: Any, std: Any) -> str:
+    """`mean ± std` when the row has a spread for the column (several seeds), else the value alone."""
+    if not isinstance(std, float) or math.isnan(std) or std == 0 or value is None:
+        return format_cell(column, value)
+    if column.endswith("Acc"):
+        return f"{value * 100:.2f} ± {std * 100:.2f}%"
+    if column in POINTS:
+        return f"{value * 100:+.2f} ± {std * 100:.2f} pp"
+    if column == "Train Time":
+        return f"{value:.1f} ± {std:.1f} s"
+    return f"{value:.4g} ± {std:.2g}"
+
+
 def _cells(cells: list[str]) -> str:
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
 
 def markdown_table(section: Section) -> str:
     lines = [_cells(section.columns), "|" + "---|" * len(section.columns)]
-    lines += [_cells([format_cell(c, row.get(c)) for c in section.columns]) for row in section.rows]
+    lines += [_cells([format_spread(c, row.get(c), row.get(f"{c} std")) for c in section.columns])
+              for row in section.rows]
     return "\n".join(lines)
 
 
@@ -59,8 +73,9 @@ def write_report(study_dir: Path, heading: str, intro: list[str], sections: list
     parts = [f"# {heading}", "", *intro, ""]
     for section in sections:
         parts += [f"## {section.title}", "", markdown_table(section), ""]
+        spreads = [f"{c} std" for c in section.columns if any(f"{c} std" in row for row in section.rows)]
         with open(study_dir / f"{slug(section.title)}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=section.columns, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=[*section.columns, *spreads], extrasaction="ignore")
             writer.writeheader()
             writer.writerows(section.rows)
     if figures:

@@ -112,14 +112,33 @@ def distill_study(tiny_rgb_data, tmp_path_factory) -> Path:
 
 
 def test_distill_smoke(distill_study):
+    """Two seeds at smoke scale: the Summary is mean ± std per run group, paired by seed; Runs lists each."""
     study_dir = distill_study / "distill"
-    rows = by_model(check_summary(study_dir, ["teacher", "student", "student-kd-T4"]))
-    assert 450_000 < int(rows["teacher"]["Params"]) < 600_000  # the seed's ~500K teacher
-    assert int(rows["student"]["Params"]) == int(rows["student-kd-T4"]["Params"]) < 60_000  # and ~50K student
-    gain = float(rows["student-kd-T4"]["Test Acc"]) - float(rows["student"]["Test Acc"])
-    assert math.isclose(float(rows["student-kd-T4"]["Improvement"]), gain, abs_tol=1e-9)
-    assert rows["teacher"]["Improvement"] == "" and rows["student"]["Improvement"] == ""
-    run = study_dir / "runs" / "student-kd-T4"
+    groups = by_model(check_summary(study_dir, ["teacher", "student", "student-kd-T4"]))
+    runs = by_model(csv_rows(study_dir / "runs.csv"))
+    assert list(runs) == ["teacher", "student-seed0", "student-seed1", "student-kd-T4-seed0", "student-kd-T4-seed1"]
+    assert 450_000 < int(groups["teacher"]["Params"]) < 600_000  # the seed's ~500K teacher
+    assert int(groups["student"]["Params"]) == int(groups["student-kd-T4"]["Params"]) < 60_000  # and ~50K student
+    assert [groups[g]["Seeds"] for g in groups] == ["1", "2", "2"]
+    gains = []
+    for seed in (0, 1):  # each distilled student against the baseline of its own seed
+        kd, base = runs[f"student-kd-T4-seed{seed}"], runs[f"student-seed{seed}"]
+        gains.append(float(kd["Test Acc"]) - float(base["Test Acc"]))
+        assert math.isclose(float(kd["Improvement"]), gains[-1], abs_tol=1e-9)
+        assert load_recipe(str(study_dir / "runs" / f"student-kd-T4-seed{seed}" / "config.toml")).seed == seed
+    kd_group = groups["student-kd-T4"]
+    assert math.isclose(float(kd_group["Improvement"]), sum(gains) / 2, abs_tol=1e-9)
+    spread = abs(gains[0] - gains[1]) / math.sqrt(2)  # the sample std of two values
+    assert math.isclose(float(kd_group["Improvement std"]), spread, abs_tol=1e-9)
+    assert kd_group["Outside Spread"] == ("yes" if abs(sum(gains) / 2) > 2 * spread else "no")
+    tests = [float(runs[f"student-seed{s}"]["Test Acc"]) for s in (0, 1)]
+    assert math.isclose(float(groups["student"]["Test Acc"]), sum(tests) / 2, abs_tol=1e-9)
+    assert "Test Acc std" not in groups["teacher"] or groups["teacher"]["Test Acc std"] == ""
+    cell = by_model(markdown_rows(study_dir / "report.md", "Summary"))["student"]["Test Acc"]
+    assert cell == (f"{sum(tests) / 2:.2%}" if tests[0] == tests[1] else
+                    f"{sum(tests) / 2 * 100:.2f} ± {abs(tests[0] - tests[1]) / math.sqrt(2) * 100:.2f}%")
+    assert groups["teacher"]["Improvement"] == "" and groups["student"]["Improvement"] == ""
+    run = study_dir / "runs" / "student-kd-T4-seed0"
     recipe = load_recipe(str(run / "config.toml"))
     assert recipe.loss.distill.temperature == 4.0
     assert Path(recipe.loss.distill.teacher) == study_dir / "runs" / "teacher"
@@ -129,15 +148,58 @@ def test_distill_smoke(distill_study):
         hard, soft = float(row["kd_hard_loss"]), float(row["kd_soft_loss"])
         assert hard > 0 and soft >= 0
         assert math.isclose(float(row["train_loss"]), alpha * soft + (1 - alpha) * hard, rel_tol=1e-4)
-    assert "kd_soft_loss" not in metrics(study_dir / "runs" / "student")[0]
+    assert "kd_soft_loss" not in metrics(study_dir / "runs" / "student-seed0")[0]
+    assert (study_dir / "plots" / "dynamics.png").stat().st_size > 5000
 
 
 def test_rerun_skips_finished_runs(distill_study, tiny_rgb_data, capsys):
     runs = distill_study / "distill" / "runs"
     before = {p.name: (p / "summary.json").stat().st_mtime_ns for p in runs.iterdir()}
     assert run_study("distill", distill_study, "--data", str(tiny_rgb_data)) == 0
-    assert capsys.readouterr().out.count("done earlier, skipped") == 3
+    assert capsys.readouterr().out.count("done earlier, skipped") == 5
     assert {p.name: (p / "summary.json").stat().st_mtime_ns for p in runs.iterdir()} == before
+
+
+def test_cpu_scale_plan(mnist_data, tiny_rgb_data, tmp_path):
+    """The cpu scale's runs: every seed of every run, valid overrides (the plan loads each recipe), a
+    single teacher, and each distilled student paired with the baseline of its seed."""
+    from studies.runner import plan
+
+    sizes = {}
+    for name, data in (("depth_mlp", mnist_data), ("depth_cnn", tiny_rgb_data), ("distill", tiny_rgb_data)):
+        runs = catalog.study_runs(catalog.STUDIES[name], "cpu")
+        jobs = plan(runs, tmp_path / name, data)
+        sizes[name] = len(jobs)
+        assert all(load_recipe(j.run.recipe, j.overrides).seed == j.run.facts.get("Seed", 0) for j in jobs)
+    assert sizes == {"depth_mlp": 4 * 2 * 3, "depth_cnn": 3 * 2 * 2, "distill": 1 + 7 * 3}
+    mlp = catalog.study_runs(catalog.STUDIES["depth_mlp"], "cpu")
+    assert sorted({r.facts["Depth"] for r in mlp}) == [2, 4, 8, 16]
+    recipe = load_recipe(mlp[0].recipe, mlp[0].overrides)
+    assert recipe.data.val_split == "val" and recipe.phases[0].early_stopping.metric == "val_loss"
+    distill = {r.label: r for r in catalog.study_runs(catalog.STUDIES["distill"], "cpu")}
+    assert [label for label in distill if "seed" not in label] == ["teacher"]
+    assert {(r.facts["T"], r.facts["alpha"]) for r in distill.values() if r.teacher} == {
+        (1.0, 0.7), (2.0, 0.7), (4.0, 0.7), (8.0, 0.7), (4.0, 0.3), (4.0, 0.9)}
+    for run in distill.values():
+        if run.compare_to:
+            assert run.compare_to == f"student-seed{run.facts['Seed']}"
+
+
+def test_group_rows_mean_std_and_failures():
+    from studies.results import group_rows
+
+    def row(label, group, acc, status="ok", gain=None):
+        return {"Model": label, "Group": group, "Seed": 0, "Test Acc": acc, "Params": 10, "Improvement": gain,
+                "Status": status}
+
+    rows = [row("a-seed0", "a", 0.5, gain=0.02), row("a-seed1", "a", 0.7, gain=0.04),
+            row("a-seed2", "a", float("nan"), "failed: x"), row("b", "b", 0.9)]
+    a, b = group_rows(rows)
+    assert a["Model"] == "a" and a["Seeds"] == 3 and a["Params"] == 10 and "Seed" not in a
+    assert math.isclose(a["Test Acc"], 0.6) and math.isclose(a["Test Acc std"], math.sqrt(0.02))
+    assert math.isclose(a["Improvement"], 0.03) and a["Outside Spread"] == "yes"  # 0.03 > 2 * 0.0141
+    assert a["Status"] == "1 of 3 seeds failed"
+    assert b["Test Acc"] == 0.9 and "Test Acc std" not in b and b["Status"] == "ok" and "Outside Spread" not in b
 
 
 # ---------------------------------------------------------------- seed 003
