@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from convert.sources import SplitData
+from convert.spill import image_shapes
 from pipelines.beton import BetonFile, encode_jpeg, page_size_for, write_beton_file
 
 VERIFY_SAMPLES = 256
@@ -48,7 +49,7 @@ def write_beton(path: Path, split: SplitData, *, jpeg: np.ndarray, quality: int 
     int_fields = {"label": split.labels}
     if split.coarse_labels is not None:
         int_fields["coarse_label"] = split.coarse_labels
-    largest = max(im.nbytes for im in split.images) if isinstance(split.images, list) else split.images[0].nbytes
+    largest = int(image_shapes(split.images).prod(axis=1).max())
     with tqdm(total=len(split), desc=f"writing {name}",
               unit=" images", leave=False) as bar:
         write_beton_file(path, split.images, int_fields, jpeg=jpeg, quality=quality, workers=workers,

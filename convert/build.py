@@ -23,6 +23,7 @@ from convert.beton import ENCODINGS, jpeg_plan, storage_for, verify_beton, write
 from convert.imagefolder import GIF_POLICY, IMAGE_SUFFIXES, read_imagefolder
 from convert.images import DEFAULT_MAX_PIXELS, DecodeOptions, default_workers
 from convert.sources import DATASETS, ReadOptions, SourceData, SplitData, download, read_source, source_stem
+from convert.spill import ImageSpill, SpilledImages, image_shapes
 from pipelines.dataset import MANIFEST, dataset_identity, load_manifest
 
 FORMAT_VERSION = 1
@@ -68,20 +69,21 @@ def convert_dataset(dataset: str, src: str | Path, out: str | Path, *, name: str
 
     workers = workers or default_workers()
     read = ReadOptions(strict, DecodeOptions(max_side, max_pixels), workers, limits or Limits())
-    reading = time.perf_counter()
-    data = read_imagefolder(src, read) if dataset == "imagefolder" else read_source(dataset, src, read)
-    reading = time.perf_counter() - reading
-    splits = dict(data.splits)
-    if val_fraction > 0:
-        if "val" in splits:
-            raise UserError(f"{src} already has a val folder (and a test folder); drop --val-fraction")
-        splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, seed, len(data.classes))
-        if data.split_folders:
-            data.split_folders["val"] = data.split_folders["train"]
-    jpeg = {split: jpeg_plan(len(part), encode, compress_probability, [seed, ALL_SPLITS.index(split)])
-            for split, part in splits.items()}
-    _write_all(dest, splits, jpeg, quality=quality, workers=workers, seed=seed)
-    manifest = _manifest(dest, data, splits, jpeg, source, options, storage_for(splits["train"], encode))
+    with ImageSpill(out) as spill:  # an ImageFolder tree's decoded pixels wait here, not in memory
+        reading = time.perf_counter()
+        data = read_imagefolder(src, read, spill) if dataset == "imagefolder" else read_source(dataset, src, read)
+        reading = time.perf_counter() - reading
+        splits = dict(data.splits)
+        if val_fraction > 0:
+            if "val" in splits:
+                raise UserError(f"{src} already has a val folder (and a test folder); drop --val-fraction")
+            splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, seed, len(data.classes))
+            if data.split_folders:
+                data.split_folders["val"] = data.split_folders["train"]
+        jpeg = {split: jpeg_plan(len(part), encode, compress_probability, [seed, ALL_SPLITS.index(split)])
+                for split, part in splits.items()}
+        _write_all(dest, splits, jpeg, quality=quality, workers=workers, seed=seed)
+        manifest = _manifest(dest, data, splits, jpeg, source, options, storage_for(splits["train"], encode))
     manifest["identity"] = dataset_identity(dest, manifest)  # over records: FFCV's writers vary the file layout
     write_json(dest / MANIFEST, manifest)
 
@@ -191,8 +193,7 @@ def _manifest(dest: Path, data: SourceData, splits: dict[str, SplitData], jpeg: 
               source: dict, options: dict, storage: str) -> dict:
     train = splits["train"]
     mean, std = channel_stats(train.images)
-    shapes = {im.shape for part in splits.values() for im in
-              (part.images if isinstance(part.images, list) else part.images[:1])}
+    shapes = {tuple(s) for part in splits.values() for s in np.unique(image_shapes(part.images), axis=0).tolist()}
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": dest.name,
@@ -225,15 +226,14 @@ def _split_entry(path: Path, split: SplitData, num_classes: int) -> dict:
             "bytes": path.stat().st_size, "sha256": sha256_file(path), "image_size": size_stats(split.images)}
 
 
-def size_stats(images: np.ndarray | list[np.ndarray]) -> dict[str, dict[str, float]]:
+def size_stats(images: np.ndarray | SpilledImages) -> dict[str, dict[str, float]]:
     """Min, median and max of the images' heights and widths (as stored, after --max-side)."""
-    sizes = (np.array([im.shape[:2] for im in images]) if isinstance(images, list)
-             else np.tile(images.shape[1:3], (max(len(images), 1), 1)))
+    sizes = image_shapes(images)[:, :2]
     return {axis: {"min": int(sizes[:, k].min()), "median": float(np.median(sizes[:, k])),
                    "max": int(sizes[:, k].max())} for k, axis in enumerate(("height", "width"))}
 
 
-def channel_stats(images: np.ndarray | list[np.ndarray]) -> tuple[list[float], list[float]]:
+def channel_stats(images: np.ndarray | SpilledImages) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of all pixels in [0, 1] units, exact, from 256-bin histograms."""
     channels = images[0].shape[-1]
     hist = np.zeros((channels, 256), dtype=np.float64)

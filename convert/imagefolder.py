@@ -21,6 +21,7 @@ from common.errors import UserError
 from convert.archive import Member, walk
 from convert.images import decode_in_order, image_signature
 from convert.sources import ReadOptions, SkipList, SourceData, SplitData
+from convert.spill import ImageSpill, SpilledImages
 
 SPLIT_FOLDERS = ("train", "val", "test")
 # torchvision's IMG_EXTENSIONS without .gif; compared in lower case, so .JPG and .JPEG count
@@ -32,15 +33,16 @@ LAYOUT = "expected <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg or te
 Key = tuple[str, str, str]  # (split folder, class, path in the source)
 
 
-def read_imagefolder(src: Path, options: ReadOptions) -> SourceData:
-    """Read an ImageFolder tree; UserError for a wrong layout, and files that cannot be used are listed."""
+def read_imagefolder(src: Path, options: ReadOptions, spill: ImageSpill) -> SourceData:
+    """Read an ImageFolder tree, its decoded images into `spill`; UserError for a wrong layout, and files that
+    cannot be used are listed."""
     if not src.exists():
         raise UserError(f"source {src} does not exist; pass --src with the folder or tarball of images")
     skipped = SkipList(src, options.strict)
     ignored: list[str] = []
     seen: set[str] = set()  # split folders present, even empty ones
     classes: dict[str, set[str]] = {folder: set() for folder in SPLIT_FOLDERS}
-    samples: dict[str, dict[str, list[tuple[str, np.ndarray]]]] = {folder: {} for folder in SPLIT_FOLDERS}
+    samples: dict[str, dict[str, list[tuple[str, int]]]] = {folder: {} for folder in SPLIT_FOLDERS}  # path, spill id
 
     def files() -> Iterator[tuple[Key, bytes | str]]:
         with tqdm(walk(src, skipped, options.limits), desc=f"reading {src.name}", unit=" files") as entries:
@@ -72,14 +74,14 @@ def read_imagefolder(src: Path, options: ReadOptions) -> SourceData:
         if isinstance(image, str):
             skipped(path, image)
         else:
-            samples[folder].setdefault(cls, []).append((path, image))
+            samples[folder].setdefault(cls, []).append((path, spill.append(image)))
     if skipped.files:
         warnings.warn(f"skipped {len(skipped.files)} file(s) that are not usable images in {src} (e.g. "
                       f"{next(iter(skipped.files))}); they are listed in the manifest (use --strict to fail instead)",
                       stacklevel=2)
     folders = _layout(src, seen)
     names = _check_classes(src, classes, samples, folders)
-    splits = {split: _split(samples[folder], names) for split, folder in folders.items()}
+    splits = {split: _split(samples[folder], names, spill) for split, folder in folders.items()}
     return SourceData("imagefolder", names, splits, skipped_files=skipped.files, ignored_files=ignored,
                       split_folders=folders)
 
@@ -141,13 +143,11 @@ def _check_classes(src: Path, classes: dict[str, set[str]], samples: dict[str, d
     return sorted(names)
 
 
-def _split(by_class: dict[str, list[tuple[str, np.ndarray]]], names: list[str]) -> SplitData:
+def _split(by_class: dict[str, list[tuple[str, int]]], names: list[str], spill: ImageSpill) -> SplitData:
     """Samples ordered by (class, path), so a folder and its tarball give identical files."""
-    images, labels = [], []
+    ids, labels = [], []
     for label, cls in enumerate(names):
-        for _, image in sorted(by_class[cls], key=lambda item: item[0]):
-            images.append(image)
+        for _, k in sorted(by_class[cls], key=lambda item: item[0]):
+            ids.append(k)
             labels.append(label)
-    if len({im.shape for im in images}) == 1:
-        images = np.stack(images)
-    return SplitData(images, np.asarray(labels, dtype=np.int64))
+    return SplitData(SpilledImages(spill, ids), np.asarray(labels, dtype=np.int64))

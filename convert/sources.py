@@ -20,6 +20,7 @@ from tqdm import tqdm
 from common.errors import UserError
 from convert.archive import MAX_FILE_BYTES, Limits, bomb_error, expansion_limit, walk
 from convert.images import DecodeOptions, default_workers
+from convert.spill import SpilledImages
 from convert.unpickle import load_cifar_pickle
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
@@ -44,9 +45,10 @@ TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFA
 
 @dataclass
 class SplitData:
-    """One split's samples: images uint8 (H, W, C) each, stacked when they share a shape."""
+    """One split's samples: images uint8 (H, W, C) each, stacked (CIFAR, MNIST) or spilled to a file
+    (ImageFolder trees, whatever their size)."""
 
-    images: np.ndarray | list[np.ndarray]
+    images: np.ndarray | SpilledImages
     labels: np.ndarray  # int64
     coarse_labels: np.ndarray | None = None
 
@@ -54,7 +56,7 @@ class SplitData:
         return len(self.labels)
 
     def subset(self, indices: np.ndarray) -> SplitData:
-        images = (self.images[indices] if isinstance(self.images, np.ndarray)
+        images = (self.images[indices] if isinstance(self.images, (np.ndarray, SpilledImages))
                   else [self.images[i] for i in indices])
         coarse = None if self.coarse_labels is None else self.coarse_labels[indices]
         return SplitData(images, self.labels[indices], coarse)

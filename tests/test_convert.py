@@ -202,6 +202,44 @@ def test_imagefolder_max_side_and_mixed_sizes(tmp_path: Path) -> None:
     assert shrunk.images.shape[1:] == (20, 15, 3)
 
 
+MEMORY_PROBE = """
+import resource, sys
+from convert import convert_dataset
+convert_dataset("imagefolder", sys.argv[1], sys.argv[2], encode="jpg", workers=1, log=lambda _: None)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_imagefolder_memory_does_not_hold_the_tree(tmp_path: Path) -> None:
+    """A photo tree converts in memory that does not grow with it: 160 photos of 1500x1000 decode to 720 MB,
+    yet the converting process (decoding in-process, --workers 1) peaks far below that, and the spill file
+    that held the pixels is gone afterwards. Output bytes are those of the in-memory path (tested with the
+    real CIFAR-10 tarball in test_same_data and test_beton_format)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "tree"
+    rows = np.linspace(0, 255, 1000, dtype=np.uint8)[:, None, None]
+    for split, n in (("train", 140), ("val", 20)):
+        for k in range(n):
+            folder = root / split / ("ants" if k % 2 else "bees")
+            folder.mkdir(parents=True, exist_ok=True)
+            image = np.broadcast_to(rows, (1000, 1500, 3)).copy()
+            image[:, :, k % 3] = k  # every photo differs
+            Image.fromarray(image).save(folder / f"{k:03d}.jpg", quality=90)
+    decoded = 160 * 1000 * 1500 * 3
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(root), str(tmp_path / "out")],
+                            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    peak = int(result.stdout.split()[-1])
+    assert peak < decoded / 2, f"peak RSS {peak / 1e6:.0f} MB for {decoded / 1e6:.0f} MB of decoded pixels"
+    data = open_split(tmp_path / "out" / "tree", "train")
+    assert len(data.labels) == 140 and data.manifest["image_shape"] == [1000, 1500, 3]
+    ants = sorted((root / "train" / "ants").iterdir())  # class 0, in path order
+    errors = [np.abs(data.images[2].astype(int) - np.asarray(Image.open(path))).mean() for path in ants[:4]]
+    assert errors[2] < 1.5 and min(errors[:2] + errors[3:]) > 2 * errors[2]  # record 2 is the third ant photo
+    assert not list(tmp_path.rglob(".decoded-*"))  # the spill file was never left behind under a name
+
+
 def test_imagefolder_skips_bad_files_or_fails_strict(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = tmp_path / "tree"
     write_imagefolder(root)
