@@ -64,6 +64,9 @@ def _bars(fig: Figure, plot: Plot, rows: list[dict]) -> None:
         ax.bar_label(bars, labels=[f"{v:.3f}" if is_number(v) else "failed" for v in heights], fontsize=7)
     ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=30 if len(xs) > 5 else 0,
                   ha="right" if len(xs) > 5 else "center")
+    values = [row[plot.y] for row in rows if is_number(row.get(plot.y))]
+    if plot.y.endswith("Acc") and values and min(values) > 0.5:  # accuracies close together: zoom in
+        ax.set_ylim(min(values) - 0.05, 1.0)
     ax.set_xlabel(plot.x)
     ax.set_ylabel(plot.y)
     if plot.hue:
