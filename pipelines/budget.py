@@ -4,7 +4,8 @@ A split too large for its backend used to end in the kernel's OOM killer or a CU
 halfway through loading. Each backend now works out its need from the .beton's header alone (record counts,
 image sizes, pages: no decoding) and, when it does not fit, stops with one line giving both figures and the
 backend or setting that fits. Free memory is the device's (`torch.cuda.mem_get_info`) for what lives on a
-CUDA device and the host's MemAvailable (/proc/meminfo) for the rest; a budget (the recipe's
+CUDA device and the host's MemAvailable (/proc/meminfo), or the memory cgroup's room where that is less, for the
+rest; a budget (the recipe's
 `data.memory_budget_gb`, else $BETON_MEMORY_BUDGET_GB) caps both, so a test can show a refusal on real data.
 Where neither a measurement nor a budget exists (no /proc, MPS), nothing is checked.
 """
@@ -26,6 +27,8 @@ from pipelines.beton import BetonFile
 GB = 1e9
 BUDGET_ENV = "BETON_MEMORY_BUDGET_GB"
 MEMINFO = Path("/proc/meminfo")
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 PAGE_AWARE_FRACTION = 0.5  # order "auto": page-aware once a .beton is larger than this share of free host memory
 TENSOR_CHUNK = 4096  # records the tensor backend stages on the host per copy to the device
 FFCV_BATCH_SLOTS = 3 + 2  # FFCV's decoded batches in flight: batches_ahead (3) + 2 (its EpochIterator)
@@ -70,14 +73,69 @@ def budget_bytes(budget_gb: float = 0.0) -> float | None:
 
 
 def host_free() -> int | None:
-    """The host's MemAvailable in bytes (what can be allocated without swapping), or None without /proc."""
+    """What this process can still allocate without swapping or being killed, or None without /proc: the
+    host's MemAvailable, or less when the process's memory cgroup (a SLURM job, a container) allows less."""
+    available = None
     try:
         for line in MEMINFO.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    known = [v for v in (available, cgroup_free()) if v is not None]
+    return min(known) if known else None
+
+
+# per cgroup version: the limit, the usage, and memory.stat's reclaimable file pages (the page cache in use)
+CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),
+                "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2^63
+
+
+def _cgroup_dirs() -> list[tuple[str, Path]]:
+    """(version, folder) of this process's memory cgroup and of each cgroup above it, innermost first."""
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+    except OSError:
+        return []
+    dirs = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            roots = [("v2", CGROUP_ROOT), ("v2", CGROUP_ROOT / "unified")]
+        elif "memory" in controllers.split(","):
+            roots = [("v1", CGROUP_ROOT / "memory")]
+        else:
+            continue
+        parts = [part for part in path.strip().split("/") if part]
+        for version, root in roots:
+            dirs += [(version, root.joinpath(*parts[:k])) for k in range(len(parts), -1, -1)]
+    return dirs
+
+
+def cgroup_free() -> int | None:
+    """The least any enclosing memory cgroup still allows: its limit less what it uses that cannot be
+    reclaimed (usage less inactive page cache); None where no cgroup sets a limit."""
+    frees = []
+    for version, folder in _cgroup_dirs():
+        limit_file, usage_file, inactive_key = CGROUP_FILES[version]
+        try:
+            limit_text = (folder / limit_file).read_text().strip()
+            usage = int((folder / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= UNLIMITED:
+            continue
+        inactive = 0
+        try:
+            for line in (folder / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+        except (OSError, ValueError):
+            pass
+        frees.append(max(int(limit_text) - (usage - inactive), 0))
+    return min(frees) if frees else None
 
 
 def _capped(measured: int | None, cap: float | None) -> float | None:
@@ -86,7 +144,7 @@ def _capped(measured: int | None, cap: float | None) -> float | None:
 
 
 def free_host(budget_gb: float = 0.0) -> float | None:
-    """Host bytes that count as free: MemAvailable, capped by the budget."""
+    """Host bytes that count as free: MemAvailable (or the cgroup's room), capped by the budget."""
     return _capped(host_free(), budget_bytes(budget_gb))
 
 

@@ -57,6 +57,42 @@ def test_free_host_memory_from_proc_or_the_budget_alone(monkeypatch, tmp_path):
         budget.check(need, torch.device("cpu"), 2.0, "fix")
 
 
+def fake_cgroup(tmp_path, monkeypatch, proc_line: str, files: dict[str, str]) -> None:
+    """A /proc/self/cgroup line and cgroup files under a fake /sys/fs/cgroup (paths relative to it)."""
+    (tmp_path / "proc").write_text(proc_line + "\n")
+    for rel, text in files.items():
+        (tmp_path / "sys" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sys" / rel).write_text(text)
+    monkeypatch.setattr(budget, "PROC_CGROUP", tmp_path / "proc")
+    monkeypatch.setattr(budget, "CGROUP_ROOT", tmp_path / "sys")
+
+
+def test_a_memory_cgroup_limit_counts_as_what_is_free(monkeypatch, tmp_path):
+    """A SLURM job or a container has less than the host's MemAvailable: its cgroup's limit less what it uses
+    that cannot be reclaimed (inactive page cache can). v2 and v1 layouts, the innermost limit or one above it;
+    no limit anywhere ("max", v1's 2^63) leaves MemAvailable alone."""
+    gib = 1 << 30
+    fake_cgroup(tmp_path, monkeypatch, "0::/job/step", {
+        "job/memory.max": str(4 * gib), "job/memory.current": str(3 * gib),
+        "job/memory.stat": f"anon {2 * gib}\ninactive_file {gib // 2}\n",
+        "job/step/memory.max": "max", "job/step/memory.current": str(3 * gib)})
+    assert budget.cgroup_free() == int(1.5 * gib)  # 4 GiB - (3 GiB - 0.5 GiB inactive)
+    assert budget.host_free() == int(1.5 * gib)  # far below this machine's MemAvailable
+    need = budget.MemoryNeed("tensor", 0, 2 * gib, "the decoded split")
+    with pytest.raises(UserError, match="needs 2.15 GB on the host .* but 1.61 GB is free; fix"):
+        budget.check(need, torch.device("cpu"), 0.0, "fix")
+
+    fake_cgroup(tmp_path, monkeypatch, "4:memory:/bench", {
+        "memory/bench/memory.limit_in_bytes": str(3 * gib), "memory/bench/memory.usage_in_bytes": str(gib),
+        "memory/memory.limit_in_bytes": str((1 << 63) - 4096), "memory/memory.usage_in_bytes": str(9 * gib)})
+    assert budget.cgroup_free() == 2 * gib  # v1, no memory.stat: usage counted whole
+
+    fake_cgroup(tmp_path, monkeypatch, "0::/free", {"free/memory.max": "max", "free/memory.current": "1"})
+    assert budget.cgroup_free() is None and budget.host_free() > 0
+    monkeypatch.setattr(budget, "PROC_CGROUP", tmp_path / "absent")
+    assert budget.cgroup_free() is None
+
+
 def test_dali_refuses_its_host_arrays(mnist_data, device):
     if not installed("nvidia.dali"):
         pytest.skip("DALI is not installed")
