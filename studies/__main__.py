@@ -20,7 +20,7 @@ from studies.catalog import SCALES, STUDIES, Run, Study, get_study, study_run_di
 from studies.plots import draw
 from studies.report import Section, markdown_table, write_report
 from studies.results import RunResult, first_seeds, group_columns, group_rows, load_result, summary_rows, table_columns
-from studies.runner import execute, plan
+from studies.runner import execute, is_done, plan
 
 # per scale: sample images for the filter probes; images, 1-D points and 2-D grid side for the landscape
 PROBE_SIZES = {"smoke": (4, 256, 11, 7), "full": (8, 1024, 21, 21)}
@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="converted dataset folder for all runs (default: each recipe's)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (default 1)")
     parser.add_argument("--run", help="probe studies: a finished run folder to probe instead of training one")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rebuild the report from the runs that have finished (an interrupted or "
+                             "still running study); the others are listed as not trained yet")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
@@ -50,10 +53,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def train_runs(study: Study, runs: list[Run], study_dir: Path, data: Path | None,
-               jobs: int) -> list[RunResult]:
-    """Train what is missing and read every run back (failed runs included)."""
+               jobs: int, report_only: bool = False) -> list[RunResult]:
+    """Train what is missing (with report_only, nothing) and read every run back (failed runs included)."""
     print(f"{study.name}: {len(runs)} runs in {study_dir / 'runs'}")
-    errors = execute(plan(runs, study_dir, data), jobs)
+    jobs_planned = plan(runs, study_dir, data)
+    if report_only:
+        errors = {j.run.label: "" if is_done(j) else "not trained yet (--report-only)" for j in jobs_planned}
+    else:
+        errors = execute(jobs_planned, jobs)
     return [load_result(run, study_run_dir(study_dir, run.label), errors.get(run.label, "")) for run in runs]
 
 
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = trained.check_run(Path(args.run).resolve())
         results = [load_result(Run(folder.name, "", facts={}), folder)]
     else:
-        results = train_runs(study, runs, study_dir, data, args.jobs)
+        results = train_runs(study, runs, study_dir, data, args.jobs, args.report_only)
 
     rows = summary_rows(results)
     sections = [Section("Summary", table_columns(results, study.extra), rows)]

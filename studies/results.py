@@ -109,7 +109,7 @@ def group_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row.get("Improvement std") is not None:
             row["Outside Spread"] = "yes" if abs(row["Improvement"]) > 2 * row["Improvement std"] else "no"
         failed = [m for m in members if m["Status"] != "ok"]
-        row["Status"] = f"{len(failed)} of {len(members)} seeds failed" if failed else "ok"
+        row["Status"] = f"{len(failed)} of {len(members)} seeds {failed[0]['Status']}" if failed else "ok"
         out.append(row)
     return out
 

@@ -160,6 +160,18 @@ def test_rerun_skips_finished_runs(distill_study, tiny_rgb_data, capsys):
     assert {p.name: (p / "summary.json").stat().st_mtime_ns for p in runs.iterdir()} == before
 
 
+def test_report_only_trains_nothing(distill_study, tiny_rgb_data, tmp_path, capsys):
+    """--report-only rebuilds a finished study's report as it was, and lists an untrained one's runs."""
+    study_dir = distill_study / "distill"
+    before = csv_rows(study_dir / "summary.csv")
+    assert run_study("distill", distill_study, "--data", str(tiny_rgb_data), "--report-only") == 0
+    assert csv_rows(study_dir / "summary.csv") == before and "training" not in capsys.readouterr().out
+    assert run_study("distill", tmp_path, "--data", str(tiny_rgb_data), "--report-only") == 1
+    rows = by_model(markdown_rows(tmp_path / "distill" / "report.md", "Summary"))
+    assert rows["student"]["Status"] == "2 of 2 seeds failed: not trained yet (--report-only)"
+    assert not (tmp_path / "distill" / "runs").exists()
+
+
 def test_cpu_scale_plan(mnist_data, tiny_rgb_data, tmp_path):
     """The cpu scale's runs: every seed of every run, valid overrides (the plan loads each recipe), a
     single teacher, and each distilled student paired with the baseline of its seed."""
@@ -198,7 +210,7 @@ def test_group_rows_mean_std_and_failures():
     assert a["Model"] == "a" and a["Seeds"] == 3 and a["Params"] == 10 and "Seed" not in a
     assert math.isclose(a["Test Acc"], 0.6) and math.isclose(a["Test Acc std"], math.sqrt(0.02))
     assert math.isclose(a["Improvement"], 0.03) and a["Outside Spread"] == "yes"  # 0.03 > 2 * 0.0141
-    assert a["Status"] == "1 of 3 seeds failed"
+    assert a["Status"] == "1 of 3 seeds failed: x"
     assert b["Test Acc"] == 0.9 and "Test Acc std" not in b and b["Status"] == "ok" and "Outside Spread" not in b
 
 
