@@ -18,6 +18,8 @@ from typing import overload
 
 import numpy as np
 
+from common.errors import UserError
+
 
 class ImageSpill:
     """The file: `append` while decoding, then read image k back with `read` (a copy, in any order)."""
@@ -25,6 +27,7 @@ class ImageSpill:
     def __init__(self, near: Path) -> None:
         """The file goes in `near`'s nearest existing folder (the output's disk; nothing is created there)."""
         folder = next(p for p in (near.absolute(), *near.absolute().parents) if p.is_dir())
+        self._folder = folder
         fd, name = tempfile.mkstemp(prefix=".decoded-", suffix=".spill", dir=folder)
         os.unlink(name)
         self._file = os.fdopen(fd, "w+b")
@@ -36,7 +39,12 @@ class ImageSpill:
     def append(self, image: np.ndarray) -> int:
         """Store `image` (uint8); its number, for `read`."""
         self._dirty = True
-        self._file.write(np.ascontiguousarray(image, dtype=np.uint8).data)
+        try:
+            self._file.write(np.ascontiguousarray(image, dtype=np.uint8).data)
+        except OSError as exc:  # ENOSPC above all
+            raise UserError(f"could not keep the decoded images in {self._folder} ({exc.strerror}): converting a photo "
+                            "tree needs free disk of its decoded size there; free some, or use a smaller "
+                            "--max-side") from None
         self._offsets.append(self._end)
         self._shapes.append(image.shape)
         self._end += image.size
@@ -51,15 +59,12 @@ class ImageSpill:
         shape = self._shapes[k]
         image = np.empty(shape, dtype=np.uint8)
         if image.size and os.preadv(self._file.fileno(), [image.reshape(-1)], self._offsets[k]) != image.size:
-            raise OSError(f"the decoded-image spill file ended early (image {k}); was the disk full?")
+            raise UserError(f"the decoded images kept in {self._folder} came back short (image {k}); check that "
+                            "disk, then convert again")
         return image
 
     def shape(self, k: int) -> tuple[int, ...]:
         return self._shapes[k]
-
-    @property
-    def bytes(self) -> int:
-        return self._end
 
     def close(self) -> None:
         self._file.close()

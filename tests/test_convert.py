@@ -444,3 +444,27 @@ def test_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "--encode jpg is for RGB" in cli_fails([*base, "--encode", "jpg"], capsys)
     assert "imagefolder only" in cli_fails([*base, "--max-side", "8"], capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_keeping_decoded_photos_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """The spill file's write failing (ENOSPC) ends the conversion with one line naming the folder and the fix."""
+    import errno
+
+    from convert import spill
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    write_imagefolder(tmp_path / "tree")
+    fdopen = os.fdopen
+    monkeypatch.setattr(spill.os, "fdopen", lambda fd, mode: FullDisk(fdopen(fd, mode)))
+    with pytest.raises(UserError, match=f"decoded images in {tmp_path} .No space left on device.*decoded size"):
+        convert("imagefolder", tmp_path / "tree", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
