@@ -11,6 +11,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -69,9 +70,10 @@ def convert_dataset(dataset: str, src: str | Path, out: str | Path, *, name: str
 
     workers = workers or default_workers()
     read = ReadOptions(strict, DecodeOptions(max_side, max_pixels), workers, limits or Limits())
-    with ImageSpill(out) as spill:  # an ImageFolder tree's decoded pixels wait here, not in memory
+    photos = dataset == "imagefolder"
+    with ImageSpill(out) if photos else nullcontext() as spill:  # a photo tree's decoded pixels wait there
         reading = time.perf_counter()
-        data = read_imagefolder(src, read, spill) if dataset == "imagefolder" else read_source(dataset, src, read)
+        data = read_imagefolder(src, read, spill) if photos else read_source(dataset, src, read)
         reading = time.perf_counter() - reading
         splits = dict(data.splits)
         if val_fraction > 0:

@@ -56,8 +56,7 @@ class SplitData:
         return len(self.labels)
 
     def subset(self, indices: np.ndarray) -> SplitData:
-        images = (self.images[indices] if isinstance(self.images, (np.ndarray, SpilledImages))
-                  else [self.images[i] for i in indices])
+        images = self.images[indices]
         coarse = None if self.coarse_labels is None else self.coarse_labels[indices]
         return SplitData(images, self.labels[indices], coarse)
 

@@ -108,10 +108,8 @@ class SpilledImages(Sequence[np.ndarray]):
         return np.array([self.spill.shape(int(k)) for k in self.ids], dtype=np.int64).reshape(len(self), -1)
 
 
-def image_shapes(images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-    """(n, 3) shapes of a split's images, stacked, a list or spilled, without reading spilled pixels."""
+def image_shapes(images: np.ndarray | SpilledImages) -> np.ndarray:
+    """(n, 3) shapes of a split's images, stacked or spilled, without reading spilled pixels."""
     if isinstance(images, SpilledImages):
         return images.shapes
-    if isinstance(images, np.ndarray):
-        return np.tile(images.shape[1:], (len(images), 1))
-    return np.array([im.shape for im in images], dtype=np.int64).reshape(len(images), -1)
+    return np.tile(images.shape[1:], (len(images), 1))
