@@ -22,6 +22,6 @@ class OptionalBuildExt(build_ext):
                   "FFCV's own decoders. Install a C compiler and libjpeg headers to build it.", file=sys.stderr)
 
 
-setup(ext_modules=[Extension("pipelines._crop_decode", ["pipelines/crop_decode.c"], libraries=["jpeg", "m"],
-                             extra_compile_args=["-O3"], py_limited_api=True)],
+setup(ext_modules=[Extension("beton_trainer.pipelines._crop_decode", ["pipelines/crop_decode.c"],
+                             libraries=["jpeg", "m"], extra_compile_args=["-O3"], py_limited_api=True)],
       cmdclass={"build_ext": OptionalBuildExt})

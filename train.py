@@ -1,12 +1,10 @@
 """Train an image classifier from a recipe: `accelerate launch train.py --recipe c10_finetune`.
 
-The entry point only: the command line is `trainer/cli.py`, the loop `trainer/loop.py`.
+The entry point only, for a checkout: the installed command is `beton-train` (the same code,
+`beton_trainer.trainer.cli`).
 """
 
-import sys
-
-from common.errors import run_cli
-from trainer.cli import main
+from beton_trainer.trainer.cli import run
 
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])
+    run()

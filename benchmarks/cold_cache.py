@@ -30,14 +30,14 @@ import torch
 
 from benchmarks.loaders import environment, synchronize
 from benchmarks.photo_loaders import MAX_SIDE, QUALITY, ImageFolderLoader, extract, reencoded_copy
-from common.errors import UserError, run_cli
-from common.schema import from_dict
-from convert import convert_dataset
-from pipelines import build_loader
-from pipelines.augment import AugmentSpec
-from pipelines.base import Loader, LoaderOptions, ResolutionSchedule
-from pipelines.beton import BetonFile
-from pipelines.dataset import load_manifest
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.common.schema import from_dict
+from beton_trainer.convert import convert_dataset
+from beton_trainer.format.beton import BetonFile
+from beton_trainer.format.dataset import load_manifest
+from beton_trainer.pipelines import build_loader
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import Loader, LoaderOptions, ResolutionSchedule
 
 BASELINE = "imagefolder"
 FFCV_RUNS = {f"{order}-{'on' if cache else 'off'}": (order, cache)  # the ffcv rows: order and os_cache

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from common.errors import UserError, run_cli
-from pipelines.dataset import load_manifest
-from trainer import checkpoint
-from trainer.distributed import ELASTIC_ENV
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.format.dataset import load_manifest
+from beton_trainer.trainer import checkpoint
+from beton_trainer.trainer.distributed import ELASTIC_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 # measured time, not results: they differ between any two runs and are left out of the comparison

@@ -190,7 +190,7 @@ def _case_runner(kind: str, workdir: Path, library: str | None) -> Callable[[np.
 def guarded(run: Callable[[np.random.Generator], tuple[str, str]]) -> Callable[[np.random.Generator],
                                                                               tuple[str, str]]:
     """A case function whose UserError is a refusal and any other exception is wrong (with where it came from)."""
-    from common.errors import UserError
+    from beton_trainer.common.errors import UserError
 
     def case(rng: np.random.Generator) -> tuple[str, str]:
         try:
@@ -433,7 +433,7 @@ def prepare(kind: str, workdir: Path, seed: int) -> None:
     """The converted datasets the beton cases mutate (once per work folder)."""
     if kind != "beton" or (workdir / "base" / "done").exists():
         return
-    from convert import convert_dataset
+    from beton_trainer.convert import convert_dataset
 
     base = workdir / "base"
     shutil.rmtree(base, ignore_errors=True)
@@ -542,8 +542,8 @@ class BetonCases:
         import torch
 
         from benchmarks.loader_checks import installed
-        from common.schema import from_dict
-        from pipelines.augment import AugmentSpec
+        from beton_trainer.common.schema import from_dict
+        from beton_trainer.pipelines.augment import AugmentSpec
 
         torch.set_num_threads(1)
         self.workdir = workdir
@@ -581,9 +581,9 @@ class BetonCases:
         data that is what a manifest promises."""
         import torch
 
-        from pipelines import build_loader
-        from pipelines.base import LoaderOptions
-        from pipelines.dataset import open_split
+        from beton_trainer.format.dataset import open_split
+        from beton_trainer.pipelines import build_loader
+        from beton_trainer.pipelines.base import LoaderOptions
 
         opened = open_split(data_dir, split)
         if (why := split_garbage(opened)) is not None:
@@ -649,7 +649,7 @@ class ConvertCases:
     """Hostile sources of every kind the converter reads, through convert_dataset."""
 
     def __init__(self, workdir: Path):
-        from convert.build import convert_dataset
+        from beton_trainer.convert.build import convert_dataset
 
         self.workdir, self.convert = workdir, convert_dataset
         self.images = jpeg_corpus()
@@ -661,7 +661,7 @@ class ConvertCases:
         case.mkdir(parents=True)
         maker = [self.cifar, self.mnist, self.imagefolder][int(rng.integers(3))]
         dataset, src, bound = maker(rng, case / "src")
-        from convert.archive import Limits
+        from beton_trainer.convert.archive import Limits
 
         dest = self.convert(dataset, src, case / "out", log=lambda _: None, workers=1, max_pixels=1_000_000,
                             limits=Limits(max_files=1000, max_expansion=100.0))
@@ -669,7 +669,7 @@ class ConvertCases:
 
     def judge(self, dest: Path, bound: int) -> tuple[str, str]:
         """A conversion that succeeded must open, and hold no more images than its source could."""
-        from pipelines.dataset import dataset_identity, load_manifest, open_split
+        from beton_trainer.format.dataset import dataset_identity, load_manifest, open_split
 
         manifest = load_manifest(dest)
         total = sum(entry["count"] for entry in manifest["splits"].values())

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.torchvision_baseline import build_torchvision_loader
-from common.errors import UserError, run_cli
-from common.schema import from_dict
-from pipelines import BACKENDS, build_loader
-from pipelines.augment import AugmentSpec
-from pipelines.base import Loader, LoaderOptions
-from trainer.loop import cpu_threads
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.common.schema import from_dict
+from beton_trainer.pipelines import BACKENDS, build_loader
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import Loader, LoaderOptions
+from beton_trainer.trainer.loop import cpu_threads
 
 BASELINE = "torchvision"
 ALL_BACKENDS = (BASELINE, *BACKENDS)

@@ -32,14 +32,14 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from benchmarks.loaders import environment, images_per_second
-from common.errors import UserError, run_cli
-from common.schema import from_dict
-from convert import convert_dataset
-from pipelines import build_loader
-from pipelines.augment import AugmentSpec
-from pipelines.base import RRC_RATIO, RRC_SCALE, Loader, LoaderOptions, ResolutionSchedule
-from pipelines.dataset import load_manifest
-from trainer.loop import cpu_threads
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.common.schema import from_dict
+from beton_trainer.convert import convert_dataset
+from beton_trainer.format.dataset import load_manifest
+from beton_trainer.pipelines import build_loader
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import RRC_RATIO, RRC_SCALE, Loader, LoaderOptions, ResolutionSchedule
+from beton_trainer.trainer.loop import cpu_threads
 
 BASELINE = "torchvision"
 BACKENDS = (BASELINE, "ffcv", "dali")

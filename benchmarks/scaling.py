@@ -22,9 +22,9 @@ from pathlib import Path
 
 from benchmarks.fault_harness import write_section
 from benchmarks.flops import flops_per_image, peak_flops
-from common.errors import UserError, run_cli
-from models import build_model, count_parameters
-from pipelines.dataset import load_manifest
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.format.dataset import load_manifest
+from beton_trainer.models import build_model, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SETTINGS = ("phases.0.epochs=1", "max_steps_per_epoch=60", "tensorboard=false")

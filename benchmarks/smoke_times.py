@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from common.errors import UserError, run_cli
-from convert import convert_dataset
-from trainer.config import RECIPES_DIR, load_recipe
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.convert import convert_dataset
+from beton_trainer.trainer.config import RECIPES_DIR, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {  # dataset name -> (converter, file under --data-root, options)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common.errors import UserError, run_cli
+from beton_trainer.common.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FirstStep = Callable[[str], float]  # a child's stdout -> the Unix time its first training step began
@@ -36,8 +36,8 @@ import sys, time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from models import build_model
-from pipelines.dataset import open_split
+from beton_trainer.models import build_model
+from beton_trainer.format.dataset import open_split
 
 data, model_name, model_args, batch, lr, steps, eval_batches, eval_batch = sys.argv[1:9]
 batch, steps, eval_batches, eval_batch = int(batch), int(steps), int(eval_batches), int(eval_batch)
@@ -89,7 +89,7 @@ def commands(recipe_name: str, data: Path, run_dir: Path,
              other: Path | None = None) -> dict[str, tuple[list[str], FirstStep, Path]]:
     """The commands of one job, each with how to read its first step's Unix time and where it runs; with `other`,
     also `train.py` of that checkout (e.g. an older commit, for a before/after table)."""
-    from trainer.config import load_recipe
+    from beton_trainer.trainer.config import load_recipe
 
     recipe = load_recipe(recipe_name)
     phase = recipe.phases[0]
@@ -110,7 +110,7 @@ def commands(recipe_name: str, data: Path, run_dir: Path,
 
 
 def prepare(data_root: Path, work: Path) -> dict[str, Path]:
-    from convert import convert_dataset
+    from beton_trainer.convert import convert_dataset
 
     quiet = lambda _: None  # noqa: E731
     return {"mnist": convert_dataset("mnist", data_root / "mnist", work, log=quiet),

@@ -23,8 +23,8 @@ from torch import nn
 
 from benchmarks.loaders import environment
 from benchmarks.train_throughput import StepConfig, shared_step
-from common.errors import UserError, run_cli
-from trainer.config import Recipe
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.trainer.config import Recipe
 
 TARGET = 0.9
 

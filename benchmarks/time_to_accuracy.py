@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.loaders import environment
-from common.errors import UserError, run_cli
+from beton_trainer.common.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ("| date | device | versions | command | test accuracy | time to threshold (train s) | train s "

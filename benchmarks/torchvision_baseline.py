@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from pipelines.augment import AugmentSpec, MixSpec
-from pipelines.base import LoaderOptions, num_batches, rank_indices
+from beton_trainer.pipelines.augment import AugmentSpec, MixSpec
+from beton_trainer.pipelines.base import LoaderOptions, num_batches, rank_indices
 
 
 class ArrayImageDataset(Dataset):
@@ -144,7 +144,7 @@ class TorchvisionLoader:
 
 def build_torchvision_loader(options: LoaderOptions) -> TorchvisionLoader:
     """The baseline loader for one converted split (read through the same reading layer as the backends)."""
-    from pipelines.dataset import open_split
+    from beton_trainer.format.dataset import open_split
 
     split = open_split(options.data_dir, options.split)
     return TorchvisionLoader(split.images, split.labels, mean=split.mean, std=split.std,

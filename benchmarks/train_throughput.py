@@ -31,14 +31,14 @@ from torch import nn
 
 from benchmarks.flops import flops_per_image, peak_flops
 from benchmarks.loaders import ALL_BACKENDS, BASELINE, build, endless, environment, synchronize
-from common.errors import UserError, run_cli
-from models import build_model
-from pipelines.base import LoaderOptions
-from pipelines.dataset import load_manifest
-from trainer.config import PhaseConfig, Recipe, load_recipe
-from trainer.optim import build_optimizer, build_scheduler, param_groups
-from trainer.step import EpochSums, TrainStep, configure_backends
-from trainer.timing import StepTimer
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.format.dataset import load_manifest
+from beton_trainer.models import build_model
+from beton_trainer.pipelines.base import LoaderOptions
+from beton_trainer.trainer.config import PhaseConfig, Recipe, load_recipe
+from beton_trainer.trainer.optim import build_optimizer, build_scheduler, param_groups
+from beton_trainer.trainer.step import EpochSums, TrainStep, configure_backends
+from beton_trainer.trainer.timing import StepTimer
 
 RECIPE = "c10_finetune"  # its augmentations, loss, gradient clipping and optimizer
 CEILING = "ceiling"

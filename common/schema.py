@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from common.errors import UserError, did_you_mean
+from beton_trainer.common.errors import UserError, did_you_mean
 
 T = TypeVar("T")
 

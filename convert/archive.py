@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from common.errors import UserError
+from beton_trainer.common.errors import UserError
 
 MAX_FILE_BYTES = 1 << 30  # no image or dataset file is near 1 GiB (CIFAR-100's largest pickle: 155 MB)
 MIN_EXPANSION_BYTES = 1 << 30  # small archives may expand by any ratio up to this

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.errors import UserError
-from convert.sources import SplitData
-from convert.spill import image_shapes
-from pipelines.beton import BetonFile, encode_jpeg, page_size_for, write_beton_file
+from beton_trainer.common.errors import UserError
+from beton_trainer.convert.spill import image_shapes
+from beton_trainer.format.beton import BetonFile, encode_jpeg, page_size_for, write_beton_file
+from beton_trainer.format.splits import SplitData
 
 VERIFY_SAMPLES = 256
 JPEG_MARGIN = 1 << 16  # room in a page for a JPEG that came out bigger than its raw pixels

@@ -17,15 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError, did_you_mean
-from common.files import fsync_path, hash_into, sha256_file, write_json
-from convert.archive import Limits
-from convert.beton import ENCODINGS, jpeg_plan, storage_for, verify_beton, write_beton
-from convert.imagefolder import GIF_POLICY, IMAGE_SUFFIXES, read_imagefolder
-from convert.images import DEFAULT_MAX_PIXELS, DecodeOptions, default_workers
-from convert.sources import DATASETS, ReadOptions, SourceData, SplitData, download, read_source, source_stem
-from convert.spill import ImageSpill, SpilledImages, image_shapes
-from pipelines.dataset import MANIFEST, dataset_identity, load_manifest
+from beton_trainer.common.errors import UserError, did_you_mean
+from beton_trainer.common.files import fsync_path, hash_into, sha256_file, write_json
+from beton_trainer.convert.archive import Limits
+from beton_trainer.convert.beton import ENCODINGS, jpeg_plan, storage_for, verify_beton, write_beton
+from beton_trainer.convert.imagefolder import GIF_POLICY, IMAGE_SUFFIXES, read_imagefolder
+from beton_trainer.convert.images import DEFAULT_MAX_PIXELS, DecodeOptions, default_workers
+from beton_trainer.convert.sources import DATASETS, ReadOptions, SourceData, download, read_source, source_stem
+from beton_trainer.convert.spill import ImageSpill, SpilledImages, image_shapes
+from beton_trainer.format.dataset import MANIFEST, dataset_identity, load_manifest
+from beton_trainer.format.splits import SplitData, carve_val, channel_stats
 
 FORMAT_VERSION = 1
 CONVERTER_VERSION = "1.1"
@@ -79,7 +80,7 @@ def convert_dataset(dataset: str, src: str | Path, out: str | Path, *, name: str
         if val_fraction > 0:
             if "val" in splits:
                 raise UserError(f"{src} already has a val folder (and a test folder); drop --val-fraction")
-            splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, seed, len(data.classes))
+            splits["train"], splits["val"] = carve_val(splits["train"], val_fraction, seed, len(data.classes))
             if data.split_folders:
                 data.split_folders["val"] = data.split_folders["train"]
         jpeg = {split: jpeg_plan(len(part), encode, compress_probability, [seed, ALL_SPLITS.index(split)])
@@ -150,24 +151,6 @@ def _existing_output(dest: Path, dataset: str, source_sha: str, options: dict) -
     return "current", ""
 
 
-def _carve_val(train: SplitData, fraction: float, seed: int, num_classes: int) -> tuple[SplitData, SplitData]:
-    """A stratified, seeded val split: round(fraction * n_c) random samples of each class c, order kept."""
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in range(num_classes):
-        members = np.flatnonzero(train.labels == c)
-        take = round(fraction * len(members))
-        if members.size and take == len(members):
-            raise UserError(f"--val-fraction {fraction} leaves no training samples of class {c}; use a smaller one")
-        val.append(rng.permutation(members)[:take])
-    val_idx = np.sort(np.concatenate(val))
-    if not val_idx.size:
-        raise UserError(f"--val-fraction {fraction} gives an empty val split; use a larger one")
-    keep = np.ones(len(train), dtype=bool)
-    keep[val_idx] = False
-    return train.subset(np.flatnonzero(keep)), train.subset(val_idx)
-
-
 def _write_all(dest: Path, splits: dict[str, SplitData], jpeg: dict[str, np.ndarray], *, quality: int,
                workers: int, seed: int) -> None:
     """Write and verify every split to temp files, then rename them into place (old manifest removed first)."""
@@ -233,21 +216,6 @@ def size_stats(images: np.ndarray | SpilledImages) -> dict[str, dict[str, float]
     sizes = image_shapes(images)[:, :2]
     return {axis: {"min": int(sizes[:, k].min()), "median": float(np.median(sizes[:, k])),
                    "max": int(sizes[:, k].max())} for k, axis in enumerate(("height", "width"))}
-
-
-def channel_stats(images: np.ndarray | SpilledImages) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of all pixels in [0, 1] units, exact, from 256-bin histograms."""
-    channels = images[0].shape[-1]
-    hist = np.zeros((channels, 256), dtype=np.float64)
-    chunks = (images[i:i + 4096] for i in range(0, len(images), 4096)) if isinstance(images, np.ndarray) else images
-    for chunk in chunks:
-        flat = chunk.reshape(-1, channels)
-        for c in range(channels):
-            hist[c] += np.bincount(flat[:, c], minlength=256)
-    values = np.arange(256) / 255.0
-    mean = hist @ values / hist.sum(axis=1)
-    var = hist @ values**2 / hist.sum(axis=1) - mean**2
-    return mean.tolist(), np.sqrt(np.maximum(var, 0)).tolist()
 
 
 def source_checksum(src: Path) -> str:

@@ -17,11 +17,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from common.errors import UserError
-from convert.archive import Member, walk
-from convert.images import decode_in_order, image_signature
-from convert.sources import ReadOptions, SkipList, SourceData, SplitData
-from convert.spill import ImageSpill, SpilledImages
+from beton_trainer.common.errors import UserError
+from beton_trainer.convert.archive import Member, walk
+from beton_trainer.convert.images import decode_in_order, image_signature
+from beton_trainer.convert.sources import ReadOptions, SkipList, SourceData
+from beton_trainer.convert.spill import ImageSpill, SpilledImages
+from beton_trainer.format.splits import SplitData
 
 SPLIT_FOLDERS = ("train", "val", "test")
 # torchvision's IMG_EXTENSIONS without .gif; compared in lower case, so .JPG and .JPEG count

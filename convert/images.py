@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from common.errors import UserError
-from pipelines.beton import MAX_PIXELS
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.beton import MAX_PIXELS
 
 DEFAULT_MAX_PIXELS = MAX_PIXELS  # PIL's own bomb threshold: 89,478,485 pixels (a 3 x 8-bit 256 MiB); one limit
 MAX_SIDE = 65535  # FFCV stores heights and widths as 16-bit numbers

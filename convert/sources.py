@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.errors import UserError
-from convert.archive import MAX_FILE_BYTES, Limits, bomb_error, expansion_limit, walk
-from convert.images import DecodeOptions, default_workers
-from convert.spill import SpilledImages
-from convert.unpickle import load_cifar_pickle
+from beton_trainer.common.errors import UserError
+from beton_trainer.convert.archive import MAX_FILE_BYTES, Limits, bomb_error, expansion_limit, walk
+from beton_trainer.convert.images import DecodeOptions, default_workers
+from beton_trainer.convert.unpickle import load_cifar_pickle
+from beton_trainer.format.splits import SplitData
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
 SPLITS = ("train", "test")
@@ -41,24 +41,6 @@ IDX_FILES = {"train": ("train-images", "train-labels"), "test": ("t10k-images", 
 # torchvision class name and the folder its download leaves the raw files in
 TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python"),
                "mnist": ("MNIST", "MNIST/raw"), "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw")}
-
-
-@dataclass
-class SplitData:
-    """One split's samples: images uint8 (H, W, C) each, stacked (CIFAR, MNIST) or spilled to a file
-    (ImageFolder trees, whatever their size)."""
-
-    images: np.ndarray | SpilledImages
-    labels: np.ndarray  # int64
-    coarse_labels: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices: np.ndarray) -> SplitData:
-        images = self.images[indices]
-        coarse = None if self.coarse_labels is None else self.coarse_labels[indices]
-        return SplitData(images, self.labels[indices], coarse)
 
 
 @dataclass
@@ -132,7 +114,7 @@ def download(dataset: str, root: Path) -> Path:
     except (OSError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not download {dataset} ({reason}); fetch the files by hand and pass "
-                        "--src PATH (see `python -m convert --help`)") from None
+                        "--src PATH (see `beton-convert --help`)") from None
     return root / folder
 
 
@@ -179,7 +161,7 @@ def _wrong_kind(dataset: str, src: Path, missing: str, seen: list[str]) -> UserE
         guess = "mnist (or fashion-mnist)"
     else:
         guess = None
-    hint = (f"it looks like {guess} data: run `python -m convert {guess.split()[0]} --src {src} ...`" if guess
+    hint = (f"it looks like {guess} data: run `beton-convert {guess.split()[0]} --src {src} ...`" if guess
             else f"point --src at the folder or archive that holds the {dataset} files")
     return UserError(f"{src} has no {missing}, so it is not a {dataset} source; {hint}")
 

@@ -18,7 +18,7 @@ from typing import overload
 
 import numpy as np
 
-from common.errors import UserError
+from beton_trainer.common.errors import UserError
 
 
 class ImageSpill:

@@ -22,7 +22,7 @@ import pickle
 
 import numpy as np
 
-from common.errors import UserError
+from beton_trainer.common.errors import UserError
 
 try:
     from numpy._core.multiarray import _reconstruct

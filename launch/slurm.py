@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.errors import UserError, run_cli  # noqa: E402
-from trainer.distributed import ELASTIC_ENV  # noqa: E402
+from beton_trainer.common.errors import UserError, run_cli  # noqa: E402
+from beton_trainer.trainer.distributed import ELASTIC_ENV  # noqa: E402
 
 DEFAULT_PORT = 29500
 DEFAULT_MAX_RESTARTS = 3

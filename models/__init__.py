@@ -3,9 +3,9 @@
 Importing the model modules registers them; `timm:<name>` reaches any timm architecture.
 """
 
-from models import cnn, mlp, resnet  # noqa: F401  (importing registers the models)
-from models.registry import build_model, count_parameters, head_module_name, list_models, model_summary
-from models.resnet import PretrainedReport, load_pretrained
+from beton_trainer.models import cnn, mlp, resnet  # noqa: F401  (importing registers the models)
+from beton_trainer.models.registry import build_model, count_parameters, head_module_name, list_models, model_summary
+from beton_trainer.models.resnet import PretrainedReport, load_pretrained
 
 __all__ = [
     "PretrainedReport",

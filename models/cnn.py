@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from common.schema import check_range
-from models.registry import ImageShape, register, require_min_side
+from beton_trainer.common.schema import check_range
+from beton_trainer.models.registry import ImageShape, register, require_min_side
 
 
 @dataclass

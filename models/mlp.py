@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.schema import check_range
-from models.registry import ImageShape, register
+from beton_trainer.common.schema import check_range
+from beton_trainer.models.registry import ImageShape, register
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 

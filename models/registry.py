@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from common.errors import UserError, did_you_mean
-from common.schema import from_dict
+from beton_trainer.common.errors import UserError, did_you_mean
+from beton_trainer.common.schema import from_dict
 
 ImageShape = tuple[int, int, int]  # (H, W, C), as in the data manifest
 Builder = Callable[..., nn.Module]  # builder(num_classes, image_shape, options) -> nn.Module
@@ -70,7 +70,7 @@ def build_model(name: str, *, num_classes: int, image_shape: ImageShape, **kwarg
         raise UserError(f"num_classes must be >= 1, got {num_classes}; check the dataset manifest")
     shape = _check_image_shape(image_shape)
     if name.startswith(TIMM_PREFIX):
-        from models.timm_models import build_timm
+        from beton_trainer.models.timm_models import build_timm
 
         return build_timm(name[len(TIMM_PREFIX):], num_classes, shape, kwargs)
     entry = _entry(name)
@@ -83,7 +83,7 @@ def build_model(name: str, *, num_classes: int, image_shape: ImageShape, **kwarg
 def head_module_name(name: str) -> str:
     """Dotted name of model `name`'s classifier head (for `get_submodule`: freezing, its own LR)."""
     if name.startswith(TIMM_PREFIX):
-        from models.timm_models import timm_head_name
+        from beton_trainer.models.timm_models import timm_head_name
 
         return timm_head_name(name[len(TIMM_PREFIX):])
     return _entry(name).head

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from common.errors import UserError
-from common.schema import check_range
-from models.registry import ImageShape, register, require_min_side
+from beton_trainer.common.errors import UserError
+from beton_trainer.common.schema import check_range
+from beton_trainer.models.registry import ImageShape, register, require_min_side
 
 log = logging.getLogger(__name__)
 

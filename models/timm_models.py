@@ -15,8 +15,8 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
-from common.errors import UserError, did_you_mean
-from models.registry import ImageShape
+from beton_trainer.common.errors import UserError, did_you_mean
+from beton_trainer.models.registry import ImageShape
 
 
 def _check_name(name: str) -> None:

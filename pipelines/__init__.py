@@ -5,15 +5,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from common.errors import UserError, did_you_mean
+from beton_trainer.common.errors import UserError, did_you_mean
 
-if TYPE_CHECKING:  # the converters import pipelines.dataset without paying for torch
-    from pipelines.base import Loader, LoaderOptions
+if TYPE_CHECKING:  # the converters import format.dataset without paying for torch
+    from beton_trainer.pipelines.base import Loader, LoaderOptions
 
 BACKENDS = {
-    "tensor": ("pipelines.tensor_loader", "TensorLoader", None),
-    "ffcv": ("pipelines.ffcv_loader", "FfcvLoader", "ffcv"),
-    "dali": ("pipelines.dali_loader", "DaliLoader", "nvidia.dali"),
+    "tensor": ("beton_trainer.pipelines.tensor_loader", "TensorLoader", None),
+    "ffcv": ("beton_trainer.pipelines.ffcv_loader", "FfcvLoader", "ffcv"),
+    "dali": ("beton_trainer.pipelines.dali_loader", "DaliLoader", "nvidia.dali"),
 }
 
 INSTALL_HINT = {

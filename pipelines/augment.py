@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.errors import UserError
-from common.schema import check_range
+from beton_trainer.common.errors import UserError
+from beton_trainer.common.schema import check_range
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 

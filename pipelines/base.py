@@ -17,9 +17,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from common.errors import UserError
-from pipelines.augment import AugmentSpec, EvalTransform, TrainTransform
-from pipelines.dataset import BetonFile, Split, open_split
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.dataset import BetonFile, Split, open_split
+from beton_trainer.pipelines.augment import AugmentSpec, EvalTransform, TrainTransform
 
 MIN_RESOLUTION = 8  # the smallest crop side a photo loader makes
 RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop: area fraction of the source image

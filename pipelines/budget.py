@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import UserError
-from pipelines.base import cache_pages, record_pages
-from pipelines.beton import BetonFile
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.beton import BetonFile
+from beton_trainer.pipelines.base import cache_pages, record_pages
 
 GB = 1e9
 BUDGET_ENV = "BETON_MEMORY_BUDGET_GB"

@@ -31,8 +31,9 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipelines.augment import AffineSpec, AugmentSpec, EraseSpec, JitterSpec, TrainTransform
-from pipelines.base import (
+from beton_trainer.format.dataset import Split, load_manifest, open_beton
+from beton_trainer.pipelines.augment import AffineSpec, AugmentSpec, EraseSpec, JitterSpec, TrainTransform
+from beton_trainer.pipelines.base import (
     CENTER_CROP_RATIO,
     RRC_RATIO,
     RRC_SCALE,
@@ -41,8 +42,7 @@ from pipelines.base import (
     ShardedLoader,
     varied_sizes,
 )
-from pipelines.budget import PAGE_AWARE_FIX, USE_FFCV, check, dali_need
-from pipelines.dataset import Split, load_manifest, open_beton
+from beton_trainer.pipelines.budget import PAGE_AWARE_FIX, USE_FFCV, check, dali_need
 
 # torch's "reflect" does not repeat the edge pixel, which is DALI's "reflect_101"
 OUT_OF_BOUNDS = {"constant": "pad", "reflect": "reflect_101"}

@@ -37,8 +37,9 @@ from collections.abc import Iterator
 
 import torch
 
-from common.errors import UserError
-from pipelines.base import (
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.beton import BetonFile
+from beton_trainer.pipelines.base import (
     CENTER_CROP_RATIO,
     RRC_RATIO,
     RRC_SCALE,
@@ -48,15 +49,14 @@ from pipelines.base import (
     record_pages,
     varied_sizes,
 )
-from pipelines.beton import BetonFile
-from pipelines.budget import PAGE_AWARE_FIX, check, choose_order, ffcv_need, record_bytes
+from beton_trainer.pipelines.budget import PAGE_AWARE_FIX, check, choose_order, ffcv_need, record_bytes
 
 
 class FfcvLoader(ShardedLoader):
     """Implements `pipelines.base.Loader` over one split's `.beton`, read by FFCV."""
 
     def __init__(self, options: LoaderOptions):
-        from pipelines.dataset import load_manifest, open_beton
+        from beton_trainer.format.dataset import load_manifest, open_beton
 
         manifest = load_manifest(options.data_dir)
         beton = open_beton(options.data_dir, options.split, manifest)  # checked against the manifest before FFCV
@@ -91,7 +91,7 @@ class FfcvLoader(ShardedLoader):
         straight to a square of side `crop_side()` (set again each epoch: progressive resizing)."""
         from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
 
-        from pipelines.crop_decode import photo_decoders
+        from beton_trainer.pipelines.crop_decode import photo_decoders
 
         if grey:
             return NDArrayDecoder()

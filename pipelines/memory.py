@@ -3,7 +3,7 @@ tensor backend holds on the device, with no .beton written.
 
 Every form becomes what a converted dataset holds: uint8 (N, H, W, C) images and int64 labels, the training
 split's per-channel mean/std and, on request, a stratified seeded val split carved out of train, each computed
-by the converter's own functions, so a run on in-memory data sees what it would see after `python -m convert`.
+by the converter's own functions, so a run on in-memory data sees what it would see after `beton-convert`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.errors import UserError
-from convert.build import _carve_val, channel_stats
-from convert.sources import SplitData
-from pipelines.dataset import Split, load_manifest, open_split
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.dataset import Split, load_manifest, open_split
+from beton_trainer.format.splits import SplitData, carve_val, channel_stats
 
 MEMORY = Path("<memory>")  # the data path an in-memory run records
 CHANNELS = (1, 3)
@@ -89,7 +88,7 @@ def from_dataset(dataset: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     if len(shapes) > 1:
         raise UserError(f"{what} holds images of {len(shapes)} shapes (e.g. {sorted(shapes)[:2]}); give the dataset "
                         "a transform that makes one size (e.g. Resize((32, 32))), or convert the folder with "
-                        "`python -m convert imagefolder` and pass that")
+                        "`beton-convert imagefolder` and pass that")
     stacked = np.stack(images) if images else np.zeros((0,), np.uint8)
     return as_images(stacked, what), np.asarray(labels, dtype=np.int64)
 
@@ -118,7 +117,7 @@ def memory_splits(parts: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequ
         raise UserError("the data has a val split and val_fraction is set; pass one of them")
     if val_fraction:
         num_classes = len(classes) if classes else int(parts["train"][1].max()) + 1
-        train, val = _carve_val(SplitData(*parts["train"]), val_fraction, seed, num_classes)
+        train, val = carve_val(SplitData(*parts["train"]), val_fraction, seed, num_classes)
         parts = {**parts, "train": (train.images, train.labels), "val": (val.images, val.labels)}
     shapes = {name: images.shape[1:] for name, (images, _) in parts.items()}
     if len(set(shapes.values())) > 1:

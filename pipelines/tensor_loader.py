@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from common.errors import UserError
-from pipelines.base import ArrayLoader, LoaderOptions, ShardedLoader, varied_sizes
-from pipelines.beton import BetonFile
-from pipelines.budget import TENSOR_CHUNK, USE_FFCV, check, tensor_need
-from pipelines.dataset import Split, load_manifest, open_beton
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.beton import BetonFile
+from beton_trainer.format.dataset import Split, load_manifest, open_beton
+from beton_trainer.pipelines.base import ArrayLoader, LoaderOptions, ShardedLoader, varied_sizes
+from beton_trainer.pipelines.budget import TENSOR_CHUNK, USE_FFCV, check, tensor_need
 
 
 class TensorLoader(ArrayLoader):

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from common.errors import UserError, did_you_mean
-from trainer.config import load_recipe
+from beton_trainer.common.errors import UserError, did_you_mean
+from beton_trainer.trainer.config import load_recipe
 
 SCALES = ("smoke", "medium", "cpu", "full")
 

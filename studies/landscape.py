@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from studies.report import Section
+from beton_trainer.studies.report import Section
 
 EVAL_BATCH = 256
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from studies.catalog import Plot
-from studies.results import RunResult, is_number
+from beton_trainer.studies.catalog import Plot
+from beton_trainer.studies.results import RunResult, is_number
 
 
 def _ordered(values: list[Any]) -> list[Any]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from studies.report import Section
+from beton_trainer.studies.report import Section
 
 MAX_FILTERS = 64  # filters shown in the grid and the table
 MAPS_SHOWN = 8  # feature maps per sample image

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studies.catalog import Run
-from trainer.report import read_history
+from beton_trainer.studies.catalog import Run
+from beton_trainer.trainer.report import read_history
 
 STANDARD = ("Model", "Dataset", "Params", "Test Acc", "Train Time")
 

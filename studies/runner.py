@@ -16,9 +16,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import UserError
-from studies.catalog import Run, study_run_dir
-from trainer.config import load_recipe
+from beton_trainer.common.errors import UserError
+from beton_trainer.studies.catalog import Run, study_run_dir
+from beton_trainer.trainer.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def _last_error(log: Path) -> str:
 
 def _execute(job: Job, threads: int | None) -> tuple[str, float]:
     """Run one job to completion: ('' on success, else the reason it failed; seconds taken)."""
-    argv = [sys.executable, "train.py", "--recipe", job.run.recipe, "--run-dir", str(job.folder)]
+    argv = [sys.executable, "-m", "beton_trainer.trainer.cli", "--recipe", job.run.recipe, "--run-dir", str(job.folder)]
     argv += [arg for override in job.overrides for arg in ("--set", override)]
     if job.folder.is_dir() and any(job.folder.iterdir()):
         if not any((job.folder / "checkpoints").glob("*")):

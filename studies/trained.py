@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from common.errors import UserError
-from pipelines.augment import EvalTransform
-from pipelines.dataset import open_split
-from trainer.modelio import make_model
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.dataset import open_split
+from beton_trainer.pipelines.augment import EvalTransform
+from beton_trainer.trainer.modelio import make_model
 
 
 def check_run(folder: Path) -> Path:

@@ -82,7 +82,7 @@ def real_data_root() -> Path:
 @pytest.fixture(scope="session")
 def mnist_data(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real MNIST converted (ndarray storage, train 60,000 / test 10,000): the folder holding manifest.json."""
-    from convert import convert_dataset
+    from beton_trainer.convert import convert_dataset
 
     return convert_dataset("mnist", real_data_root / "mnist", tmp_path_factory.mktemp("mnist-data"))
 
@@ -90,7 +90,7 @@ def mnist_data(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def cifar10_data(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared CIFAR-10 JPEG tarball converted with raw storage (train 50,000 / test 10,000); ~20-30 s."""
-    from convert import convert_dataset
+    from beton_trainer.convert import convert_dataset
 
     return convert_dataset("imagefolder", real_data_root / "cifar10-jpeg.tar.xz",
                            tmp_path_factory.mktemp("cifar10-data"))
@@ -100,7 +100,7 @@ def cifar10_data(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory)
 def hymenoptera_data(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared hymenoptera tarball converted as ffcv-imagenet stores photos (JPEG quality 90, longer side at
     most 500): train 244 (its one GIF skipped) / test 153 (from val/), varied sizes; ~15 s."""
-    from convert import convert_dataset
+    from beton_trainer.convert import convert_dataset
 
     return convert_dataset("imagefolder", real_data_root / "hymenoptera_data.tar",
                            tmp_path_factory.mktemp("hymenoptera-data"), name="hymenoptera", encode="jpg",
@@ -110,7 +110,7 @@ def hymenoptera_data(real_data_root: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def tiny_rgb_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic CIFAR-like set (10 classes, 32x32 RGB, train 640 / test 200) through the cifar10 pickle path."""
-    from convert import convert_dataset
+    from beton_trainer.convert import convert_dataset
     from tests.data_fixtures import write_cifar10
 
     source = write_cifar10(tmp_path_factory.mktemp("tiny-rgb-source"), batch_size=128, n_test=200, seed=7)

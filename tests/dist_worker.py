@@ -20,10 +20,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import build_loader  # noqa: E402
-from pipelines.augment import AugmentSpec  # noqa: E402
-from pipelines.base import LoaderOptions  # noqa: E402
-from pipelines.dataset import open_split  # noqa: E402
+from beton_trainer.format.dataset import open_split  # noqa: E402
+from beton_trainer.pipelines import build_loader  # noqa: E402
+from beton_trainer.pipelines.augment import AugmentSpec  # noqa: E402
+from beton_trainer.pipelines.base import LoaderOptions  # noqa: E402
 from tests.loader_helpers import as_pixels  # noqa: E402
 
 

@@ -22,9 +22,9 @@ from benchmarks.loader_checks import (  # noqa: F401 - re-exported for the tests
     installed,
     position_images,
 )
-from common.schema import from_dict
-from pipelines.augment import AugmentSpec
-from pipelines.base import LoaderOptions
+from beton_trainer.common.schema import from_dict
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import LoaderOptions
 
 
 def options(data_dir: Path, split: str, device: torch.device, *, train: bool, spec: dict | None = None,

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer import loop  # noqa: E402
-from trainer.cli import main as train_main  # noqa: E402
+from beton_trainer.trainer import loop  # noqa: E402
+from beton_trainer.trainer.cli import main as train_main  # noqa: E402
 
 
 def digest(state: dict[str, torch.Tensor]) -> str:

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accelerate import Accelerator  # noqa: E402
 
-from common.errors import UserError  # noqa: E402
-from trainer.distributed import check_same_data  # noqa: E402
+from beton_trainer.common.errors import UserError  # noqa: E402
+from beton_trainer.trainer.distributed import check_same_data  # noqa: E402
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import Subset
 
-from common.errors import UserError
-from convert.sources import ReadOptions, read_source
+from beton_trainer.common.errors import UserError
+from beton_trainer.convert.sources import ReadOptions, read_source
+from beton_trainer.trainer.api import Trainer, load_run
 from tests.train_helpers import run_train
-from trainer.api import Trainer, load_run
 
 N_TRAIN, N_TEST = 2000, 500
 RECIPE = {"name": "api_small", "data": {"batch_size": 50, "eval_batch_size": 250},
@@ -212,7 +212,7 @@ def test_fits_in_one_process_leave_nothing_behind(mnist, tmp_path, monkeypatch):
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     assert not AcceleratorState._shared_state and not PartialState._shared_state
     assert not (dist.is_available() and dist.is_initialized())
-    assert len(logging.getLogger("models").handlers) <= 1
+    assert len(logging.getLogger("beton_trainer.models").handlers) <= 1
 
 
 def test_predict_and_load_run(mnist, tmp_path):
@@ -275,8 +275,8 @@ def test_predict_runs_the_recipes_autocast_on_a_channels_last_model(mnist, tmp_p
 def test_the_distillation_teacher_is_channels_last_like_its_batches(tmp_path):
     from safetensors.torch import save_file
 
-    from trainer.modelio import make_model
-    from trainer.teacher import load_teacher
+    from beton_trainer.trainer.modelio import make_model
+    from beton_trainer.trainer.teacher import load_teacher
 
     info = {"name": "simple_cnn", "args": {}, "num_classes": 10, "image_shape": [32, 32, 3], "channels": "RGB"}
     model = make_model(info)

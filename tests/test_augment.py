@@ -16,9 +16,9 @@ import torchvision.transforms.functional as TF
 from timm.data.mixup import mixup_target
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common.errors import UserError
-from common.schema import from_dict
-from pipelines.augment import (
+from beton_trainer.common.errors import UserError
+from beton_trainer.common.schema import from_dict
+from beton_trainer.pipelines.augment import (
     AffineSpec,
     AugmentSpec,
     EraseSpec,

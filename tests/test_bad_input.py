@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from common.errors import UserError
-from convert import convert_dataset
+from beton_trainer.common.errors import UserError
+from beton_trainer.convert import convert_dataset
 from tests.data_fixtures import write_cifar100
 from tests.train_helpers import run_train
 
@@ -181,7 +181,7 @@ CASES = [
      "'checkpoint_every_steps' must be >= 0"),
     # data
     ("no-data-folder", lambda p: ["--data", "/no/such/dir"],
-     "manifest.json is missing; create it with `python -m convert"),
+     "manifest.json is missing; create it with `beton-convert"),
     ("no-manifest", lambda p: ["--data", p.broken["manifest-gone"]], "manifest.json is missing"),
     ("manifest-not-json", lambda p: ["--data", p.broken["manifest-json"]], "is unreadable"),
     ("beton-truncated", lambda p: ["--data", p.broken["truncated"]],

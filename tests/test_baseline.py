@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from benchmarks.torchvision_baseline import TorchvisionLoader, build_torchvision_loader
-from common.errors import UserError
-from pipelines.dataset import open_split
-from pipelines.tensor_loader import TensorLoader
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.dataset import open_split
+from beton_trainer.pipelines.tensor_loader import TensorLoader
 from tests.loader_helpers import (
     UNIT,
     as_pixels,

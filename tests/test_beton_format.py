@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert import convert_dataset
-from pipelines.beton import BetonFile, page_size_for, write_beton_file
+from beton_trainer.convert import convert_dataset
+from beton_trainer.format.beton import BetonFile, page_size_for, write_beton_file
 from tests.loader_helpers import require
 
 require("ffcv")

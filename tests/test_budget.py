@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import UserError
-from pipelines import budget, build_loader
-from pipelines.beton import BetonFile
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.beton import BetonFile
+from beton_trainer.pipelines import budget, build_loader
 from tests.loader_helpers import installed, options
 
 ROOT = Path(__file__).resolve().parents[1]

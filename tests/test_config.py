@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import UserError
-from trainer.config import RECIPES_DIR, apply_override, load_recipe, recipe_to_toml
+from beton_trainer.common.errors import UserError
+from beton_trainer.trainer.config import RECIPES_DIR, apply_override, load_recipe, recipe_to_toml
 
 ALL = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
 

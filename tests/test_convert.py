@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.errors import UserError, run_cli
-from convert import build, convert_dataset
-from convert.__main__ import main
-from pipelines.dataset import load_manifest, open_split
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.convert import build, convert_dataset
+from beton_trainer.convert.cli import main
+from beton_trainer.format.dataset import load_manifest, open_split
 from tests.data_fixtures import (
     CIFAR10_CLASSES,
     structured_images,
@@ -351,7 +351,7 @@ def test_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 def test_cifar10_pointed_at_mnist_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_mnist(tmp_path / "mnist")
     message = cli_fails(["cifar10", "--src", str(tmp_path / "mnist"), "--out", str(tmp_path / "out")], capsys)
-    assert "not a cifar10 source" in message and "python -m convert mnist" in message
+    assert "not a cifar10 source" in message and "beton-convert mnist" in message
     assert not (tmp_path / "out").exists()
 
 
@@ -450,7 +450,7 @@ def test_a_full_disk_while_keeping_decoded_photos_is_one_line(tmp_path: Path, mo
     """The spill file's write failing (ENOSPC) ends the conversion with one line naming the folder and the fix."""
     import errno
 
-    from convert import spill
+    from beton_trainer.convert import spill
 
     class FullDisk:
         def __init__(self, file):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import UserError
-from convert import convert_dataset
+from beton_trainer.common.errors import UserError
+from beton_trainer.convert import convert_dataset
 from tests.data_fixtures import write_cifar10
 
 

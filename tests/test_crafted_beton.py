@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import UserError
-from pipelines import build_loader
-from pipelines.beton import ALLOC, FIELD, HEADER, NDARRAY_ARGS, BetonFile, metadata_type
-from pipelines.dataset import open_split
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.beton import ALLOC, FIELD, HEADER, NDARRAY_ARGS, BetonFile, metadata_type
+from beton_trainer.format.dataset import open_split
+from beton_trainer.pipelines import build_loader
 from tests.loader_helpers import installed, options
 
 BACKENDS = ["tensor", "ffcv", "dali"]
@@ -76,7 +76,7 @@ def rgb(tiny_rgb_data: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def grey_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from convert import convert_dataset
+    from beton_trainer.convert import convert_dataset
     from tests.data_fixtures import write_mnist
 
     root = tmp_path_factory.mktemp("grey")
@@ -269,7 +269,7 @@ def test_jpeg_frame_size_on_seeded_mutations_never_raises_and_reads_intact_heade
     """The frame-header walk is new parsing code over untrusted bytes: 2,000 seeded mutations (bit flips, cuts,
     inserted runs) of real-encoder JPEGs, aimed at the markers before the first scan (what the walk reads),
     give a size or None, never an exception; intact ones give their size."""
-    from pipelines.beton import encode_jpeg, jpeg_frame_size
+    from beton_trainer.format.beton import encode_jpeg, jpeg_frame_size
 
     rng = np.random.default_rng(26)
     shapes = list(zip(rng.integers(1, 300, 20).tolist(), rng.integers(1, 300, 20).tolist()))

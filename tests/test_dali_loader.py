@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import build_loader
-from pipelines.augment import crop_at
-from pipelines.base import rank_indices
-from pipelines.dataset import open_split
+from beton_trainer.format.dataset import open_split
+from beton_trainer.pipelines import build_loader
+from beton_trainer.pipelines.augment import crop_at
+from beton_trainer.pipelines.base import rank_indices
 from tests.loader_helpers import (
     UNIT,
     as_pixels,
@@ -28,7 +28,7 @@ from tests.loader_helpers import (
 )
 
 require("nvidia.dali")
-from pipelines.dali_loader import DaliLoader  # noqa: E402
+from beton_trainer.pipelines.dali_loader import DaliLoader  # noqa: E402
 
 FULL_CHAIN = {"crop": {"padding": 2, "padding_mode": "reflect"}, "flip": {"p": 0.5},
               "affine": {"degrees": 10, "translate": 0.1, "scale": [0.9, 1.1], "shear": 5},

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.schema import from_dict
-from pipelines import BACKENDS
-from pipelines.augment import AugmentSpec
-from pipelines.base import LoaderOptions
-from pipelines.tensor_loader import TensorLoader
+from beton_trainer.common.schema import from_dict
+from beton_trainer.pipelines import BACKENDS
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import LoaderOptions
+from beton_trainer.pipelines.tensor_loader import TensorLoader
+from beton_trainer.trainer.timing import STARVED, Feed, StepTimer, starvation_warning
 from tests.loader_helpers import require
 from tests.train_helpers import metrics, run_train
-from trainer.timing import STARVED, Feed, StepTimer, starvation_warning
 
 COLUMNS = ("data_wait_s", "step_s", "data_wait_fraction", "input_device_s", "loader_images_per_s")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import UserError
-from pipelines.dataset import BetonFile, load_manifest, open_split
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.dataset import BetonFile, load_manifest, open_split
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_beton_file_gives_views_per_record(tiny_rgb_data: Path) -> None:
 
 
 def test_missing_manifest_says_how_to_convert(tiny_rgb_data: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="manifest.json is missing.*python -m convert"):
+    with pytest.raises(UserError, match="manifest.json is missing.*beton-convert"):
         load_manifest(tmp_path)
     # pointing at the --out folder instead of --out/NAME gets a hint
     shutil.copytree(tiny_rgb_data, tmp_path / "out" / "tiny")

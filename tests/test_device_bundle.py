@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from benchmarks.device.bundle import assign_groups, join_parts, pack, sha256_file, split_file, stash, unpack
-from common.errors import UserError
+from beton_trainer.common.errors import UserError
 from tests.loader_helpers import installed
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1_000_000
+CHECKOUT_MODULES = {"convert": "beton_trainer.convert", "studies": "beton_trainer.studies"}  # `python -m convert`
 
 
 def test_split_and_join_round_trip(tmp_path):
@@ -165,7 +166,7 @@ def test_every_command_in_the_device_readme_parses(monkeypatch):
     each `python -m MODULE` and train.py line goes through its own parser, each script and test file exists."""
     import importlib
 
-    from trainer.cli import parse_args
+    from beton_trainer.trainer.cli import parse_args
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # parsers whose defaults look for CUDA
     checked = []
@@ -177,9 +178,9 @@ def test_every_command_in_the_device_readme_parses(monkeypatch):
                 missing = [a for a in args if a.startswith("tests/") and not (ROOT / a.split("::")[0]).is_file()]
                 assert not missing, f"{' '.join(words)}: no such test file {missing}"
             else:
-                found = importlib.import_module(module)
-                parser = getattr(found, "build_parser", None) \
-                    or importlib.import_module(f"{module}.__main__").build_parser
+                found = importlib.import_module(CHECKOUT_MODULES.get(module, module))
+                cli = found if hasattr(found, "build_parser") else importlib.import_module(f"{found.__name__}.cli")
+                parser = cli.build_parser
                 try:
                     parser().parse_args(args)
                 except SystemExit as exc:

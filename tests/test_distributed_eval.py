@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from convert import convert_dataset
+from beton_trainer.convert import convert_dataset
 from tests.data_fixtures import write_cifar10
 from tests.rank_worker import digest
 

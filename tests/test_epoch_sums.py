@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.step import EpochSums, EpochTotals
+from beton_trainer.trainer.step import EpochSums, EpochTotals
 
 
 def steps(n_steps: int, batch: int, last: int, classes: int = 10, soft: bool = False, seed: int = 0):

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipelines import build_loader
-from pipelines.augment import AugmentSpec
-from pipelines.base import LoaderOptions
+from beton_trainer.pipelines import build_loader
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import LoaderOptions
+from beton_trainer.trainer.modelio import make_model
 from tests.train_helpers import run_train
-from trainer.modelio import make_model
 
 PER_CLASS = 10  # test images of each class given to both
 

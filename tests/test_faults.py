@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.fault_harness import Report, faulted_run, outputs, train_command
-from common.errors import UserError
+from beton_trainer.common.errors import UserError
+from beton_trainer.trainer import checkpoint, runlog, teacher
+from beton_trainer.trainer.config import load_recipe
 from tests.train_helpers import metrics, run_train
-from trainer import checkpoint, runlog, teacher
-from trainer.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "c10_cnn_smoke"  # affine + flip augmentation: a resumed run must redraw the same random transforms

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import UserError
-from pipelines import build_loader
-from pipelines.base import rank_indices
-from pipelines.dataset import open_split
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.dataset import open_split
+from beton_trainer.pipelines import build_loader
+from beton_trainer.pipelines.base import rank_indices
 from tests.loader_helpers import check_identity, options, require
 
 require("ffcv")

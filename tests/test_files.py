@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from common.files import atomic_path, sha256_file, write_json, write_text
+from beton_trainer.common.files import atomic_path, sha256_file, write_json, write_text
 
 
 def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

@@ -15,9 +15,9 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
 from torch.distributed.run import get_args_parser
 
+from beton_trainer.trainer.config import load_recipe
+from beton_trainer.trainer.distributed import launcher_overrides
 from launch.slurm import expand_nodelist, node_command
-from trainer.config import load_recipe
-from trainer.distributed import launcher_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"

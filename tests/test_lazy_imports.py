@@ -24,7 +24,7 @@ def imported_by(code: str) -> list[str]:
 
 
 def test_converting_and_reading_a_beton_import_neither_torch_nor_ffcv(tiny_rgb_data: Path) -> None:
-    code = (f"import convert, convert.build\nfrom pipelines.dataset import open_split\n"
+    code = (f"import convert, convert.build\nfrom format.dataset import open_split\n"
             f"open_split({str(tiny_rgb_data)!r}, 'train')")
     assert imported_by(code) == []
 

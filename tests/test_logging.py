@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from common.schema import to_dict
+from beton_trainer.common.schema import to_dict
+from beton_trainer.trainer.config import load_recipe
 from tests.train_helpers import metrics, run_train
-from trainer.config import load_recipe
 
 BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of checksummed record fragments
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4

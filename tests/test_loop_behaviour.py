@@ -22,18 +22,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 from benchmarks.fault_harness import outputs
-from common.errors import UserError
-from pipelines.augment import AugmentSpec
-from pipelines.base import LoaderOptions, stratified_subset
-from pipelines.dataset import open_split
-from pipelines.tensor_loader import TensorLoader
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.dataset import open_split
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import LoaderOptions, stratified_subset
+from beton_trainer.pipelines.tensor_loader import TensorLoader
+from beton_trainer.trainer import checkpoint, loop
+from beton_trainer.trainer.config import OptimizerConfig, load_recipe
+from beton_trainer.trainer.losses import loss_terms
+from beton_trainer.trainer.modelio import make_model
+from beton_trainer.trainer.optim import build_optimizer, param_groups
+from beton_trainer.trainer.step import EpochSums, TrainStep
 from tests.train_helpers import metrics, run_train
-from trainer import checkpoint, loop
-from trainer.config import OptimizerConfig, load_recipe
-from trainer.losses import loss_terms
-from trainer.modelio import make_model
-from trainer.optim import build_optimizer, param_groups
-from trainer.step import EpochSums, TrainStep
 
 
 def recipe_file(folder: Path, base: str, *settings: str) -> str:
@@ -481,7 +481,7 @@ def test_cudnn_autotuning_and_tf32_are_set_in_one_place_and_recorded(tiny_rgb_da
     """train.py and the throughput benchmarks share configure_backends: cuDNN's autotuner, and TF32 for fp32 on
     CUDA unless the recipe asks for strict_fp32; environment.json records what was set."""
     from benchmarks import train_throughput
-    from trainer.step import configure_backends
+    from beton_trainer.trainer.step import configure_backends
 
     before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.metrics import topk_correct
+from beton_trainer.trainer.metrics import topk_correct
 
 
 def test_topk_correct_counts_targets_among_the_k_highest():

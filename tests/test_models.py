@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from common.errors import UserError
-from models import (
+from beton_trainer.common.errors import UserError
+from beton_trainer.models import (
     build_model,
     count_parameters,
     head_module_name,
@@ -18,7 +18,7 @@ from models import (
     load_pretrained,
     model_summary,
 )
-from models.resnet import BlurPoolConv2d
+from beton_trainer.models.resnet import BlurPoolConv2d
 
 SHAPES = [(28, 28, 1), (32, 32, 3)]  # MNIST, CIFAR-10 (H, W, C)
 

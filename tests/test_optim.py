@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.errors import UserError
-from trainer.config import OptimizerConfig, ParamGroupConfig, PhaseConfig, ScheduleConfig
-from trainer.optim import build_optimizer, build_scheduler, param_groups, set_trainable
+from beton_trainer.common.errors import UserError
+from beton_trainer.trainer.config import OptimizerConfig, ParamGroupConfig, PhaseConfig, ScheduleConfig
+from beton_trainer.trainer.optim import build_optimizer, build_scheduler, param_groups, set_trainable
 
 SPE = 7  # steps per epoch
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.errors import UserError
-from pipelines import build_loader
-from pipelines.base import cache_pages, num_batches, page_aware_indices, record_pages
-from pipelines.beton import BetonFile
-from pipelines.dataset import open_split
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.beton import BetonFile
+from beton_trainer.format.dataset import open_split
+from beton_trainer.pipelines import build_loader
+from beton_trainer.pipelines.base import cache_pages, num_batches, page_aware_indices, record_pages
+from beton_trainer.trainer.config import load_recipe
 from tests.loader_helpers import check_identity, installed, options
-from trainer.config import load_recipe
 
 BATCH = 256
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from beton_trainer.trainer.config import load_recipe
 from tests.train_helpers import metrics, run_train
-from trainer.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

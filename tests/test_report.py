@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.errors import UserError
-from trainer.report import (
+from beton_trainer.common.errors import UserError
+from beton_trainer.trainer.report import (
     _confusion_figure,
     _history_figures,
     classification_report,

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from benchmarks.fault_harness import WALL_COLUMNS, outputs
-from convert import convert_dataset
-from pipelines.dataset import dataset_identity
+from beton_trainer.convert import convert_dataset
+from beton_trainer.format.dataset import dataset_identity
+from beton_trainer.trainer.config import load_recipe
+from beton_trainer.trainer.loop import cpu_threads
+from beton_trainer.trainer.runlog import run_environment
 from tests.data_fixtures import write_cifar10
 from tests.train_helpers import metrics, run_train
-from trainer.config import load_recipe
-from trainer.loop import cpu_threads
-from trainer.runlog import run_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "c10_cnn_smoke"  # random affine and flip augmentation, 2 epochs

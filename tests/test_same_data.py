@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert import convert_dataset
-from pipelines.beton import FIELD, HEADER, BetonFile, metadata_type
-from pipelines.dataset import dataset_identity
+from beton_trainer.convert import convert_dataset
+from beton_trainer.format.beton import FIELD, HEADER, BetonFile, metadata_type
+from beton_trainer.format.dataset import dataset_identity
+from beton_trainer.trainer import distributed
+from beton_trainer.trainer.distributed import identity_cache, node_identity
 from tests.loader_helpers import require
-from trainer import distributed
-from trainer.distributed import identity_cache, node_identity
 
 WORKER = Path(__file__).with_name("same_data_worker.py")
 
@@ -129,5 +129,5 @@ def test_ranks_with_different_copies_all_stop_naming_host_rank_and_path(copies, 
                         r"conversion at data/mnist \(copy rank 0's, or convert again with the same command\)",
                         rank0["data/mnist"]), rank0["data/mnist"]
     assert rank0["gone/mnist"] == (f"error: rank 1 on host {socket.gethostname()}: no converted dataset at gone/mnist: "
-                                   "manifest.json is missing; create it with `python -m convert <dataset> --src PATH "
+                                   "manifest.json is missing; create it with `beton-convert <dataset> --src PATH "
                                    "--out DIR`")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from common.errors import UserError
-from studies import catalog
-from studies.__main__ import main
-from studies.landscape import filter_normalized_direction, loss_surface
-from studies.probes import conv_output_size
-from trainer.config import load_recipe
+from beton_trainer.common.errors import UserError
+from beton_trainer.studies import catalog
+from beton_trainer.studies.cli import main
+from beton_trainer.studies.landscape import filter_normalized_direction, loss_surface
+from beton_trainer.studies.probes import conv_output_size
+from beton_trainer.trainer.config import load_recipe
 
 
 def run_study(name: str, out: Path, *args: str) -> int:
@@ -175,7 +175,7 @@ def test_report_only_trains_nothing(distill_study, tiny_rgb_data, tmp_path, caps
 def test_cpu_scale_plan(mnist_data, tiny_rgb_data, tmp_path):
     """The cpu scale's runs: every seed of every run, valid overrides (the plan loads each recipe), a
     single teacher, and each distilled student paired with the baseline of its seed."""
-    from studies.runner import plan
+    from beton_trainer.studies.runner import plan
 
     sizes = {}
     for name, data in (("depth_mlp", mnist_data), ("depth_cnn", tiny_rgb_data), ("distill", tiny_rgb_data)):
@@ -198,7 +198,7 @@ def test_cpu_scale_plan(mnist_data, tiny_rgb_data, tmp_path):
 
 
 def test_group_rows_mean_std_and_failures():
-    from studies.results import group_rows
+    from beton_trainer.studies.results import group_rows
 
     def row(label, group, acc, status="ok", gain=None):
         return {"Model": label, "Group": group, "Seed": 0, "Test Acc": acc, "Params": 10, "Improvement": gain,

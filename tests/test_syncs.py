@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert import convert_dataset
-from pipelines import BACKENDS, build_loader
+from beton_trainer.convert import convert_dataset
+from beton_trainer.pipelines import BACKENDS, build_loader
+from beton_trainer.trainer.config import RECIPES_DIR, OptimizerConfig, load_recipe
+from beton_trainer.trainer.optim import build_optimizer, param_groups
+from beton_trainer.trainer.step import TrainStep
+from beton_trainer.trainer.syncs import HostSyncError, no_host_sync
 from tests.data_fixtures import write_cifar10
 from tests.loader_helpers import options, require
 from tests.train_helpers import run_train
-from trainer.config import RECIPES_DIR, OptimizerConfig, load_recipe
-from trainer.optim import build_optimizer, param_groups
-from trainer.step import TrainStep
-from trainer.syncs import HostSyncError, no_host_sync
 
 CPU = torch.device("cpu")
 STEPS = 24  # per epoch: 2 warm-up steps and the epoch's last (a logging step) are not checked

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import UserError
-from common.schema import from_dict
-from pipelines.augment import AugmentSpec
-from pipelines.base import LoaderOptions
-from pipelines.beton import page_size_for, write_beton_file
-from pipelines.tensor_loader import TensorLoader
+from beton_trainer.common.errors import UserError
+from beton_trainer.common.schema import from_dict
+from beton_trainer.format.beton import page_size_for, write_beton_file
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import LoaderOptions
+from beton_trainer.pipelines.tensor_loader import TensorLoader
 
 N, H, W, C = 103, 8, 6, 3
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from pipelines.augment import EvalTransform
-from pipelines.dataset import open_split
+from beton_trainer.format.dataset import open_split
+from beton_trainer.pipelines.augment import EvalTransform
+from beton_trainer.trainer.metrics import topk_correct
+from beton_trainer.trainer.modelio import make_model
 from tests.train_helpers import metrics, run_train
-from trainer.metrics import topk_correct
-from trainer.modelio import make_model
 
 
 def test_top5_accuracy_matches_a_hand_computation(tiny_rgb_data, tmp_path):

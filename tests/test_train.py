@@ -15,12 +15,12 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from convert import convert_dataset
-from pipelines.dataset import open_split
+from beton_trainer.convert import convert_dataset
+from beton_trainer.format.dataset import open_split
+from beton_trainer.trainer.config import load_recipe
+from beton_trainer.trainer.modelio import make_model
 from tests.data_fixtures import write_cifar10, write_cifar100
 from tests.train_helpers import metrics, run_train
-from trainer.config import load_recipe
-from trainer.modelio import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,11 +14,11 @@ from torch import nn
 from benchmarks import time_to_accuracy as tta
 from benchmarks import train_throughput as tt
 from benchmarks.flops import flops_per_image, peak_flops
-from common.errors import UserError
-from models import build_model
+from beton_trainer.common.errors import UserError
+from beton_trainer.models import build_model
+from beton_trainer.trainer.config import load_recipe
 from tests.loader_helpers import installed
 from tests.train_helpers import metrics, run_train
-from trainer.config import load_recipe
 
 H100 = "cuda: NVIDIA H100 80GB HBM3 (16 CPU cores)"
 

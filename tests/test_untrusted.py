@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import ImageFile
 
-from common.errors import UserError, run_cli
-from convert import archive, convert_dataset
-from convert.__main__ import main
-from convert.images import DecodeOptions, decode_image
-from convert.unpickle import load_cifar_pickle
-from pipelines.dataset import load_manifest, open_split
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.convert import archive, convert_dataset
+from beton_trainer.convert.cli import main
+from beton_trainer.convert.images import DecodeOptions, decode_image
+from beton_trainer.convert.unpickle import load_cifar_pickle
+from beton_trainer.format.dataset import load_manifest, open_split
 from tests.data_fixtures import (
     CIFAR10_CLASSES,
     structured_images,
@@ -237,7 +237,7 @@ class Counter:
 def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     from accelerate import Accelerator
 
-    from trainer import checkpoint
+    from beton_trainer.trainer import checkpoint
 
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(4, 2)
@@ -429,7 +429,7 @@ def test_cifar_file_larger_than_any_cifar_file_is_refused_unread(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A member is read whole before it is unpickled: one larger than CIFAR-100's train pickle (155 MB; the cap,
     256 MiB, is lowered to 1 MB here) stops with one line from its size alone."""
-    from convert import sources
+    from beton_trainer.convert import sources
 
     monkeypatch.setattr(sources, "CIFAR_MAX_FILE_BYTES", 1 << 20)
     folder = write_cifar10(tmp_path / "src")["folder"]

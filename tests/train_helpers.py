@@ -9,8 +9,8 @@ from pathlib import Path
 
 from accelerate.state import AcceleratorState
 
-from trainer import checkpoint
-from trainer.cli import main as train_main
+from beton_trainer.trainer import checkpoint
+from beton_trainer.trainer.cli import main as train_main
 
 
 def run_train(argv: list[str]) -> dict:

@@ -32,14 +32,14 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from torch import nn
 
-from common.errors import UserError
-from common.schema import from_dict
-from pipelines.augment import EvalTransform
-from pipelines.dataset import load_manifest
-from pipelines.memory import MEMORY, as_images, data_splits, folder_splits
-from trainer.config import Recipe, apply_override, load_recipe
-from trainer.loop import RunOptions, evaluate, split_loader, train
-from trainer.modelio import make_model
+from beton_trainer.common.errors import UserError
+from beton_trainer.common.schema import from_dict
+from beton_trainer.format.dataset import load_manifest
+from beton_trainer.pipelines.augment import EvalTransform
+from beton_trainer.pipelines.memory import MEMORY, as_images, data_splits, folder_splits
+from beton_trainer.trainer.config import Recipe, apply_override, load_recipe
+from beton_trainer.trainer.loop import RunOptions, evaluate, split_loader, train
+from beton_trainer.trainer.modelio import make_model
 
 CUSTOM = "custom:"  # model.json's name for a model built in Python: "custom:<ClassName>"
 RESERVED_METRICS = ("loss", "accuracy", "count")

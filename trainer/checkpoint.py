@@ -23,8 +23,8 @@ from accelerate import Accelerator
 from accelerate.utils import load as weights_only_load
 from torch import nn
 
-from common.errors import UserError
-from common.files import fsync_path, sha256_file, write_json
+from beton_trainer.common.errors import UserError
+from beton_trainer.common.files import fsync_path, sha256_file, write_json
 
 PROGRESS = "progress.json"
 KEEP = 2

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from common.errors import UserError
-from trainer.config import load_recipe
-from trainer.distributed import launcher_overrides
-from trainer.loop import RunOptions, train
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.trainer.config import load_recipe
+from beton_trainer.trainer.distributed import launcher_overrides
+from beton_trainer.trainer.loop import RunOptions, train
 
 DESCRIPTION = """Train an image classifier from a recipe: `accelerate launch train.py --recipe c10_finetune`.
 
@@ -55,6 +56,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run() -> None:
+    """The `beton-train` command (and train.py)."""
+    run_cli(main, sys.argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, [*launcher_overrides(), *args.overrides])  # the user's --set wins
@@ -62,3 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                              deterministic=args.deterministic, check_syncs=args.check_syncs,
                              profile_steps=args.profile))
     return 0
+
+
+if __name__ == "__main__":
+    run()

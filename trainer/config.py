@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from common.errors import UserError, did_you_mean
-from common.schema import check_range, from_dict, to_dict
-from pipelines.augment import AugmentSpec
-from pipelines.base import MIN_RESOLUTION, ResolutionSchedule
+from beton_trainer import recipes
+from beton_trainer.common.errors import UserError, did_you_mean
+from beton_trainer.common.schema import check_range, from_dict, to_dict
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import MIN_RESOLUTION, ResolutionSchedule
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = Path(recipes.__file__).resolve().parent  # package data: found the same installed or not
 
 
 @dataclass
@@ -215,6 +216,11 @@ class Recipe:
         return sum(p.epochs for p in self.phases)
 
 
+def list_recipes() -> list[str]:
+    """The names of the recipes that ship with the package (`c10_finetune`, ...)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
 def recipe_path(name_or_path: str) -> Path:
     """`c10_finetune` -> recipes/c10_finetune.toml; a path to a .toml file is used as is."""
     path = Path(name_or_path)
@@ -224,7 +230,7 @@ def recipe_path(name_or_path: str) -> Path:
         return path
     path = RECIPES_DIR / f"{name_or_path}.toml"
     if not path.is_file():
-        names = [p.stem for p in RECIPES_DIR.glob("*.toml")]
+        names = list_recipes()
         raise UserError(f"unknown recipe '{name_or_path}'{did_you_mean(name_or_path, names)}; "
                         f"see recipes/ for the list ({len(names)} recipes)")
     return path

@@ -18,9 +18,9 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from common.errors import UserError
-from common.files import write_json
-from pipelines.dataset import MANIFEST, dataset_identity
+from beton_trainer.common.errors import UserError
+from beton_trainer.common.files import write_json
+from beton_trainer.format.dataset import MANIFEST, dataset_identity
 
 KEPT_IDENTITIES = 100  # entries of the node's identity cache (one per dataset version seen)
 

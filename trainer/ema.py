@@ -14,6 +14,10 @@ import copy
 import torch
 from torch import nn
 
+from beton_trainer.trainer.callbacks import Callback
+
+__all__ = ["Ema", "ModelEma"]
+
 
 class ModelEma:
     """`module` holds the averaged weights; `update(step)` blends the live model in on every k-th step."""
@@ -47,3 +51,22 @@ class ModelEma:
         state = dict(state)
         self.updates.copy_(state.pop("ema.updates"))
         self.module.load_state_dict(state)
+
+
+class Ema(Callback):
+    """recipe `ema_decay`: the run's weights as an exponential moving average (see the module's docstring)."""
+
+    def __init__(self, decay: float, every: int = 1) -> None:
+        self.decay, self.every = decay, every
+        self.ema: ModelEma | None = None
+
+    def on_fit_start(self, run) -> None:
+        self.ema = ModelEma(run.model, self.decay, self.every)
+        run.evaluated = self.ema.module
+        run.step_updates.append(self.ema.update)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict() if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.ema.load_state_dict(state)

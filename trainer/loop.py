@@ -30,28 +30,41 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm  # widget bars in notebooks (trainer.api), the console bar elsewhere
 
-from common.errors import UserError
-from common.files import write_json, write_text
-from common.schema import to_dict
-from models import count_parameters, model_summary
-from pipelines import build_loader
-from pipelines.base import Loader, LoaderOptions, varied_sizes
-from pipelines.dataset import Split, load_manifest
-from pipelines.tensor_loader import TensorLoader
-from trainer import checkpoint
-from trainer.config import EarlyStoppingConfig, PhaseConfig, Recipe, load_recipe, recipe_differences, recipe_to_toml
-from trainer.distributed import check_same_data
-from trainer.ema import ModelEma
-from trainer.metrics import topk_correct
-from trainer.modelio import make_model, model_info, save_weights
-from trainer.optim import build_optimizer, build_scheduler, check_module_prefixes, param_groups, set_trainable
-from trainer.profiling import StepProfiler
-from trainer.report import plot_history, write_reports
-from trainer.runlog import MetricsLog, new_run_dir, run_environment
-from trainer.step import EpochSums, EpochTotals, TrainStep, configure_backends
-from trainer.syncs import SyncCheck
-from trainer.teacher import load_teacher, train_teacher_first
-from trainer.timing import EpochTimes, Feed, StepTimer, starvation_warning
+from beton_trainer.common.errors import UserError
+from beton_trainer.common.files import write_json, write_text
+from beton_trainer.common.schema import to_dict
+from beton_trainer.format.dataset import Split, load_manifest
+from beton_trainer.models import count_parameters, model_summary
+from beton_trainer.pipelines import build_loader
+from beton_trainer.pipelines.base import Loader, LoaderOptions, varied_sizes
+from beton_trainer.pipelines.tensor_loader import TensorLoader
+from beton_trainer.trainer import checkpoint
+from beton_trainer.trainer.config import (
+    EarlyStoppingConfig,
+    PhaseConfig,
+    Recipe,
+    load_recipe,
+    recipe_differences,
+    recipe_to_toml,
+)
+from beton_trainer.trainer.distributed import check_same_data
+from beton_trainer.trainer.ema import ModelEma
+from beton_trainer.trainer.metrics import topk_correct
+from beton_trainer.trainer.modelio import make_model, model_info, save_weights
+from beton_trainer.trainer.optim import (
+    build_optimizer,
+    build_scheduler,
+    check_module_prefixes,
+    param_groups,
+    set_trainable,
+)
+from beton_trainer.trainer.profiling import StepProfiler
+from beton_trainer.trainer.report import plot_history, write_reports
+from beton_trainer.trainer.runlog import MetricsLog, new_run_dir, run_environment
+from beton_trainer.trainer.step import EpochSums, EpochTotals, TrainStep, configure_backends
+from beton_trainer.trainer.syncs import SyncCheck
+from beton_trainer.trainer.teacher import load_teacher, train_teacher_first
+from beton_trainer.trainer.timing import EpochTimes, Feed, StepTimer, starvation_warning
 
 LOG_EVERY = 50  # steps between progress-bar loss updates and non-finite checks (each one syncs the device)
 WARMUP_STEPS = 2  # first steps of an epoch the sync check leaves alone (epoch set-up, lazy optimizer state)
@@ -180,7 +193,7 @@ def split_loader(recipe: Recipe, accelerator: Accelerator, split: str, train: bo
 def build_data(recipe: Recipe, accelerator: Accelerator, memory: dict[str, Split] | None = None) -> Data:
     """The three loaders, each sharded over the processes and producing batches on the device."""
     if not recipe.data.path:
-        raise UserError("no dataset: pass --data DIR (a folder made by `python -m convert`) or set data.path")
+        raise UserError("no dataset: pass --data DIR (a folder made by `beton-convert`) or set data.path")
     if not memory:  # every rank reads the same records, or every rank stops with one line (before any collective)
         check_same_data(accelerator, recipe.data.path)
     manifest = memory["train"].manifest if memory else load_manifest(recipe.data.path)
@@ -402,7 +415,7 @@ def start(recipe: Recipe, options: RunOptions) -> Run | None:
     set_seed(recipe.seed)
     if finished_already(options, accelerator):
         return None
-    models_log = logging.getLogger("models")
+    models_log = logging.getLogger("beton_trainer.models")
     if accelerator.is_main_process and not models_log.handlers:  # the model builders report what they did
         models_log.addHandler(logging.StreamHandler(sys.stdout))  # once per process (the API runs many)
         models_log.setLevel(logging.INFO)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.config import Recipe
+from beton_trainer.trainer.config import Recipe
 
 
 def loss_terms(recipe: Recipe, logits: torch.Tensor, targets: torch.Tensor,

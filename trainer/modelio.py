@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from common.files import atomic_path
-from models import PretrainedReport, build_model
-from pipelines.base import CENTER_CROP_RATIO, model_image_shape, varied_sizes
-from trainer.config import Recipe
+from beton_trainer.common.files import atomic_path
+from beton_trainer.models import PretrainedReport, build_model
+from beton_trainer.pipelines.base import CENTER_CROP_RATIO, model_image_shape, varied_sizes
+from beton_trainer.trainer.config import Recipe
 
 
 def model_info(recipe: Recipe, manifest: dict) -> dict:
@@ -49,12 +49,12 @@ def make_model(info: dict, pretrained: bool | str = False) -> nn.Module:
     if pretrained:
         kwargs["pretrained"] = pretrained
     reports = _Reports()
-    logging.getLogger("models").addHandler(reports)
+    logging.getLogger("beton_trainer.models").addHandler(reports)
     try:
         model = build_model(info["name"], num_classes=info["num_classes"], image_shape=tuple(info["image_shape"]),
                             **kwargs)
     finally:
-        logging.getLogger("models").removeHandler(reports)
+        logging.getLogger("beton_trainer.models").removeHandler(reports)
     if reports.found:
         model.pretrained_report = reports.found[-1]
     return model

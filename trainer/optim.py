@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from common.errors import UserError
-from trainer.config import OptimizerConfig, PhaseConfig, ScheduleConfig
+from beton_trainer.common.errors import UserError
+from beton_trainer.trainer.config import OptimizerConfig, PhaseConfig, ScheduleConfig
 
 
 def _matches(name: str, prefixes: list[str]) -> bool:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from common.errors import UserError
-from common.files import atomic_path, write_text
+from beton_trainer.common.errors import UserError
+from beton_trainer.common.files import atomic_path, write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

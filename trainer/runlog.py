@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
-from common.files import atomic_path
+from beton_trainer.common.errors import UserError
+from beton_trainer.common.files import atomic_path
 
 PACKAGES = ("torch", "torchvision", "accelerate", "timm", "numpy", "ffcv", "nvidia-dali-cuda130", "nvidia-dali-cuda120")
 

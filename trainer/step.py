@@ -16,10 +16,10 @@ from accelerate import Accelerator
 from accelerate.utils.modeling import get_mixed_precision_context_manager
 from torch import nn
 
-from trainer.config import Recipe
-from trainer.ema import ModelEma
-from trainer.losses import loss_terms
-from trainer.profiling import unlabelled
+from beton_trainer.trainer.config import Recipe
+from beton_trainer.trainer.ema import ModelEma
+from beton_trainer.trainer.losses import loss_terms
+from beton_trainer.trainer.profiling import unlabelled
 
 
 def configure_backends(device: torch.device, *, deterministic: bool = False, strict_fp32: bool = False) -> dict:
@@ -146,7 +146,7 @@ class TrainStep:
         self.optimizer_step = inner.step if direct else optimizer.step
         self.zero_grad = inner.zero_grad if direct else optimizer.zero_grad
         if accelerator.scaler is not None and not getattr(inner, "_step_supports_amp_scaling", False):
-            from common.errors import UserError
+            from beton_trainer.common.errors import UserError
 
             raise UserError(f"precision fp16 with {type(inner).__name__}: torch has no fused kernel for it, so the "
                             "loss scaler would read found_inf on the host every step; use precision=bf16, or "

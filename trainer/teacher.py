@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from common.errors import UserError
-from trainer.config import Recipe
-from trainer.modelio import make_model
+from beton_trainer.common.errors import UserError
+from beton_trainer.trainer.config import Recipe
+from beton_trainer.trainer.modelio import make_model
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+TRAIN_COMMAND = [sys.executable, "-m", "beton_trainer.trainer.cli"]  # train.py, installed or not
 TEACHER_IDLE_S = 3600.0  # a waiting rank gives up once the teacher's folder has not changed for this long
 POLL_S = 2.0
 DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -39,7 +39,7 @@ def train_teacher_first(recipe: Recipe, cpu: bool) -> None:
         wait_for_teacher(folder, rank)
         return
     print(f"training the teacher first: recipe {kd.teacher_recipe} -> {folder}", flush=True)
-    command = [sys.executable, str(TRAIN_SCRIPT), "--recipe", kd.teacher_recipe,
+    command = [*TRAIN_COMMAND, "--recipe", kd.teacher_recipe,
                "--data", recipe.data.path, "--run-dir", str(folder)]
     command += ["--cpu"] if cpu else []
     command += ["--resume", "auto"] if (folder / "config.toml").is_file() else []  # an interrupted teacher

@@ -16,8 +16,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.errors import UserError, run_cli
-from common.files import atomic_path, sha256_file, write_text
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.common.files import atomic_path, sha256_file, write_text
 
 PART_BYTES = 55_000_000  # at most 55 MB a part
 GROUP_BYTES = 60 * 2**20  # at most 60 MiB a call, leaving room for the working tree in its 64 MiB

@@ -41,12 +41,12 @@ from benchmarks.loader_checks import (
     position_images,
 )
 from benchmarks.loaders import environment
-from common.errors import UserError, run_cli
-from common.schema import from_dict
-from pipelines import BACKENDS, build_loader
-from pipelines.augment import AugmentSpec
-from pipelines.base import LoaderOptions, rank_indices
-from pipelines.dataset import open_split
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.common.schema import from_dict
+from beton_trainer.format.dataset import open_split
+from beton_trainer.pipelines import BACKENDS, build_loader
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import LoaderOptions, rank_indices
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAIN = {"crop": {"padding": 4}, "flip": {"p": 0.5}, "jitter": {"brightness": 0.3, "contrast": 0.3},
@@ -147,8 +147,8 @@ def check_identity(backend: str, data: Path, device: torch.device, max_batches: 
 
 def _position_batches(backend: str, device: torch.device, spec: dict) -> list:
     """One train epoch over 2,000 position-coded images (the CPU tests' `run_arrays`, on `device`)."""
-    from pipelines.dali_loader import DaliLoader
-    from pipelines.tensor_loader import TensorLoader
+    from beton_trainer.pipelines.dali_loader import DaliLoader
+    from beton_trainer.pipelines.tensor_loader import TensorLoader
 
     cls = {"tensor": TensorLoader, "dali": DaliLoader}[backend]
     images = position_images(2000)
@@ -196,7 +196,7 @@ def check_same_as_tensor(data: Path, device: torch.device, max_batches: int) -> 
 
 def check_dali_device(device: torch.device) -> str:
     """Run the DALI graph once and look at where its output lives: GPU ops give a TensorListGPU."""
-    from pipelines.dali_loader import DaliLoader
+    from beton_trainer.pipelines.dali_loader import DaliLoader
 
     images = position_images(64)
     opts = options(Path("."), "train", device, train=True, spec=CHAIN, batch_size=64)

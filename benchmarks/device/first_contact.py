@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.time_to_accuracy import read_run
-from common.errors import UserError, run_cli
-from common.files import write_json, write_text
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.common.files import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 TARBALL = ROOT / ".device-data" / "cifar10-jpeg.tar.xz"

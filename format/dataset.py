@@ -18,8 +18,8 @@ from typing import NoReturn
 
 import numpy as np
 
-from common.errors import UserError
-from pipelines.beton import CONVERT_HINT, BetonFile
+from beton_trainer.common.errors import UserError
+from beton_trainer.format.beton import CONVERT_HINT, BetonFile
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")

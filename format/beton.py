@@ -34,7 +34,7 @@ from typing import NoReturn
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from common.errors import UserError
+from beton_trainer.common.errors import UserError
 
 VERSION = 2
 HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
@@ -49,7 +49,7 @@ JPG_MODE, RAW_MODE = 0, 1  # ffcv.fields.rgb_image.IMAGE_MODES
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 1 << 21, 1 << 32  # ffcv.writer's bounds; page sizes are powers of two
 MAX_FIELDS = 64
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's bomb threshold, the converter's --max-pixels default (crop_decode.c too)
-CONVERT_HINT = "create it with `python -m convert <dataset> --src PATH --out DIR`"
+CONVERT_HINT = "create it with `beton-convert <dataset> --src PATH --out DIR`"
 CONVERT_AGAIN = "convert the dataset again with --force"
 ENCODE_CHUNK = 1024  # records encoded per batch of threads: memory stays bounded for any split size
 
