@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import mmap
 import os
 import shutil
 import statistics
@@ -102,18 +101,10 @@ def read_bytes() -> int:
     return int(fields["read_bytes"])
 
 
-def drop_mapped(loader: Loader) -> None:
-    """Unmap the pages FFCV's os_cache memory map holds, so that `evict` can drop them (the kernel keeps mapped
-    pages); FFCV keeps that map open for its Loader's life, and training builds one Loader per run."""
-    context = getattr(getattr(loader, "_loader", None), "memory_manager", None)
-    memory_map = getattr(getattr(context, "context", None), "mmap", None)
-    if memory_map is not None:
-        memory_map._mmap.madvise(mmap.MADV_DONTNEED)
-
-
 def cold_epoch(loader: Loader, files: list[Path], epoch: int, device: torch.device) -> dict[str, float]:
     """One epoch after evicting `files`: images, seconds, set-up seconds (to the first batch), bytes read."""
-    drop_mapped(loader)
+    if hasattr(loader, "unmap_page_cache"):  # FFCV's os_cache map: the kernel keeps mapped pages
+        loader.unmap_page_cache()
     evict(files)
     before, start = read_bytes(), time.perf_counter()
     loader.set_epoch(epoch)

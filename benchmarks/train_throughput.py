@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from torch import nn
 
 from benchmarks.flops import flops_per_image, peak_flops
@@ -36,6 +35,7 @@ from beton_trainer.format.dataset import load_manifest
 from beton_trainer.models import build_model
 from beton_trainer.pipelines.base import LoaderOptions
 from beton_trainer.trainer.config import PhaseConfig, Recipe, load_recipe
+from beton_trainer.trainer.distributed import reset_accelerate_state
 from beton_trainer.trainer.optim import build_optimizer, build_scheduler, param_groups
 from beton_trainer.trainer.step import EpochSums, TrainStep, configure_backends
 from beton_trainer.trainer.timing import StepTimer
@@ -77,7 +77,7 @@ def shared_step(model: nn.Module, recipe: Recipe, config: StepConfig, device: to
                 compile_mode: str) -> tuple[TrainStep, EpochSums]:
     """The trainer's own step (Accelerate's autocast, scaler and wrappers, c10_finetune's last-phase
     optimizer and schedule, the running sums) on `model`, set up as `config` says."""
-    AcceleratorState._reset_state(True)  # one Accelerator per row: each row has its own precision
+    reset_accelerate_state()  # one Accelerator per row: each row has its own precision
     accelerator = Accelerator(mixed_precision=config.precision, cpu=device.type == "cpu")
     configure_backends(device)  # cuDNN autotuning and TF32 as train.py sets them
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format

@@ -29,14 +29,16 @@ _here = Path(__file__).resolve().parent
 if not (_here / "trainer").is_dir() and (_here.parent / "trainer" / "loop.py").is_file():
     __path__.append(str(_here.parent))  # a source checkout (editable install or none): see the docstring
 
-_EXPORTS = {
+_EXPORTS = {  # name -> "module" (or "module:attribute" where the name differs there)
     # the Python API
     "Trainer": "beton_trainer.trainer.api",
     "FitResult": "beton_trainer.trainer.api",
     "Prediction": "beton_trainer.trainer.api",
     "load_run": "beton_trainer.trainer.api",
     "Callback": "beton_trainer.trainer.callbacks",
-    "RunState": "beton_trainer.trainer.callbacks",
+    "Run": "beton_trainer.trainer.state",
+    "RunOptions": "beton_trainer.trainer.state",
+    "train": "beton_trainer.trainer.loop",
     # recipes
     "Recipe": "beton_trainer.trainer.config",
     "load_recipe": "beton_trainer.trainer.config",
@@ -44,14 +46,14 @@ _EXPORTS = {
     # data
     "convert_dataset": "beton_trainer.convert",
     "build_loader": "beton_trainer.pipelines",
-    "LoaderOptions": "beton_trainer.pipelines",
-    "AugmentSpec": "beton_trainer.pipelines",
+    "LoaderOptions": "beton_trainer.pipelines.base",
+    "AugmentSpec": "beton_trainer.pipelines.augment",
     "load_manifest": "beton_trainer.format",
     "open_split": "beton_trainer.format",
     # models
     "build_model": "beton_trainer.models",
     "list_models": "beton_trainer.models",
-    "register_model": "beton_trainer.models",
+    "register_model": "beton_trainer.models:register",
     # errors
     "UserError": "beton_trainer.common.errors",
 }
@@ -60,10 +62,11 @@ __all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    where = _EXPORTS.get(name)
+    if where is None:
         raise AttributeError(f"module 'beton_trainer' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
+    module, _, attribute = where.partition(":")
+    value = getattr(importlib.import_module(module), attribute or name)
     globals()[name] = value
     return value
 

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from difflib import get_close_matches
 
+__all__ = ["UserError", "did_you_mean", "run_cli"]
+
 
 class UserError(Exception):
     """A problem with the user's input (path, file, recipe, flag) that they can fix."""

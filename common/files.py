@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+__all__ = ["atomic_path", "fsync_path", "hash_into", "sha256_file", "write_json", "write_text"]
+
 BLOCK = 1 << 22  # 4 MiB reads: sources and .beton files can be GBs
 
 

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 from beton_trainer.common.errors import UserError, did_you_mean
 
+__all__ = ["check_range", "from_dict", "to_dict"]
+
 T = TypeVar("T")
 
 

@@ -23,6 +23,8 @@ from typing import BinaryIO
 
 from beton_trainer.common.errors import UserError
 
+__all__ = ["Limits", "MAX_FILE_BYTES", "Member", "bomb_error", "expansion_limit", "walk"]
+
 MAX_FILE_BYTES = 1 << 30  # no image or dataset file is near 1 GiB (CIFAR-100's largest pickle: 155 MB)
 MIN_EXPANSION_BYTES = 1 << 30  # small archives may expand by any ratio up to this
 Skip = Callable[[str, str], None]  # skip(path, reason): list the file, or raise under --strict

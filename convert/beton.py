@@ -17,6 +17,8 @@ from beton_trainer.convert.spill import image_shapes
 from beton_trainer.format.beton import BetonFile, encode_jpeg, page_size_for, write_beton_file
 from beton_trainer.format.splits import SplitData
 
+__all__ = ["ENCODINGS", "jpeg_plan", "storage_for", "verify_beton", "write_beton"]
+
 VERIFY_SAMPLES = 256
 JPEG_MARGIN = 1 << 16  # room in a page for a JPEG that came out bigger than its raw pixels
 

@@ -28,6 +28,8 @@ from beton_trainer.convert.spill import ImageSpill, SpilledImages, image_shapes
 from beton_trainer.format.dataset import MANIFEST, dataset_identity, load_manifest
 from beton_trainer.format.splits import SplitData, carve_val, channel_stats
 
+__all__ = ["convert_dataset"]
+
 FORMAT_VERSION = 1
 CONVERTER_VERSION = "1.1"
 ALL_SPLITS = ("train", "val", "test")

@@ -12,6 +12,8 @@ from beton_trainer.convert.build import convert_dataset
 from beton_trainer.convert.images import DEFAULT_MAX_PIXELS
 from beton_trainer.convert.sources import DATASETS
 
+__all__ = ["build_parser", "main", "run"]
+
 EXAMPLES = """examples:
   beton-convert cifar10 --src ~/data/cifar-10-batches-py --out data      # or cifar-10-python.tar.gz
   beton-convert cifar100 --src ~/data/cifar-100-python.tar.gz --out data --val-fraction 0.1

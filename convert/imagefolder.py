@@ -24,6 +24,8 @@ from beton_trainer.convert.sources import ReadOptions, SkipList, SourceData
 from beton_trainer.convert.spill import ImageSpill, SpilledImages
 from beton_trainer.format.splits import SplitData
 
+__all__ = ["GIF_POLICY", "IMAGE_SUFFIXES", "read_imagefolder"]
+
 SPLIT_FOLDERS = ("train", "val", "test")
 # torchvision's IMG_EXTENSIONS without .gif; compared in lower case, so .JPG and .JPEG count
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")

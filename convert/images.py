@@ -27,6 +27,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import MAX_PIXELS
 
+__all__ = ["DEFAULT_MAX_PIXELS", "DecodeOptions", "decode_image", "decode_in_order", "default_workers",
+           "image_signature"]
+
 DEFAULT_MAX_PIXELS = MAX_PIXELS  # PIL's own bomb threshold: 89,478,485 pixels (a 3 x 8-bit 256 MiB); one limit
 MAX_SIDE = 65535  # FFCV stores heights and widths as 16-bit numbers
 CHUNK_FILES, CHUNK_BYTES = 32, 4 << 20  # files sent to a worker at once; a few chunks per worker in flight

@@ -23,6 +23,8 @@ from beton_trainer.convert.images import DecodeOptions, default_workers
 from beton_trainer.convert.unpickle import load_cifar_pickle
 from beton_trainer.format.splits import SplitData
 
+__all__ = ["DATASETS", "ReadOptions", "SkipList", "SourceData", "download", "read_source", "source_stem"]
+
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
 SPLITS = ("train", "test")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")

@@ -20,6 +20,8 @@ import numpy as np
 
 from beton_trainer.common.errors import UserError
 
+__all__ = ["ImageSpill", "SpilledImages", "image_shapes"]
+
 
 class ImageSpill:
     """The file: `append` while decoding, then read image k back with `read` (a copy, in any order)."""

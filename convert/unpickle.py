@@ -29,6 +29,8 @@ try:
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct
 
+__all__ = ["load_cifar_pickle"]
+
 
 def _latin1(text: str, encoding: str = "utf-8") -> bytes:
     """`_codecs.encode` as protocol-2 pickles use it for bytes, refusing any other codec."""

@@ -21,6 +21,8 @@ import numpy as np
 from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import CONVERT_HINT, BetonFile
 
+__all__ = ["MANIFEST", "Split", "dataset_identity", "load_manifest", "open_beton", "open_split"]
+
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 

@@ -3,8 +3,16 @@
 Importing the model modules registers them; `timm:<name>` reaches any timm architecture.
 """
 
-from beton_trainer.models import cnn, mlp, resnet  # noqa: F401  (importing registers the models)
-from beton_trainer.models.registry import build_model, count_parameters, head_module_name, list_models, model_summary
+from beton_trainer.models import cnn, mlp, resnet, timm_models  # noqa: F401  (importing registers the models)
+from beton_trainer.models.registry import (
+    build_model,
+    count_parameters,
+    head_module_name,
+    list_models,
+    model_summary,
+    register,
+    register_family,
+)
 from beton_trainer.models.resnet import PretrainedReport, load_pretrained
 
 __all__ = [
@@ -15,4 +23,6 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "model_summary",
+    "register",
+    "register_family",
 ]

@@ -23,6 +23,8 @@ from torchvision.models.resnet import BasicBlock
 from beton_trainer.common.schema import check_range
 from beton_trainer.models.registry import ImageShape, register, require_min_side
 
+__all__: list[str] = []
+
 
 @dataclass
 class CNNOptions:

@@ -17,6 +17,8 @@ from torch import nn
 from beton_trainer.common.schema import check_range
 from beton_trainer.models.registry import ImageShape, register
 
+__all__: list[str] = []
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 

@@ -3,7 +3,8 @@
 Each model registers a builder with `@register(name, options=SomeDataclass, head="fc")`. The options
 dataclass is the model's kwargs: `from_dict` checks keys and types, its `__post_init__` checks
 ranges, so a typo in a recipe is a one-line UserError instead of a TypeError deep in a constructor.
-Names of the form `timm:<name>` go to timm (see models/timm_models.py).
+A family of models named by a prefix (`timm:<name>`, see models/timm_models.py) registers a builder and a
+head-name function with `register_family`. The registry imports none of the modules that register into it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from torch import nn
 from beton_trainer.common.errors import UserError, did_you_mean
 from beton_trainer.common.schema import from_dict
 
+__all__ = ["ImageShape", "build_model", "count_parameters", "head_module_name", "list_models", "model_summary",
+           "register", "register_family", "require_min_side"]
+
 ImageShape = tuple[int, int, int]  # (H, W, C), as in the data manifest
 Builder = Callable[..., nn.Module]  # builder(num_classes, image_shape, options) -> nn.Module
 
@@ -28,8 +32,14 @@ class _Entry:
     head: str
 
 
+@dataclass(frozen=True)
+class _Family:
+    build: Callable[[str, int, ImageShape, dict[str, Any]], nn.Module]  # (name after the prefix, classes, shape, args)
+    head: Callable[[str], str]  # name after the prefix -> the classifier's module name
+
+
 _MODELS: dict[str, _Entry] = {}
-TIMM_PREFIX = "timm:"
+_FAMILIES: dict[str, _Family] = {}
 
 
 def register(name: str, *, options: type, head: str) -> Callable[[Builder], Builder]:
@@ -44,15 +54,31 @@ def register(name: str, *, options: type, head: str) -> Callable[[Builder], Buil
     return add
 
 
+def register_family(prefix: str, build: Callable[[str, int, ImageShape, dict[str, Any]], nn.Module],
+                    head: Callable[[str], str]) -> None:
+    """Models named `<prefix><name>` (e.g. `timm:resnet18`): `build(name, num_classes, image_shape, args)` makes
+    one, `head(name)` names its classifier module."""
+    if prefix in _FAMILIES:
+        raise ValueError(f"model family '{prefix}' is registered twice")
+    _FAMILIES[prefix] = _Family(build, head)
+
+
 def list_models() -> list[str]:
-    """The registered model names (any timm model is also available as `timm:<name>`)."""
+    """The registered model names (families such as `timm:<name>` reach more)."""
     return sorted(_MODELS)
+
+
+def _family(name: str) -> tuple[_Family, str] | None:
+    """The family a prefixed name belongs to, and the name after the prefix."""
+    prefix = next((p for p in _FAMILIES if name.startswith(p)), None)
+    return (_FAMILIES[prefix], name[len(prefix):]) if prefix else None
 
 
 def _entry(name: str) -> _Entry:
     if name not in _MODELS:
+        families = "".join(f", or {p}<name>" for p in sorted(_FAMILIES))
         raise UserError(f"unknown model '{name}'{did_you_mean(name, _MODELS)}; choose one of "
-                        f"{', '.join(list_models())}, or {TIMM_PREFIX}<name> for any timm model")
+                        f"{', '.join(list_models())}{families}")
     return _MODELS[name]
 
 
@@ -69,10 +95,9 @@ def build_model(name: str, *, num_classes: int, image_shape: ImageShape, **kwarg
     if num_classes < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}; check the dataset manifest")
     shape = _check_image_shape(image_shape)
-    if name.startswith(TIMM_PREFIX):
-        from beton_trainer.models.timm_models import build_timm
-
-        return build_timm(name[len(TIMM_PREFIX):], num_classes, shape, kwargs)
+    family = _family(name)
+    if family:
+        return family[0].build(family[1], num_classes, shape, kwargs)
     entry = _entry(name)
     if "pretrained" in kwargs and "pretrained" not in {f.name for f in fields(entry.options)}:
         raise UserError(f"model '{name}' has no pretrained weights to load; set model.pretrained=false "
@@ -82,11 +107,8 @@ def build_model(name: str, *, num_classes: int, image_shape: ImageShape, **kwarg
 
 def head_module_name(name: str) -> str:
     """Dotted name of model `name`'s classifier head (for `get_submodule`: freezing, its own LR)."""
-    if name.startswith(TIMM_PREFIX):
-        from beton_trainer.models.timm_models import timm_head_name
-
-        return timm_head_name(name[len(TIMM_PREFIX):])
-    return _entry(name).head
+    family = _family(name)
+    return family[0].head(family[1]) if family else _entry(name).head
 
 
 def require_min_side(image_shape: ImageShape, min_side: int, what: str, fix: str) -> None:

@@ -27,6 +27,8 @@ from beton_trainer.common.errors import UserError
 from beton_trainer.common.schema import check_range
 from beton_trainer.models.registry import ImageShape, register, require_min_side
 
+__all__ = ["BlurPoolConv2d", "PretrainedReport", "load_pretrained"]
+
 log = logging.getLogger(__name__)
 
 REPLACED_PREFIXES = ("conv1.", "fc.")  # layers that differ from the ImageNet model and train from scratch

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
-from timm.models import get_pretrained_cfg
 from torch import nn
 
 from beton_trainer.common.errors import UserError, did_you_mean
-from beton_trainer.models.registry import ImageShape
+from beton_trainer.models.registry import ImageShape, register_family
+
+__all__: list[str] = []
+
+PREFIX = "timm:"
 
 
 def _check_name(name: str) -> None:
+    import timm  # here, not at import: timm costs about a second, and only a timm model needs it
+
     if not timm.is_model(name):
         raise UserError(f"unknown timm model '{name}'{did_you_mean(name, timm.list_models())}; "
                         "see timm.list_models() for the names")
@@ -31,6 +35,8 @@ def build_timm(name: str, num_classes: int, image_shape: ImageShape, kwargs: dic
     if "pretrained" in kwargs:
         raise UserError(f"model.pretrained is not supported for timm:{name} (timm weights need the Hugging "
                         "Face hub); remove it, or use resnet18_cifar/resnet34_cifar with pretrained")
+    import timm
+
     h, w, c = image_shape
     args = {"num_classes": num_classes, "in_chans": c, **kwargs}
     try:
@@ -58,9 +64,14 @@ def _probe(model: nn.Module, image_shape: ImageShape) -> None:
 
 def timm_head_name(name: str) -> str:
     """The classifier's module name from timm's config for `name` ('fc', 'head', 'head.fc', ...)."""
+    from timm.models import get_pretrained_cfg
+
     _check_name(name)
     cfg = get_pretrained_cfg(name)
     if cfg is None or not cfg.classifier:
         raise UserError(f"timm does not name the classifier of '{name}'; pick another model to freeze/"
                         "re-weight its head")
     return cfg.classifier
+
+
+register_family(PREFIX, build_timm, timm_head_name)

@@ -10,6 +10,8 @@ from beton_trainer.common.errors import UserError, did_you_mean
 if TYPE_CHECKING:  # the converters import format.dataset without paying for torch
     from beton_trainer.pipelines.base import Loader, LoaderOptions
 
+__all__ = ["BACKENDS", "build_loader"]
+
 BACKENDS = {
     "tensor": ("beton_trainer.pipelines.tensor_loader", "TensorLoader", None),
     "ffcv": ("beton_trainer.pipelines.ffcv_loader", "FfcvLoader", "ffcv"),

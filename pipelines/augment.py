@@ -21,6 +21,11 @@ from torch import Tensor
 from beton_trainer.common.errors import UserError
 from beton_trainer.common.schema import check_range
 
+__all__ = ["AffineSpec", "AugmentSpec", "EraseSpec", "EvalTransform", "JitterSpec", "MixSpec", "Normalize",
+           "TrainTransform", "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation", "affine",
+           "color_jitter", "crop_at", "random_affine", "random_crop", "random_erase", "random_flip",
+           "select_samples", "soft_targets"]
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 

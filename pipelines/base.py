@@ -18,8 +18,14 @@ import numpy as np
 import torch
 
 from beton_trainer.common.errors import UserError
-from beton_trainer.format.dataset import BetonFile, Split, open_split
+from beton_trainer.format.beton import BetonFile
+from beton_trainer.format.dataset import Split, open_split
 from beton_trainer.pipelines.augment import AugmentSpec, EvalTransform, TrainTransform
+
+__all__ = ["ArrayLoader", "CENTER_CROP_RATIO", "Loader", "LoaderOptions", "MIN_RESOLUTION", "RRC_RATIO",
+           "RRC_SCALE", "ResolutionSchedule", "ShardedLoader", "cache_pages", "default_block_pages",
+           "model_image_shape", "num_batches", "page_aware_indices", "rank_indices", "record_pages",
+           "stratified_subset", "varied_sizes"]
 
 MIN_RESOLUTION = 8  # the smallest crop side a photo loader makes
 RRC_SCALE = (0.08, 1.0)  # RandomResizedCrop: area fraction of the source image

@@ -24,6 +24,10 @@ from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import BetonFile
 from beton_trainer.pipelines.base import cache_pages, record_pages
 
+__all__ = ["BUDGET_ENV", "MemoryNeed", "PAGE_AWARE_FIX", "TENSOR_CHUNK", "USE_FFCV", "cgroup_free", "check",
+           "choose_order", "dali_need", "decoded_bytes", "ffcv_need", "free_host", "gb", "host_free",
+           "record_bytes", "tensor_need"]
+
 GB = 1e9
 BUDGET_ENV = "BETON_MEMORY_BUDGET_GB"
 MEMINFO = Path("/proc/meminfo")

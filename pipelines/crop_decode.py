@@ -34,6 +34,8 @@ from ffcv.fields.rgb_image import (
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.compiler import Compiler
 
+__all__ = ["CenterCropDecoder", "dct_scale", "decode_region", "photo_decoders", "resize_area"]
+
 LIBRARY = f"{__package__}._crop_decode"  # built from crop_decode.c by setup.py, where a compiler and libjpeg are
 NOT_BUILT = (f"warning: {LIBRARY} (the FFCV photo path's crop decoder) is not built, so FFCV's own decoders "
              "decode whole images (about 2x slower); install a C compiler and libjpeg headers (e.g. apt-get install "

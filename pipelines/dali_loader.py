@@ -44,6 +44,8 @@ from beton_trainer.pipelines.base import (
 )
 from beton_trainer.pipelines.budget import PAGE_AWARE_FIX, USE_FFCV, check, dali_need
 
+__all__ = ["DaliLoader"]
+
 # torch's "reflect" does not repeat the edge pixel, which is DALI's "reflect_101"
 OUT_OF_BOUNDS = {"constant": "pad", "reflect": "reflect_101"}
 
@@ -89,7 +91,7 @@ class DaliLoader(ArrayLoader):
             for idx in batches:
                 yield self._source_batch(idx)
 
-        pipe = self._pipeline(source, seed)
+        pipe = self.pipeline(source, seed)
         outputs = DALIGenericIterator(pipe, ["images"], last_batch_policy=LastBatchPolicy.PARTIAL)
         device_order = torch.from_numpy(order).to(o.device)  # one upload per epoch; batches slice it on the device
         for b, (out,) in enumerate(outputs):
@@ -114,7 +116,7 @@ class DaliLoader(ArrayLoader):
         """(H, W, C) of the images `_read` gives."""
         return self.images.shape[1:]
 
-    def _pipeline(self, source: Callable[[], Iterator[np.ndarray | list[np.ndarray]]], seed: int):
+    def pipeline(self, source: Callable[[], Iterator[np.ndarray | list[np.ndarray]]], seed: int):
         """The spec as a DALI graph: crop -> flip -> affine -> jitter (uint8 HWC) -> normalize (float CHW)
         -> erase."""
         from nvidia.dali import Pipeline, fn, types

@@ -31,6 +31,7 @@ reproducible, the crop positions do not.
 
 from __future__ import annotations
 
+import mmap
 import queue
 import traceback
 from collections.abc import Iterator
@@ -51,6 +52,8 @@ from beton_trainer.pipelines.base import (
 )
 from beton_trainer.pipelines.budget import PAGE_AWARE_FIX, check, choose_order, ffcv_need, record_bytes
 
+__all__ = ["FfcvLoader"]
+
 
 class FfcvLoader(ShardedLoader):
     """Implements `pipelines.base.Loader` over one split's `.beton`, read by FFCV."""
@@ -64,7 +67,7 @@ class FfcvLoader(ShardedLoader):
         super().__init__(options, n=len(beton), mean=manifest["mean"], std=manifest["std"],
                          num_classes=len(manifest["classes"]), labels=beton.labels())
         self.varied = varied_sizes(manifest)
-        self._loader = None  # FFCV's Loader, built at the first epoch
+        self.ffcv_loader = None  # FFCV's own Loader, built at the first epoch (tests look at its parts)
         self.decoder = self._image_decoder(grey=beton.storage == "ndarray")
         self._plan_memory(beton)
 
@@ -103,7 +106,7 @@ class FfcvLoader(ShardedLoader):
             return random_crop(side, scale=RRC_SCALE, ratio=RRC_RATIO)
         return centre_crop(side, ratio=CENTER_CROP_RATIO)
 
-    def _ffcv_loader(self, first_order):
+    def _build_ffcv_loader(self, first_order):
         """The FFCV Loader, built once (its numba pipeline and memory manager cost ~1 s a build); each
         epoch gives its SEQUENTIAL traversal that epoch's order as `indices`. Its length comes from `first_order`,
         a full epoch's order, so the shorter order of a mid-epoch resume is never cut.
@@ -138,10 +141,10 @@ class FfcvLoader(ShardedLoader):
         if self.varied:  # FFCV sizes its buffers from output_size when an epoch starts (as ffcv-imagenet does);
             self.decoder.output_size = (self.crop_side(),) * 2  # its compiled code takes sizes from the buffers
         threads = torch.get_num_threads()  # FFCV sets torch's to its worker count in both calls below
-        if self._loader is None:
-            self._loader = self._ffcv_loader(order)
-        self._loader.traversal_order.indices = order[start * o.batch_size:]  # Sequential visits these
-        epoch = iter(self._loader)
+        if self.ffcv_loader is None:
+            self.ffcv_loader = self._build_ffcv_loader(order)
+        self.ffcv_loader.traversal_order.indices = order[start * o.batch_size:]  # Sequential visits these
+        epoch = iter(self.ffcv_loader)
         torch.set_num_threads(threads)  # the training loop owns torch's CPU threads
         try:
             for b, (images, labels) in enumerate(epoch, start):
@@ -151,6 +154,14 @@ class FfcvLoader(ShardedLoader):
         finally:
             epoch.close()  # an epoch cut short (max_steps_per_epoch) stops FFCV's thread now, not at collection
 
+    def unmap_page_cache(self) -> None:
+        """Let the kernel drop the pages FFCV's os_cache memory map holds (it keeps mapped pages, and FFCV keeps
+        the map open for its Loader's life): for measuring epochs from a cold page cache. Nothing to do before
+        the first epoch or without os_cache."""
+        manager = getattr(self.ffcv_loader, "memory_manager", None)
+        memory_map = getattr(getattr(manager, "context", None), "mmap", None)
+        if memory_map is not None:
+            memory_map._mmap.madvise(mmap.MADV_DONTNEED)  # numpy's memmap has no public way to reach its mmap
 
 
 class LoaderWorkerError(UserError):

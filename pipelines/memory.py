@@ -21,6 +21,8 @@ from beton_trainer.common.errors import UserError
 from beton_trainer.format.dataset import Split, load_manifest, open_split
 from beton_trainer.format.splits import SplitData, carve_val, channel_stats
 
+__all__ = ["MEMORY", "as_images", "data_splits", "folder_splits"]
+
 MEMORY = Path("<memory>")  # the data path an in-memory run records
 CHANNELS = (1, 3)
 SPLITS = ("train", "val", "test")

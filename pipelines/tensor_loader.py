@@ -17,6 +17,8 @@ from beton_trainer.format.dataset import Split, load_manifest, open_beton
 from beton_trainer.pipelines.base import ArrayLoader, LoaderOptions, ShardedLoader, varied_sizes
 from beton_trainer.pipelines.budget import TENSOR_CHUNK, USE_FFCV, check, tensor_need
 
+__all__ = ["TensorLoader"]
+
 
 class TensorLoader(ArrayLoader):
     """Implements `pipelines.base.Loader` over a split held on `options.device`."""

@@ -21,6 +21,8 @@ from typing import Any, Literal
 from beton_trainer.common.errors import UserError, did_you_mean
 from beton_trainer.trainer.config import load_recipe
 
+__all__ = ["Plot", "Run", "SCALES", "STUDIES", "Study", "get_study", "study_run_dir", "study_runs"]
+
 SCALES = ("smoke", "medium", "cpu", "full")
 
 

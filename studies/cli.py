@@ -30,6 +30,8 @@ from beton_trainer.studies.results import (
 )
 from beton_trainer.studies.runner import execute, is_done, plan
 
+__all__ = ["main", "parse_args", "run"]
+
 # per scale: sample images for the filter probes; images, 1-D points and 2-D grid side for the landscape
 PROBE_SIZES = {"smoke": (4, 256, 11, 7), "full": (8, 1024, 21, 21)}
 

@@ -13,6 +13,8 @@ from torch import nn
 
 from beton_trainer.studies.report import Section
 
+__all__ = ["filter_normalized_direction", "landscape_probe", "loss_surface"]
+
 EVAL_BATCH = 256
 
 

@@ -10,6 +10,8 @@ from matplotlib.figure import Figure
 from beton_trainer.studies.catalog import Plot
 from beton_trainer.studies.results import RunResult, is_number
 
+__all__ = ["draw"]
+
 
 def _ordered(values: list[Any]) -> list[Any]:
     """Distinct values: sorted when all are numbers, else in order of appearance."""

@@ -11,6 +11,8 @@ from torch import nn
 
 from beton_trainer.studies.report import Section
 
+__all__ = ["conv_output_size", "filters_probe", "stride_padding_probe"]
+
 MAX_FILTERS = 64  # filters shown in the grid and the table
 MAPS_SHOWN = 8  # feature maps per sample image
 STRIDES = (1, 2, 3)

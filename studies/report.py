@@ -11,6 +11,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+__all__ = ["Section", "markdown_table", "write_report"]
+
 POINTS = {"Gap", "Improvement"}  # differences of accuracies, signed
 
 

@@ -13,6 +13,9 @@ from typing import Any
 from beton_trainer.studies.catalog import Run
 from beton_trainer.trainer.report import read_history
 
+__all__ = ["RunResult", "first_seeds", "group_columns", "group_rows", "is_number", "load_result", "summary_rows",
+           "table_columns"]
+
 STANDARD = ("Model", "Dataset", "Params", "Test Acc", "Train Time")
 
 

@@ -20,6 +20,8 @@ from beton_trainer.common.errors import UserError
 from beton_trainer.studies.catalog import Run, study_run_dir
 from beton_trainer.trainer.config import load_recipe
 
+__all__ = ["execute", "is_done", "plan"]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,6 +16,8 @@ from beton_trainer.format.dataset import open_split
 from beton_trainer.pipelines.augment import EvalTransform
 from beton_trainer.trainer.modelio import make_model
 
+__all__ = ["check_run", "first_conv", "load_model", "run_data_path", "sample_images", "untrained_model"]
+
 
 def check_run(folder: Path) -> Path:
     """A finished run folder (model.json, model.safetensors, summary.json), else a UserError."""

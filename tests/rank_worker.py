@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from beton_trainer.trainer import loop  # noqa: E402
+from beton_trainer.trainer import early_stopping, loop  # noqa: E402
 from beton_trainer.trainer.cli import main as train_main  # noqa: E402
 
 
@@ -40,8 +40,8 @@ def main() -> None:
     rank = int(os.environ["RANK"])
 
     if args.slow_best:
-        loop.EarlyStopping.observe = lambda self, row: True
-        real_save, saves = loop.save_weights, []
+        early_stopping.EarlyStopping.observe = lambda self, row, config: True
+        real_save, saves = early_stopping.save_weights, []
 
         def slow_save(model, path):
             if Path(path).name == "best.safetensors":
@@ -50,7 +50,7 @@ def main() -> None:
                     time.sleep(2)
             real_save(model, path)
 
-        loop.save_weights = slow_save
+        early_stopping.save_weights = slow_save
 
     real_evaluate = loop.evaluate
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torchvision
-from accelerate.state import AcceleratorState, PartialState
+from accelerate import Accelerator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import Subset
@@ -23,6 +23,7 @@ from torch.utils.data import Subset
 from beton_trainer.common.errors import UserError
 from beton_trainer.convert.sources import ReadOptions, read_source
 from beton_trainer.trainer.api import Trainer, load_run
+from beton_trainer.trainer.distributed import isolated_state
 from tests.train_helpers import run_train
 
 N_TRAIN, N_TEST = 2000, 500
@@ -210,7 +211,8 @@ def test_fits_in_one_process_leave_nothing_behind(mnist, tmp_path, monkeypatch):
     assert results[0].run_dir != results[1].run_dir
     assert all(r.run_dir.parent == Path("runs") and r.summary["test_accuracy"] > 0.6 for r in results)
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
-    assert not AcceleratorState._shared_state and not PartialState._shared_state
+    with isolated_state():  # a leftover state would refuse another precision
+        assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
     assert not (dist.is_available() and dist.is_initialized())
     assert len(logging.getLogger("beton_trainer.models").handlers) <= 1
 

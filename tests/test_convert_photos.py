@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from beton_trainer.common.errors import UserError, run_cli
 from beton_trainer.convert import convert_dataset
 from beton_trainer.convert.cli import main
-from beton_trainer.format.dataset import BetonFile, load_manifest
+from beton_trainer.format import BetonFile, load_manifest
 from tests.test_convert import cli_fails
 
 SIZES = [(60, 80), (96, 72), (50, 50), (40, 120)]  # (H, W), cycled through the files

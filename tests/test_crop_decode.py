@@ -23,7 +23,7 @@ require("ffcv")
 from ffcv.fields.rgb_image import get_center_crop  # noqa: E402
 from ffcv.libffcv import imdecode  # noqa: E402
 
-from beton_trainer.format.dataset import BetonFile  # noqa: E402
+from beton_trainer.format import BetonFile  # noqa: E402
 from beton_trainer.pipelines.base import CENTER_CROP_RATIO  # noqa: E402
 from beton_trainer.pipelines.crop_decode import CenterCropDecoder, dct_scale, decode_region, resize_area  # noqa: E402
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from beton_trainer.common.errors import UserError
-from beton_trainer.format.dataset import BetonFile, load_manifest, open_split
+from beton_trainer.format import BetonFile, load_manifest, open_split
 
 
 @pytest.fixture

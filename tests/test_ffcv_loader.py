@@ -52,12 +52,12 @@ def test_one_ffcv_loader_for_every_epoch_and_resume(tiny_rgb_data, device):
     loader.set_epoch(0, start_batch=2)  # the first iteration is a resume: FFCV's length must still be an epoch's
     order0 = rank_indices(n, epoch=0, seed=5, rank=0, world_size=1, train=True, batch_size=64)
     check_identity(loader, split, order0[2 * 64:])
-    built = loader._loader
+    built = loader.ffcv_loader
     for epoch in (1, 2):
         loader.set_epoch(epoch)
         check_identity(loader, split, rank_indices(n, epoch=epoch, seed=5, rank=0, world_size=1, train=True,
                                                    batch_size=64))
-    assert loader._loader is built
+    assert loader.ffcv_loader is built
 
 
 def test_device_copies_block_ffcvs_thread_not_the_loop(tiny_rgb_data, device):
@@ -70,7 +70,7 @@ def test_device_copies_block_ffcvs_thread_not_the_loop(tiny_rgb_data, device):
     split = open_split(tiny_rgb_data, "test")
     loader = build_loader("ffcv", options(tiny_rgb_data, "test", device, train=False, batch_size=16))
     check_identity(loader, split, np.arange(len(split.labels)))  # 13 batches held at once, slots reused
-    copies = [op for spec in loader._loader.pipeline_specs.values() for op in spec.transforms
+    copies = [op for spec in loader.ffcv_loader.pipeline_specs.values() for op in spec.transforms
               if isinstance(op, ToDevice)]
     assert [type(op).__name__ for op in copies] == ["WaitingToDevice"] * 2
 

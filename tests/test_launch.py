@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate.commands import launch
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
-from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
 from torch.distributed.run import get_args_parser
 
@@ -34,17 +34,25 @@ def test_every_config_is_checked():
     assert sorted(p.name for p in LAUNCH.glob("*.yaml")) == sorted(CONFIGS)
 
 
+def resolved(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> object:
+    """The arguments `accelerate launch argv` hands its launcher (which is replaced: nothing starts)."""
+    seen = []
+    monkeypatch.setattr(launch, "simple_launcher", seen.append)
+    monkeypatch.setattr(launch, "multi_gpu_launcher", seen.append)
+    launch.launch_command(launch.launch_command_parser().parse_args(argv))
+    (args,) = seen
+    return args
+
+
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_loads_and_launches_as_named(name):
+def test_config_loads_and_launches_as_named(name, monkeypatch):
     kind, processes, machines, per_machine, precision = CONFIGS[name]
     config = load_config_from_file(str(LAUNCH / name))  # raises on unknown or missing keys
     assert isinstance(config, ClusterConfig) and config.distributed_type.value == kind
     assert (config.num_processes, config.num_machines, config.mixed_precision) == (processes, machines, precision)
 
     node = ["--main_process_ip", "10.0.0.1", "--machine_rank", "1"] if machines > 1 else []
-    args = launch_command_parser().parse_args(["--config_file", str(LAUNCH / name), *node,
-                                               "train.py", "--recipe", "c10_cnn"])
-    args, _, _ = _validate_launch_command(args)
+    args = resolved(["--config_file", str(LAUNCH / name), *node, "train.py", "--recipe", "c10_cnn"], monkeypatch)
     assert args.multi_gpu == (kind == "MULTI_GPU")
     if not args.multi_gpu:
         command, env = prepare_simple_launcher_cmd_env(args)

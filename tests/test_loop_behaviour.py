@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from torch import nn
 
@@ -29,6 +28,7 @@ from beton_trainer.pipelines.base import LoaderOptions, stratified_subset
 from beton_trainer.pipelines.tensor_loader import TensorLoader
 from beton_trainer.trainer import checkpoint, loop
 from beton_trainer.trainer.config import OptimizerConfig, load_recipe
+from beton_trainer.trainer.distributed import isolated_state
 from beton_trainer.trainer.losses import loss_terms
 from beton_trainer.trainer.modelio import make_model
 from beton_trainer.trainer.optim import build_optimizer, param_groups
@@ -133,7 +133,7 @@ def test_ema_weights_are_evaluated_exported_and_survive_a_resume(mnist_data, mni
 
     def finish(run, phase):  # the live and the averaged weights at the end of training
         seen["live"] = {k: v.clone() for k, v in run.model.state_dict().items()}
-        seen["ema"] = {k: v.clone() for k, v in run.ema.module.state_dict().items()}
+        seen["ema"] = {k: v.clone() for k, v in run.evaluated.state_dict().items()}
         return real_finish(run, phase)
 
     monkeypatch.setattr(loop, "finish", finish)
@@ -143,7 +143,7 @@ def test_ema_weights_are_evaluated_exported_and_survive_a_resume(mnist_data, mni
     # the end-of-epoch-1 checkpoint holds both: the test loss of epoch 1 is the average's, not the live model's
     (ckpt,) = [c for c in checkpoint.candidates(run_dir) if json.loads((c / "progress.json").read_text())["epoch"] == 1]
     live = load_file(ckpt / "model.safetensors")
-    ema_state = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)
+    ema_state = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=True)["Ema"]  # the callbacks' states
     assert int(ema_state.pop("ema.updates")) == 6  # one update per step
     assert loss_of(run_dir, ema_state, *mnist_test) == pytest.approx(float(rows[0]["test_loss"]), rel=1e-5)
     assert loss_of(run_dir, live, *mnist_test) != pytest.approx(float(rows[0]["test_loss"]), rel=1e-3)
@@ -211,8 +211,8 @@ class Batches:
 
 @pytest.fixture
 def accelerator():
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(True)
+    with isolated_state():
+        yield Accelerator(cpu=True)
 
 
 def test_tta_flip_averages_the_logits_of_each_image_and_its_mirror(accelerator):

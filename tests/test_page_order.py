@@ -103,4 +103,4 @@ def test_ffcv_runs_the_page_aware_order_and_resumes(mnist_data, pages, device):
     for epoch, start in ((0, 0), (1, 200)):
         loader.set_epoch(epoch, start_batch=start)
         check_identity(loader, split, order(pages, epoch=epoch, seed=4)[start * BATCH:])
-    assert isinstance(loader._loader.memory_manager, ProcessCacheManager)
+    assert isinstance(loader.ffcv_loader.memory_manager, ProcessCacheManager)

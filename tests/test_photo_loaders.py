@@ -23,7 +23,7 @@ import torchvision
 from PIL import Image, ImageFilter
 
 from beton_trainer.common.errors import UserError
-from beton_trainer.format.dataset import BetonFile, load_manifest
+from beton_trainer.format import BetonFile, load_manifest
 from beton_trainer.pipelines import build_loader
 from beton_trainer.pipelines.base import CENTER_CROP_RATIO, RRC_RATIO, RRC_SCALE, ResolutionSchedule, rank_indices
 from tests.loader_helpers import five_sigma, options, require

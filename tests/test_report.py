@@ -12,9 +12,9 @@ from PIL import Image
 
 from beton_trainer.common.errors import UserError
 from beton_trainer.trainer.report import (
-    _confusion_figure,
-    _history_figures,
     classification_report,
+    confusion_figure,
+    history_figures,
     plot_history,
     read_history,
     write_reports,
@@ -134,8 +134,8 @@ def test_confusion_annotations_only_for_few_classes(tmp_path):
     preds, labels = _predictions(num_classes=100, n=3000)
     names = [f"class_{i:02d}" for i in range(100)]
     cm, *_ = _numpy_metrics(preds.numpy(), labels.numpy(), 100)
-    assert len(_confusion_figure(cm.tolist(), names).axes[0].texts) == 0
-    assert len(_confusion_figure(cm[:10, :10].tolist(), names[:10]).axes[0].texts) == 100
+    assert len(confusion_figure(cm.tolist(), names).axes[0].texts) == 0
+    assert len(confusion_figure(cm[:10, :10].tolist(), names[:10]).axes[0].texts) == 100
 
     write_reports(tmp_path, preds, labels, names)
     width, height = _png_size(tmp_path / "confusion_matrix.png")
@@ -168,7 +168,7 @@ def test_plot_history_two_phases_without_val(tmp_path):
         width, height = _png_size(path)
         assert width >= 500 and height >= 300
 
-    figures = _history_figures(read_history(metrics))
+    figures = history_figures(read_history(metrics))
     loss_ax, acc_ax = figures["learning_curves.png"].axes
     for ax in (loss_ax, acc_ax):
         assert ax.get_legend_handles_labels()[1] == ["train", "test"]  # val is empty, so not drawn
@@ -188,7 +188,7 @@ def test_plot_history_epochs_restarting_per_phase_and_distillation(tmp_path):
 
     written = plot_history(metrics, tmp_path)
     assert [p.name for p in written] == ["learning_curves.png", "lr_schedule.png", "distill_losses.png"]
-    loss_ax = _history_figures(read_history(metrics))["learning_curves.png"].axes[0]
+    loss_ax = history_figures(read_history(metrics))["learning_curves.png"].axes[0]
     train_line = next(line for line in loss_ax.lines if line.get_label() == "train")
     assert list(train_line.get_xdata()) == [1, 2, 3, 4]  # rows in order, not overlapping epochs
 

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 from pathlib import Path
-
-from accelerate.state import AcceleratorState
 
 from beton_trainer.trainer import checkpoint
 from beton_trainer.trainer.cli import main as train_main
+from beton_trainer.trainer.distributed import isolated_state
 
 
 def run_train(argv: list[str]) -> dict:
     """The train.py command line in this process, leaving no global state behind; the run's summary.json."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with isolated_state():
         train_main(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     flag = "--run-dir" if "--run-dir" in argv else "--resume"  # --resume PATH names the run or a checkpoint
     run_dir = checkpoint.run_folder(Path(argv[argv.index(flag) + 1]))
     return json.loads((run_dir / "summary.json").read_text())

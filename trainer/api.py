@@ -16,19 +16,15 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from torch import nn
 
@@ -37,9 +33,12 @@ from beton_trainer.common.schema import from_dict
 from beton_trainer.format.dataset import load_manifest
 from beton_trainer.pipelines.augment import EvalTransform
 from beton_trainer.pipelines.memory import MEMORY, as_images, data_splits, folder_splits
+from beton_trainer.trainer.callbacks import Callback
 from beton_trainer.trainer.config import Recipe, apply_override, load_recipe
-from beton_trainer.trainer.loop import RunOptions, evaluate, split_loader, train
+from beton_trainer.trainer.distributed import isolated_state
+from beton_trainer.trainer.loop import evaluate, split_loader, train
 from beton_trainer.trainer.modelio import make_model
+from beton_trainer.trainer.state import RunOptions
 
 CUSTOM = "custom:"  # model.json's name for a model built in Python: "custom:<ClassName>"
 RESERVED_METRICS = ("loss", "accuracy", "count")
@@ -104,24 +103,6 @@ def check_metrics(metrics: dict[str, Metric] | None) -> dict[str, Metric]:
         if not callable(fn):
             raise UserError(f"metric '{name}' is a {type(fn).__name__}, not a function of (logits, labels)")
     return dict(metrics)
-
-
-@contextmanager
-def isolated_state() -> Iterator[None]:
-    """Undo what a run leaves process-wide, even when it fails: Accelerate's singleton state (else the next
-    Accelerator could not change precision or device), the SIGINT/SIGTERM handlers the loop installs, and a
-    process group it started."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    had_group = dist.is_available() and dist.is_initialized()
-    try:
-        yield
-    finally:
-        AcceleratorState._reset_state(True)
-        for sig, handler in handlers.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-        if not had_group and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def in_notebook() -> bool:
@@ -196,15 +177,18 @@ class Trainer:
     metrics: {name: function(logits, labels) -> number}, computed per epoch on the whole val and test splits
         and logged as val_<name>, test_<name> beside loss and accuracy.
     device: None (CUDA, else MPS, else CPU), 'cuda', 'mps' or 'cpu'.
+    callbacks: `Callback` instances, called after the built-in ones and before the loggers (trainer.callbacks);
+        their state is saved in every checkpoint and restored by `fit(resume=...)`.
     """
 
     def __init__(self, recipe: str | Path | dict, model: str | nn.Module | None = None, data: Any = None,
                  metrics: dict[str, Metric] | None = None, run_dir: str | Path | None = None,
                  device: str | None = None, *, overrides: list[str] | tuple[str, ...] = (),
-                 val_fraction: float = 0.0) -> None:
+                 val_fraction: float = 0.0, callbacks: list[Callback] | tuple[Callback, ...] = ()) -> None:
         self.recipe = read_recipe(recipe, overrides)
         self.device = resolve_device(device)
         self.metrics = check_metrics(metrics)
+        self.callbacks = list(callbacks)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.module = model if isinstance(model, nn.Module) else None
         if isinstance(model, str):
@@ -241,14 +225,18 @@ class Trainer:
         config.val_split = "val" if "val" in splits else ""
         return splits
 
-    def fit(self, show_plots: bool = True) -> FitResult:
-        """Train the recipe to the end (the CLI's `train`); in a notebook, show the plots (`show_plots`)."""
+    def fit(self, show_plots: bool = True, resume: bool = False) -> FitResult:
+        """Train the recipe to the end (the CLI's `train`); in a notebook, show the plots (`show_plots`).
+        `resume`: continue the run in `run_dir` from its newest good checkpoint (`--resume auto`), callbacks'
+        states included; a run that has finished is only loaded."""
+        if resume and self.run_dir is None:
+            raise UserError("fit(resume=True) continues the run in run_dir: pass Trainer(..., run_dir=...)")
         options = RunOptions(run_dir=str(self.run_dir or fresh_run_dir(self.recipe.name)),
-                             cpu=self.device.type == "cpu", model=self.module, splits=self.splits,
-                             metrics=self.metrics)
+                             resume="auto" if resume else None, cpu=self.device.type == "cpu", model=self.module,
+                             splits=self.splits, metrics=self.metrics, callbacks=self.callbacks)
         with isolated_state():
-            summary = train(self.recipe, options)
-        self._load(Path(summary["run_dir"]))
+            train(self.recipe, options)
+        self._load(Path(options.run_dir))
         if show_plots and in_notebook():
             self.result.show()
         return self.result

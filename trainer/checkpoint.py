@@ -26,6 +26,8 @@ from torch import nn
 from beton_trainer.common.errors import UserError
 from beton_trainer.common.files import fsync_path, sha256_file, write_json
 
+__all__ = ["candidates", "fast_forward", "load", "problem", "read_progress", "run_folder", "save", "space_needed"]
+
 PROGRESS = "progress.json"
 KEEP = 2
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from beton_trainer.common.errors import UserError, run_cli
 from beton_trainer.trainer.config import load_recipe
 from beton_trainer.trainer.distributed import launcher_overrides
-from beton_trainer.trainer.loop import RunOptions, train
+from beton_trainer.trainer.loop import train
+from beton_trainer.trainer.state import RunOptions, StopRequest
+
+__all__ = ["main", "parse_args", "run"]
 
 DESCRIPTION = """Train an image classifier from a recipe: `accelerate launch train.py --recipe c10_finetune`.
 
@@ -61,12 +67,26 @@ def run() -> None:
     run_cli(main, sys.argv[1:])
 
 
+@contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """SIGTERM (a cluster's preemption, `kill`) and SIGINT (Ctrl-C) ask the run to stop with a checkpoint at its
+    next logging step; the previous handlers come back afterwards. Only the command line installs them."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, stop.request) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, [*launcher_overrides(), *args.overrides])  # the user's --set wins
-    train(recipe, RunOptions(run_dir=args.run_dir, resume=args.resume, cpu=args.cpu,
-                             deterministic=args.deterministic, check_syncs=args.check_syncs,
-                             profile_steps=args.profile))
+    options = RunOptions(run_dir=args.run_dir, resume=args.resume, cpu=args.cpu, deterministic=args.deterministic,
+                         check_syncs=args.check_syncs, profile_steps=args.profile)
+    with stop_on_signals(options.stop):
+        train(recipe, options)
     return 0
 
 

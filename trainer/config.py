@@ -21,6 +21,9 @@ from beton_trainer.common.schema import check_range, from_dict, to_dict
 from beton_trainer.pipelines.augment import AugmentSpec
 from beton_trainer.pipelines.base import MIN_RESOLUTION, ResolutionSchedule
 
+__all__ = ["OptimizerConfig", "ParamGroupConfig", "PhaseConfig", "RECIPES_DIR", "Recipe", "ScheduleConfig",
+           "apply_override", "load_recipe", "recipe_differences", "recipe_to_toml"]
+
 RECIPES_DIR = Path(recipes.__file__).resolve().parent  # package data: found the same installed or not
 
 

@@ -13,14 +13,21 @@ import hashlib
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
 
 from beton_trainer.common.errors import UserError
 from beton_trainer.common.files import write_json
 from beton_trainer.format.dataset import MANIFEST, dataset_identity
+
+__all__ = ["ELASTIC_ENV", "check_same_data", "identity_cache", "isolated_state", "launcher_overrides",
+           "node_identity", "reset_accelerate_state"]
 
 KEPT_IDENTITIES = 100  # entries of the node's identity cache (one per dataset version seen)
 
@@ -95,6 +102,26 @@ def _more(found: list[tuple]) -> str:
         return ""
     hosts = sorted({host for _, host, _ in found[1:]})
     return f" (and rank(s) {', '.join(str(r) for r, *_ in found[1:])} on host(s) {', '.join(hosts)})"
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, so that the next Accelerator may use another precision or
+    device. The one place this project touches Accelerate's private state: it has no public reset."""
+    AcceleratorState._reset_state(True)
+
+
+@contextmanager
+def isolated_state() -> Iterator[None]:
+    """Undo what a run leaves process-wide, even when it fails: Accelerate's singleton state (else the next
+    Accelerator could not change precision or device) and a process group it started. For the Python API,
+    benchmarks that build one Accelerator per setting, and tests that train in-process."""
+    had_group = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        reset_accelerate_state()
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def launcher_overrides() -> list[str]:

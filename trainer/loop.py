@@ -1,34 +1,37 @@
 """The training loop: recipe -> data on the device -> model -> phases of epochs of steps -> test, export.
 
-`train(recipe, options)` reads top to bottom: `start` (device, data, model, run folder, resume),
-then for each phase `prepare_phase` (trainable modules, optimizer, schedule, DDP, compile) and its
-epochs (`train_one_epoch`, then `end_epoch`: evaluation, metrics, early stopping, checkpoint), then
-`finish` (the best weights of the deciding phase, the test, the exported model, reports, summary).
-It runs on one device or as one of N processes under `accelerate launch` / `torchrun`.
+`train(recipe, options)` reads top to bottom: `start` (device, data, model, callbacks, run folder, resume),
+then for each phase `start_phase` (trainable modules, optimizer, schedule, DDP, compile) and its epochs
+(`train_one_epoch`, then `end_epoch`: evaluation, the epoch's row, checkpoint), then `finish` (the best
+weights of the deciding phase, the test, the exported model, reports, summary). Everything else (EMA,
+distillation, early stopping, the non-finite check, the sync check, the profiler, the loggers and the
+progress bar) is a callback (`trainer.callbacks`), chosen by `default_callbacks` from the recipe and options.
+
+It runs on one device or as one of N processes under `accelerate launch` / `torchrun`. A step between two
+logging steps never waits on the host. Whether a rank enters a collective is only ever decided from values
+every rank shares: the steps at which checkpoints and logging happen are fixed in advance, and a stop (a
+signal to one rank, a callback's decision) takes effect only after it has been combined across ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import resource
-import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm  # widget bars in notebooks (trainer.api), the console bar elsewhere
 
 from beton_trainer.common.errors import UserError
 from beton_trainer.common.files import write_json, write_text
@@ -39,18 +42,15 @@ from beton_trainer.pipelines import build_loader
 from beton_trainer.pipelines.base import Loader, LoaderOptions, varied_sizes
 from beton_trainer.pipelines.tensor_loader import TensorLoader
 from beton_trainer.trainer import checkpoint
-from beton_trainer.trainer.config import (
-    EarlyStoppingConfig,
-    PhaseConfig,
-    Recipe,
-    load_recipe,
-    recipe_differences,
-    recipe_to_toml,
-)
+from beton_trainer.trainer.callbacks import Callback, CallbackList
+from beton_trainer.trainer.config import Recipe, load_recipe, recipe_differences, recipe_to_toml
+from beton_trainer.trainer.console import ProgressBar
 from beton_trainer.trainer.distributed import check_same_data
-from beton_trainer.trainer.ema import ModelEma
+from beton_trainer.trainer.early_stopping import EarlyStopping
+from beton_trainer.trainer.ema import Ema
 from beton_trainer.trainer.metrics import topk_correct
 from beton_trainer.trainer.modelio import make_model, model_info, save_weights
+from beton_trainer.trainer.nonfinite import NonFiniteCheck
 from beton_trainer.trainer.optim import (
     build_optimizer,
     build_scheduler,
@@ -59,119 +59,18 @@ from beton_trainer.trainer.optim import (
     set_trainable,
 )
 from beton_trainer.trainer.profiling import StepProfiler
-from beton_trainer.trainer.report import plot_history, write_reports
-from beton_trainer.trainer.runlog import MetricsLog, new_run_dir, run_environment
+from beton_trainer.trainer.report import write_reports
+from beton_trainer.trainer.runlog import CsvLogger, TensorBoardLogger, WandbLogger, new_run_dir, run_environment
+from beton_trainer.trainer.state import Data, Phase, Progress, Run, RunOptions
 from beton_trainer.trainer.step import EpochSums, EpochTotals, TrainStep, configure_backends
 from beton_trainer.trainer.syncs import SyncCheck
-from beton_trainer.trainer.teacher import load_teacher, train_teacher_first
-from beton_trainer.trainer.timing import EpochTimes, Feed, StepTimer, starvation_warning
+from beton_trainer.trainer.teacher import Distillation
+from beton_trainer.trainer.timing import Feed, StepTimer, starvation_warning
 
-LOG_EVERY = 50  # steps between progress-bar loss updates and non-finite checks (each one syncs the device)
+__all__ = ["LOG_EVERY", "cpu_threads", "default_callbacks", "evaluate", "split_loader", "train"]
+
+LOG_EVERY = 50  # steps between logging steps (each syncs the device: progress, non-finite check, stop requests)
 WARMUP_STEPS = 2  # first steps of an epoch the sync check leaves alone (epoch set-up, lazy optimizer state)
-
-
-@dataclass
-class RunOptions:
-    """What the command line decides besides the recipe, and what the Python API (`trainer.api`) builds in Python."""
-
-    run_dir: str | None = None
-    resume: str | None = None  # "auto" (the newest good checkpoint of run_dir, if any) or a run/checkpoint path
-    cpu: bool = False
-    deterministic: bool = False
-    check_syncs: bool = False  # fail on any host-device sync in a steady-state step
-    profile_steps: int = 0  # profile this many steps after warm-up (trace and table in the run folder)
-    model: nn.Module | None = None  # trained in place of the registry model (recipe.model.name "custom:<Class>")
-    splits: dict[str, Split] | None = None  # in-memory data for the tensor backend, in place of data.path
-    metrics: dict[str, Callable] = field(default_factory=dict)  # name -> fn(logits, labels), on val and test
-
-
-@dataclass
-class Progress:
-    """Where a run stands: what progress.json in each checkpoint holds."""
-
-    phase: int = 0
-    epoch: int = 0  # within the phase
-    batch: int = 0  # the next batch of the epoch
-    global_step: int = 0
-    best: float | None = None  # early stopping's best value in the current phase
-    bad_epochs: int = 0
-    sums: dict = field(default_factory=dict)  # EpochTotals over all ranks so far this epoch (mid-epoch saves)
-    rows: int = 0  # metrics.csv rows written
-    train_time: float = 0.0
-    num_processes: int = 1
-    scheduler: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Progress:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
-
-
-class EarlyStopping:
-    """Counts epochs without improvement of the watched metric; its state lives in `Progress`."""
-
-    def __init__(self, config: EarlyStoppingConfig, progress: Progress) -> None:
-        self.config, self.progress = config, progress
-
-    def observe(self, row: dict) -> bool:
-        """Record this epoch's value; True when it is the phase's best so far."""
-        if not self.config.metric:
-            return False
-        value, best = row[self.config.metric], self.progress.best
-        improved = best is None or (value < best if self.config.mode == "min" else value > best)
-        if improved:
-            self.progress.best, self.progress.bad_epochs = value, 0
-        else:
-            self.progress.bad_epochs += 1
-        return improved
-
-    @property
-    def exhausted(self) -> bool:
-        return bool(self.config.metric) and self.progress.bad_epochs >= self.config.patience
-
-
-class Stop:
-    """SIGTERM/SIGINT: finish the current step, write a checkpoint, exit non-zero."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-
-class FiniteWatch:
-    """Stops training once the loss (or, without fp16's loss scaler, the gradient norm) is not finite.
-
-    Checked only at logging steps and before each checkpoint (each check syncs the device), so a
-    checkpoint never holds weights trained past a non-finite step.
-    """
-
-    def __init__(self, check_grads: bool, ckpt_root: Path) -> None:
-        self.check_grads = check_grads
-        self.ckpt_root = ckpt_root
-        self.last: tuple[float, int] | None = None  # (loss, step) at the last finite check
-
-    def check(self, totals: EpochTotals, step: int, lr: float) -> float:
-        """The mean training loss of the epoch so far."""
-        loss = totals.loss
-        what, value = ("gradient norm", totals.nonfinite_grad_norm_sum) if self.check_grads and math.isfinite(loss) \
-            else ("loss", loss)
-        if math.isfinite(value):
-            self.last = (loss, step)
-            return loss
-        last = f"last finite loss {self.last[0]:.4g} at step {self.last[1]}" if self.last else "no finite loss seen"
-        raise UserError(f"the training {what} became {value} by step {step} (lr {lr:.3g}; {last}); lower the "
-                        f"learning rate or enable grad_clip_norm; the last good checkpoint is kept in {self.ckpt_root}")
-
-
-@dataclass
-class Data:
-    manifest: dict
-    train: Loader
-    val: Loader | None
-    test: Loader
 
 
 def split_loader(recipe: Recipe, accelerator: Accelerator, split: str, train: bool,
@@ -266,70 +165,48 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def plain_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
-    """The bare module under the DDP and torch.compile wrappers (for state dicts)."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
+def agree(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Each flag, set on every rank when it is set on any (one all-reduce): what decides whether the ranks
+    enter the next collectives (a checkpoint, another epoch) is the same on all of them."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    mine = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return [value > 0 for value in accelerator.reduce(mine, reduction="sum").tolist()]
 
 
-@dataclass
-class Phase:
-    """One phase's prepared objects and its step."""
+def share_buffers(run: Run, phase: Phase) -> None:
+    """Give every rank rank 0's buffers (BatchNorm's running statistics) before evaluating. DDP broadcasts them
+    only at the start of a forward, so after an epoch's last step each rank's hold its own last batch; without
+    this, each rank would evaluate a different model, and the reduced val loss, early stopping and the best
+    weights (rank 0's) would judge a blend of them."""
+    if run.accelerator.num_processes == 1:
+        return
+    trained = run.accelerator.unwrap_model(phase.step.model, keep_torch_compile=False)
+    for module in {id(m): m for m in (trained, run.eval_model())}.values():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
-    index: int
-    config: PhaseConfig
-    step: TrainStep
-    group_names: list[str]
-    trainable: int
 
-
-@dataclass
-class Run:
-    """Everything the epochs of a run share."""
-
-    recipe: Recipe
-    options: RunOptions
-    accelerator: Accelerator
-    data: Data
-    info: dict  # model.json
-    model: nn.Module  # the plain module (wrapped per phase inside Phase.step.model)
-    teacher: nn.Module | None
-    ema: ModelEma | None
-    run_dir: Path
-    progress: Progress
-    steps_per_epoch: int
-    log: MetricsLog | None = None  # the main process's
-    resumed_from: Path | None = None
-    stop: Stop = field(default_factory=Stop)
-    syncs: SyncCheck = field(default_factory=lambda: SyncCheck(False, torch.device("cpu")))
-    finite: FiniteWatch | None = None
-    resumed_phase: Phase | None = None  # the phase a checkpoint was loaded into
-    timer: StepTimer | None = None  # data wait vs. step, per epoch
-    profiler: StepProfiler | None = None
-    epoch_times: EpochTimes | None = None  # the last epoch's
-    train_start: float = 0.0
-    first_step_at: float | None = None  # Unix time this process began its first training step (start-up cost)
-    finished_early: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def ckpt_root(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    @property
-    def best_path(self) -> Path:
-        return self.run_dir / "best.safetensors"
-
-    def eval_model(self, phase: Phase) -> nn.Module:
-        """The module evaluated, kept and exported: the EMA's, else the plain one under the DDP and compile
-        wrappers. Not DDP's: its forward broadcasts BatchNorm buffers (a collective), which hangs a rank whose
-        shard holds fewer evaluation batches than rank 0's (none, when a split has fewer samples than ranks).
-        Not the compiled one: compile modes reduce-overhead and max-autotune replay CUDA graphs, whose outputs
-        the next replay overwrites (flip TTA's second forward, the logits kept for metrics); evaluation is
-        forward-only, and runs eager (only a GPU can time what that costs: benchmarks/device/README.md)."""
-        return self.ema.module if self.ema is not None else plain_model(self.accelerator, phase.step.model)
+def default_callbacks(recipe: Recipe, options: RunOptions, accelerator: Accelerator, data: Data) -> list[Callback]:
+    """The run's callbacks, in calling order: what the recipe and options ask for, then the user's, then the
+    console and the loggers (so that they see every column the others add to an epoch's row)."""
+    callbacks: list[Callback] = []
+    if recipe.loss.distill.teacher:
+        callbacks.append(Distillation.for_recipe(recipe, data.manifest, accelerator.device, options.cpu))
+    if recipe.ema_decay:
+        callbacks.append(Ema(recipe.ema_decay))
+    callbacks.append(EarlyStopping(recipe.phases, has_val=data.val is not None))
+    callbacks.append(NonFiniteCheck(check_grads=recipe.precision != "fp16"))
+    if options.check_syncs:
+        callbacks.append(SyncCheck(accelerator.device))
+    if options.profile_steps:
+        callbacks.append(StepProfiler(options.profile_steps))
+    callbacks += [*options.callbacks, ProgressBar(), CsvLogger()]
+    if recipe.tensorboard:
+        callbacks.append(TensorBoardLogger())
+    if recipe.wandb:
+        callbacks.append(WandbLogger(to_dict(recipe)))
+    return callbacks
 
 
 def prepare_phase(run: Run, index: int) -> Phase:
@@ -344,8 +221,10 @@ def prepare_phase(run: Run, index: int) -> Phase:
     model, optimizer = accelerator.prepare(run.model, optimizer)
     if recipe.compile:  # recompiled per phase: freezing changes the backward graph
         model = torch.compile(model, mode=recipe.compile_mode)
-    step = TrainStep(accelerator, model, optimizer, scheduler, recipe, teacher=run.teacher, ema=run.ema)
-    return Phase(index, config, step, [g["name"] for g in groups], trainable)
+    step = TrainStep(accelerator, model, optimizer, scheduler, recipe, teacher=run.teacher,
+                     updates=run.step_updates)
+    run.phase = Phase(index, config, step, [g["name"] for g in groups], trainable)
+    return run.phase
 
 
 def build_model(recipe: Recipe, data: Data, accelerator: Accelerator,
@@ -362,11 +241,6 @@ def build_model(recipe: Recipe, data: Data, accelerator: Accelerator,
         check_module_prefixes(model, phase.train_modules, f"phases.{i}.train_modules")
         for group in phase.param_groups:
             check_module_prefixes(model, group.modules, f"phases.{i}.param_groups.modules")
-    early_metrics = {p.early_stopping.metric for p in recipe.phases if p.early_stopping.metric}
-    known = {f"{s}_{m}" for s in ("train", "test") + (("val",) if data.val else ()) for m in ("loss", "accuracy")}
-    for metric in early_metrics - known:
-        raise UserError(f"early stopping watches '{metric}', which this run does not compute; choose one of "
-                        f"{', '.join(sorted(known))}" + ("" if data.val else " (or set data.val_split=val)"))
     data.train.set_epoch(0)  # every rank has a train batch; a rank may have no test samples
     probe = next(iter(data.train))[0][:2]
     try:
@@ -401,7 +275,7 @@ def cpu_threads() -> int:
 
 
 def start(recipe: Recipe, options: RunOptions) -> Run | None:
-    """Device, data, model and teacher, the run folder, and where to start (fresh or a checkpoint); None when
+    """Device, data, model, callbacks, the run folder, and where to start (fresh or a checkpoint); None when
     `--resume auto` finds the run finished."""
     resume_path = Path(options.resume) if options.resume and options.resume != "auto" else None
     if options.resume == "auto" and not options.run_dir:
@@ -422,10 +296,7 @@ def start(recipe: Recipe, options: RunOptions) -> Run | None:
     data = build_data(recipe, accelerator, options.splits)
     torch.set_num_threads(cpu_threads())
     info, model = build_model(recipe, data, accelerator, options.model)
-    if recipe.loss.distill.teacher:
-        train_teacher_first(recipe, options.cpu)
-    teacher = load_teacher(recipe.loss.distill.teacher, data.manifest, accelerator.device, recipe.channels_last) \
-        if recipe.loss.distill.teacher else None
+    callbacks = CallbackList(default_callbacks(recipe, options, accelerator, data))  # they check the recipe too
 
     # the main process checks and makes the folder, the others take its path (a default name holds the time)
     run_dir_arg = checkpoint.run_folder(resume_path) if resume_path else options.run_dir
@@ -433,17 +304,12 @@ def start(recipe: Recipe, options: RunOptions) -> Run | None:
     made = new_run_dir(run_dir_arg, recipe.name, resume=bool(options.resume) and not fresh,
                        need_bytes=checkpoint.space_needed(model)) if accelerator.is_main_process else None
     run_dir = broadcast_object_list([made])[0]
-    ema = ModelEma(model, recipe.ema_decay) if recipe.ema_decay else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     steps = len(data.train) if not recipe.max_steps_per_epoch else min(len(data.train), recipe.max_steps_per_epoch)
-    run = Run(recipe, options, accelerator, data, info, model, teacher, ema, run_dir,
-              Progress(num_processes=accelerator.num_processes), steps,
-              syncs=SyncCheck(options.check_syncs, accelerator.device), timer=StepTimer(accelerator.device),
-              profiler=StepProfiler(options.profile_steps, run_dir, accelerator.device, accelerator.process_index,
-                                    accelerator.is_main_process),
-              finite=FiniteWatch(check_grads=recipe.precision != "fp16", ckpt_root=run_dir / "checkpoints"))
-    run.resumed_phase = resume(run, resume_path)
+    run = Run(recipe, options, accelerator, data, info, model, run_dir,
+              Progress(num_processes=accelerator.num_processes), steps, callbacks, StepTimer(accelerator.device))
+    accelerator.register_for_checkpointing(callbacks)  # every callback's state travels in every checkpoint
+    callbacks.on_fit_start(run)
+    run.phase = resume(run, resume_path)
     if run.main:
         if run.resumed_from is None:  # also a --resume of a run killed before its first checkpoint
             write_text(run_dir / "config.toml", recipe_to_toml(recipe))
@@ -453,8 +319,6 @@ def start(recipe: Recipe, options: RunOptions) -> Run | None:
         write_json(run_dir / "environment.json", {**environment, "backends": backends})
         print(f"{model_summary(model)}\nrun folder: {run_dir}"
               + (f"\nresuming from {run.resumed_from}" if run.resumed_from else ""))
-        run.log = MetricsLog(run_dir, tensorboard=recipe.tensorboard, wandb=recipe.wandb, config=to_dict(recipe),
-                             keep_rows=run.progress.rows)
     run.train_start = time.perf_counter() - run.progress.train_time
     return run
 
@@ -491,11 +355,11 @@ def resume(run: Run, resume_path: Path | None) -> Phase | None:
             candidate.batch, candidate.num_processes, candidate.sums = 0, run.accelerator.num_processes, {}
             checkpoint.fast_forward(phase.step.scheduler, candidate.epoch * run.steps_per_epoch)
         phase.step.last_lrs = phase.step.scheduler.get_last_lr()
+        run.progress, run.resumed_from = candidate, ckpt
         if boundary:  # the new phase starts with its own fresh optimizer and schedule, as in an uninterrupted run
             phase = start_phase(run, candidate.phase)
         if candidate.epoch == 0 and run.main:  # no best weights of this phase yet: any are an earlier phase's
             run.best_path.unlink(missing_ok=True)
-        run.progress, run.resumed_from = candidate, ckpt
         return phase
     if tried:
         raise UserError(f"no usable checkpoint in {run.run_dir}/checkpoints ({len(tried)} tried); "
@@ -509,36 +373,43 @@ def save_checkpoint(run: Run, current: Phase, **where: int | dict) -> None:
     for key, value in where.items():
         setattr(p, key, value)
     p.scheduler = current.step.scheduler.state_dict()
-    p.rows = len(run.log.rows) if run.log else 0
     p.train_time = time.perf_counter() - run.train_start
-    checkpoint.save(run.accelerator, run.ckpt_root, dataclasses.asdict(p))
+    path = checkpoint.save(run.accelerator, run.ckpt_root, dataclasses.asdict(p))
+    run.callbacks.on_checkpoint(run, path)
 
 
-def train_one_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int) -> tuple[EpochTotals, float, int]:
-    """The epoch's steps (from the resume point); its totals over all ranks, wall seconds and first batch."""
-    p, step, accelerator = run.progress, phase.step, run.accelerator
-    step.model.train()
+def sync_point(run: Run, sums: EpochSums) -> bool:
+    """At a logging or checkpoint step: the epoch's sums over all ranks into `run.totals`, and whether any rank
+    was asked to stop, in one all-reduce, so that every rank acts on the same values at the same step."""
+    stacked = sums.stacked()
+    stop = stacked.new_full((1,), float(run.options.stop.requested))
+    values = run.accelerator.reduce(torch.cat([stacked, stop]), reduction="sum").tolist()
+    run.totals = EpochTotals(*values[:-1])
+    return values[-1] > 0
+
+
+def train_one_epoch(run: Run, phase: Phase, epoch: int) -> None:
+    """The epoch's steps, from the resume point; its totals over all ranks end up in `run.totals`."""
+    p, step = run.progress, phase.step
     start_batch = p.batch if (phase.index, epoch) == (p.phase, p.epoch) else 0
+    p.phase, p.epoch, p.batch = phase.index, epoch, start_batch
     # a mid-epoch checkpoint holds the sums over all processes: the main process carries them on
     carried = EpochTotals(**p.sums) if start_batch and run.main and p.sums else None
-    sums = EpochSums(accelerator.device, carried)
-    run.data.train.set_epoch(epoch_number, start_batch)
-    epoch_start = time.perf_counter()
-    bar = tqdm(total=run.steps_per_epoch, initial=start_batch, disable=not run.main, leave=False,
-               desc=f"epoch {epoch_number + 1}/{run.recipe.total_epochs}",
-               mininterval=0.1 if sys.stderr.isatty() or "ipykernel" in sys.modules else 30)
+    sums = EpochSums(run.accelerator.device, carried)
+    run.totals = EpochTotals()
+    run.resumed_mid_epoch = start_batch > 0
+    step.model.train()
+    run.data.train.set_epoch(run.epoch_number, start_batch)
+    run.callbacks.on_epoch_start(run)
     batches = iter(run.data.train)
     every = run.recipe.checkpoint_every_steps
+    epoch_start = time.perf_counter()
     for index in range(start_batch, run.steps_per_epoch):
         done = index + 1
-        save_now = (bool(every) and (p.global_step + 1) % every == 0 or run.stop.requested) \
-            and done < run.steps_per_epoch
-        # logging steps (the same in every run: the gradient norm is sampled there) may sync, and so may a
-        # checkpoint step (which a signal can make of any step, so it samples no gradient norm)
-        log_now = done % LOG_EVERY == 0 or done == run.steps_per_epoch
-        run.profiler.before_step()
-        step.label = run.profiler.label
-        with run.syncs.watch(steady=not (log_now or save_now) and index - start_batch >= WARMUP_STEPS):
+        log_now = done % LOG_EVERY == 0 or done == run.steps_per_epoch  # the gradient norm is sampled here
+        save_now = bool(every) and (p.global_step + 1) % every == 0 and done < run.steps_per_epoch
+        steady = not (log_now or save_now) and index - start_batch >= WARMUP_STEPS
+        with run.callbacks.watch_step(run, steady):
             run.timer.mark()
             with step.label("data"):
                 images, targets = next(batches)
@@ -548,113 +419,99 @@ def train_one_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int) -> tu
             step(images, targets, sums, log=log_now)
             run.timer.mark()
         run.timer.count(targets.shape[0])
-        run.profiler.after_step()
         p.global_step += 1
-        bar.update(1)
-        if log_now or save_now:
-            loss = run.finite.check(EpochSums.totals(sums.stacked()), p.global_step, step.last_lrs[0])
-            bar.set_postfix(loss=f"{loss:.4f}")
-        if save_now:
-            reduced = EpochSums.totals(accelerator.reduce(sums.stacked(), reduction="sum"))
-            save_checkpoint(run, phase, phase=phase.index, epoch=epoch, batch=done, sums=dataclasses.asdict(reduced))
-            if run.stop.requested:
+        if not (log_now or save_now):
+            continue
+        p.batch = done
+        stop = sync_point(run, sums)
+        run.callbacks.on_step_end(run)
+        if (save_now or stop) and done < run.steps_per_epoch:  # a stop at the epoch's end waits for end_epoch
+            save_checkpoint(run, phase, batch=done, sums=dataclasses.asdict(run.totals))
+            if stop:
                 raise UserError(f"stopped by signal at step {p.global_step}; checkpoint written to {run.ckpt_root}; "
                                 f"continue with --run-dir {run.run_dir} --resume auto")
-    bar.close()
-    epoch_time = time.perf_counter() - epoch_start
+    run.epoch_seconds = time.perf_counter() - epoch_start
     run.epoch_times = run.timer.read()
-    totals = EpochSums.totals(accelerator.reduce(sums.stacked(), reduction="sum"))
-    run.finite.check(totals, p.global_step, step.last_lrs[0])
-    return totals, epoch_time, start_batch
 
 
-def end_epoch(run: Run, phase: Phase, epoch: int, epoch_number: int, totals: EpochTotals, epoch_time: float,
-              start_batch: int) -> bool:
-    """Evaluate, log the row, keep the phase's best weights, checkpoint; True when the phase stops early."""
-    p, accelerator = run.progress, run.accelerator
-    row = {"epoch": epoch_number + 1, "phase": phase.config.name, "train_loss": totals.loss,
+def end_epoch(run: Run, phase: Phase, epoch: int) -> bool:
+    """Evaluate, the epoch's row (callbacks read it, add to it, log it), checkpoint; True when the phase ends
+    here (its last epoch, early stopping, or a callback's stop)."""
+    p, totals, accelerator = run.progress, run.totals, run.accelerator
+    row = {"epoch": run.epoch_number + 1, "phase": phase.config.name, "train_loss": totals.loss,
            "train_accuracy": totals.correct / totals.seen, "grad_norm": totals.grad_norm}
-    if run.teacher is not None:
-        row["kd_soft_loss"], row["kd_hard_loss"] = totals.kd_soft_sum / totals.seen, totals.kd_hard_sum / totals.seen
+    share_buffers(run, phase)
     for name, loader in ([("val", run.data.val)] if run.data.val else []) + [("test", run.data.test)]:
-        metrics, _, _ = evaluate(run.eval_model(phase), loader, run.recipe, accelerator, extra=run.options.metrics)
+        metrics, _, _ = evaluate(run.eval_model(), loader, run.recipe, accelerator, extra=run.options.metrics)
+        run.callbacks.on_evaluate(run, name, metrics)
         row.update({f"{name}_{key}": value for key, value in metrics.items() if key != "count"})
     row.update({f"lr_{n}": lr for n, lr in zip(phase.group_names, phase.step.last_lrs)})
-    row.update(epoch_time_s=epoch_time, images_per_s=totals.seen / epoch_time if start_batch == 0 else "",
-               peak_mem_mb=peak_memory_mb(accelerator.device))
-    times = run.epoch_times  # this process's: waiting for batches vs. in the step
-    row.update(data_wait_s=times.data_wait_s, step_s=times.step_s, data_wait_fraction=times.data_wait_s / epoch_time,
+    seconds, times = run.epoch_seconds, run.epoch_times  # this process's: waiting for batches vs. in the step
+    row.update(epoch_time_s=seconds, images_per_s="" if run.resumed_mid_epoch else totals.seen / seconds,
+               peak_mem_mb=peak_memory_mb(accelerator.device),
+               data_wait_s=times.data_wait_s, step_s=times.step_s, data_wait_fraction=times.data_wait_s / seconds,
                input_device_s="" if times.input_device_s is None else times.input_device_s,
                loader_images_per_s=times.loader_images_per_s or "")
-    stopping = EarlyStopping(phase.config.early_stopping, p)
-    if stopping.observe(row) and run.main:
-        save_weights(run.eval_model(phase), run.best_path)
-    if run.main:
-        run.log.log(row)
-        shown = {k: f"{v:.4f}" for k, v in row.items() if k.endswith(("loss", "accuracy"))}
-        print(f"epoch {row['epoch']}/{run.recipe.total_epochs} {phase.config.name}: "
-              + " ".join(f"{k} {v}" for k, v in shown.items()) + f" ({epoch_time:.1f}s)")
-    stop_phase = stopping.exhausted
-    next_phase, next_epoch = (phase.index + 1, 0) if stop_phase or epoch + 1 == phase.config.epochs \
-        else (phase.index, epoch + 1)
-    if next_phase != phase.index:  # early stopping keeps the best of each phase
-        p.best, p.bad_epochs = None, 0
-    if next_phase < len(run.recipe.phases):
+    p.history.append(row)
+    run.callbacks.on_epoch_end(run, row)
+    stop_phase, stop_training, stopped = agree(accelerator, run.stop_phase, run.stop_training,
+                                               run.options.stop.requested)
+    run.stop_phase, run.stop_training = False, stop_training
+    p.stopped_early |= stop_phase or stop_training
+    ends_phase = stop_phase or stop_training or epoch + 1 == phase.config.epochs
+    next_phase, next_epoch = (phase.index + 1, 0) if ends_phase else (phase.index, epoch + 1)
+    if next_phase < len(run.recipe.phases) and not stop_training:
         save_checkpoint(run, phase, phase=next_phase, epoch=next_epoch, batch=0, sums={})
-    if run.stop.requested:
+    if stopped:
         raise UserError(f"stopped by signal after epoch {row['epoch']}; continue with --run-dir {run.run_dir} "
                         "--resume auto")
-    if stop_phase and run.main:
-        print(f"early stopping: {phase.config.early_stopping.metric} has not improved for "
-              f"{phase.config.early_stopping.patience} epochs")
-    return stop_phase
+    return ends_phase
 
 
 def start_phase(run: Run, index: int) -> Phase:
-    """A new phase: its objects, and no best weights yet (those of an earlier phase do not decide the result)."""
+    """A new phase from its first epoch: its objects, and no best weights yet (those of an earlier phase do not
+    decide the result)."""
     phase = prepare_phase(run, index)
     if run.main:
         run.best_path.unlink(missing_ok=True)
-        print(f"phase {index + 1}/{len(run.recipe.phases)} '{phase.config.name}': {phase.config.epochs} epochs, "
-              f"{phase.trainable:,} trainable parameters, groups {', '.join(phase.group_names)}")
+    run.callbacks.on_phase_start(run, phase)
     return phase
 
 
 def finish(run: Run, phase: Phase) -> dict:
     """Test the deciding phase's best weights (or the last ones), export them, write reports and summary."""
     accelerator = run.accelerator
-    run.profiler.finish()  # a run shorter than --profile asked for still writes what it profiled
-    final = run.eval_model(phase)
+    run.callbacks.on_train_end(run)
+    final = run.eval_model()
     # rank 0 wrote best.safetensors, maybe moments ago and maybe on a disk only its node sees: it reads the
     # file and every rank tests those weights (each reading it could mix models across ranks)
     best = load_file(run.best_path) if run.main and run.best_path.is_file() else None
     best = broadcast_object_list([best])[0]
     if best is not None:
         final.load_state_dict(best)
+    share_buffers(run, phase)
     test, preds, labels = evaluate(final, run.data.test, run.recipe, accelerator, collect=True)
     wall = time.perf_counter() - run.train_start
-    summary = {}
+    history = run.progress.history
+    rates = [float(r["images_per_s"]) for r in history if r.get("images_per_s") not in ("", None)]
+    waits = [(float(r["data_wait_fraction"]), int(r["epoch"])) for r in history
+             if r.get("data_wait_fraction") not in ("", None)]
+    worst_wait, worst_epoch = max(waits) if waits else (None, None)
+    summary = {"recipe": run.recipe.name, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+               "test_samples": test["count"], "epochs": len(history), "early_stopped": run.progress.stopped_early,
+               "images_per_s": sum(rates) / len(rates) if rates else None, "wall_s": wall,
+               "parameters": count_parameters(final), "processes": accelerator.num_processes,
+               "first_step_at": run.first_step_at, "run_dir": str(run.run_dir), "plots": [],
+               "worst_data_wait_fraction": worst_wait, "worst_data_wait_epoch": worst_epoch}
+    if "top5_accuracy" in test:
+        summary["test_top5_accuracy"] = test["top5_accuracy"]
+    report = None
     if run.main:
         save_weights(final, run.run_dir / "model.safetensors")
         write_json(run.run_dir / "model.json", run.info)
         report = write_reports(run.run_dir, preds, labels, run.data.manifest["classes"])
-        plots = plot_history(run.log.path, run.run_dir)
-        run.log.close()
-        rates = [float(r["images_per_s"]) for r in run.log.rows if r.get("images_per_s") not in ("", None)]
-        summary = {"recipe": run.recipe.name, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-                   "test_samples": test["count"], "epochs": len(run.log.rows), "early_stopped": run.finished_early,
-                   "images_per_s": sum(rates) / len(rates) if rates else None, "wall_s": wall,
-                   "parameters": count_parameters(final), "processes": accelerator.num_processes,
-                   "first_step_at": run.first_step_at,
-                   "run_dir": str(run.run_dir), "plots": [p.name for p in plots]}
-        if "top5_accuracy" in test:
-            summary["test_top5_accuracy"] = test["top5_accuracy"]
-        if run.syncs.enabled:
-            summary["sync_checked_steps"] = run.syncs.checked  # steady-state steps run under --check-syncs
-        waits = [(float(r["data_wait_fraction"]), int(r["epoch"])) for r in run.log.rows
-                 if r.get("data_wait_fraction") not in ("", None)]
-        worst_wait, worst_epoch = max(waits) if waits else (None, None)
-        summary.update(worst_data_wait_fraction=worst_wait, worst_data_wait_epoch=worst_epoch)
+    run.callbacks.on_fit_end(run, summary)
+    if run.main:
         write_json(run.run_dir / "summary.json", summary)
         print(report)
         print(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  ({test['count']} images)  "
@@ -668,7 +525,7 @@ def finish(run: Run, phase: Phase) -> dict:
         if warning:
             print(warning)
     accelerator.end_training()
-    return summary
+    return summary if run.main else {}
 
 
 def train(recipe: Recipe, options: RunOptions) -> dict:
@@ -677,18 +534,14 @@ def train(recipe: Recipe, options: RunOptions) -> dict:
     if run is None:
         return {}
     p = run.progress
-    phase = run.resumed_phase
-    epoch_number = sum(c.epochs for c in recipe.phases[:p.phase]) + p.epoch
+    phase = run.phase
     for index in range(p.phase, len(recipe.phases)):
         if phase is None or phase.index != index:
             phase = start_phase(run, index)
-        first_epoch = p.epoch if index == p.phase else 0
-        for epoch in range(first_epoch, phase.config.epochs):
-            totals, epoch_time, start_batch = train_one_epoch(run, phase, epoch, epoch_number)
-            stop_phase = end_epoch(run, phase, epoch, epoch_number, totals, epoch_time, start_batch)
-            epoch_number += 1
-            if stop_phase:
-                run.finished_early = True
+        for epoch in range(p.epoch if index == p.phase else 0, phase.config.epochs):
+            train_one_epoch(run, phase, epoch)
+            if end_epoch(run, phase, epoch):
                 break
-        p.phase, p.epoch, p.batch = index + 1, 0, 0
+        if run.stop_training:
+            break
     return finish(run, phase)

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from beton_trainer.trainer.config import Recipe
 
+__all__ = ["loss_terms"]
+
 
 def loss_terms(recipe: Recipe, logits: torch.Tensor, targets: torch.Tensor,
                teacher_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["topk_correct"]
+
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
     """How many rows of `logits` (N, classes) rank their int64 target among the k highest scores: a 0-dim

@@ -14,6 +14,8 @@ from beton_trainer.models import PretrainedReport, build_model
 from beton_trainer.pipelines.base import CENTER_CROP_RATIO, model_image_shape, varied_sizes
 from beton_trainer.trainer.config import Recipe
 
+__all__ = ["make_model", "model_info", "save_weights"]
+
 
 def model_info(recipe: Recipe, manifest: dict) -> dict:
     """What it takes to rebuild the model and to feed it, without the recipe or the dataset (model.json).

@@ -17,6 +17,8 @@ from torch import nn
 from beton_trainer.common.errors import UserError
 from beton_trainer.trainer.config import OptimizerConfig, PhaseConfig, ScheduleConfig
 
+__all__ = ["build_optimizer", "build_scheduler", "check_module_prefixes", "param_groups", "set_trainable"]
+
 
 def _matches(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)

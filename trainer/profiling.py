@@ -9,11 +9,18 @@ label, the operators with the most self time, and the host syncs seen.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from beton_trainer.trainer.callbacks import Callback
+
+if TYPE_CHECKING:
+    from beton_trainer.trainer.state import Run
+
+__all__ = ["WARMUP", "StepProfiler", "unlabelled"]
 
 LABELS = ("data", "forward", "backward", "optimizer")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
@@ -26,27 +33,39 @@ def unlabelled(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class StepProfiler:
-    """Counts iterations; profiles `steps` of them after WARMUP, then writes the trace and the table."""
+class StepProfiler(Callback):
+    """`--profile N`: counts steps; profiles N of them after WARMUP, then writes the trace and the table (also
+    when the run ends first, before the final test)."""
 
-    def __init__(self, steps: int, run_dir: Path, device: torch.device, rank: int, main: bool) -> None:
-        self.steps, self.run_dir, self.rank, self.main = steps, run_dir, rank, main
-        self.cuda = device.type == "cuda"
+    watches_steps = True
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
         self.seen = 0
         self.active: profile | None = None
-        self.label: Callable[[str], contextlib.AbstractContextManager] = unlabelled
 
-    def before_step(self) -> None:
-        if self.steps and self.seen == WARMUP:
+    def on_fit_start(self, run: Run) -> None:
+        self.run_dir, self.rank, self.main = run.run_dir, run.accelerator.process_index, run.main
+        self.cuda = run.accelerator.device.type == "cuda"
+
+    @contextlib.contextmanager
+    def watch_step(self, run: Run, steady: bool) -> Iterator[None]:
+        if self.seen == WARMUP and self.active is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             self.active = profile(activities=activities)
             self.active.start()
-            self.label = record_function
+        run.phase.step.label = record_function if self.active is not None else unlabelled
+        try:
+            yield
+        finally:
+            self.seen += 1
+            if self.active is not None and self.seen == WARMUP + self.steps:
+                self.finish()
+                run.phase.step.label = unlabelled
 
-    def after_step(self) -> None:
-        self.seen += 1
-        if self.active is not None and self.seen == WARMUP + self.steps:
-            self.finish()
+    def on_train_end(self, run: Run) -> None:
+        self.finish()
+        run.phase.step.label = unlabelled
 
     def finish(self) -> None:
         """Stop (also for a run with fewer steps than asked), write the trace and the table."""
@@ -55,7 +74,6 @@ class StepProfiler:
         if self.cuda:
             torch.cuda.synchronize()
         self.active.stop()
-        self.label = unlabelled
         trace = self.run_dir / f"profile-rank{self.rank}.json"
         self.active.export_chrome_trace(str(trace))
         table = self.table(self.seen - WARMUP)

@@ -23,6 +23,9 @@ from beton_trainer.common.files import atomic_path, write_text
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+__all__ = ["classification_report", "confusion_figure", "history_figures", "plot_history", "read_history",
+           "write_reports"]
+
 _noted = False  # the missing-matplotlib note, printed once per process
 REPORT_COLUMNS = ("name", "precision", "recall", "f1-score", "support")
 ANNOTATE_MAX_CLASSES = 20  # beyond this the counts in the confusion matrix cells become unreadable
@@ -102,7 +105,7 @@ def write_reports(run_dir: Path, preds: torch.Tensor, labels: torch.Tensor, clas
         writer.writerows([name, *counts] for name, counts in zip(class_names, matrix))
     if can_plot():
         with atomic_path(run_dir / "confusion_matrix.png") as tmp:
-            _confusion_figure(matrix, class_names).savefig(tmp, dpi=100)
+            confusion_figure(matrix, class_names).savefig(tmp, dpi=100)
     return text
 
 
@@ -118,7 +121,7 @@ def can_plot() -> bool:
     return False
 
 
-def _confusion_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
+def confusion_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
     """Counts heat map; cells are annotated only while they stay readable (<= ANNOTATE_MAX_CLASSES)."""
     from matplotlib.figure import Figure
 
@@ -207,7 +210,7 @@ def _plot_series(ax, xs: list[float], columns: dict[str, list], names: list[str]
         ax.legend()
 
 
-def _history_figures(columns: dict[str, list]) -> dict[str, Figure]:
+def history_figures(columns: dict[str, list]) -> dict[str, Figure]:
     """The history plots by file name; lr and distillation plots only when their columns hold values."""
     from matplotlib.figure import Figure
 
@@ -258,7 +261,7 @@ def plot_history(metrics_csv: Path, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, fig in _history_figures(columns).items():
+    for name, fig in history_figures(columns).items():
         with atomic_path(out_dir / name) as tmp:
             fig.savefig(tmp, dpi=100)
         written.append(out_dir / name)

@@ -1,4 +1,5 @@
-"""The run folder: resolved recipe, environment record, metrics.csv, TensorBoard and W&B scalars."""
+"""The run folder (made once, never overwritten), its environment record, and the loggers: metrics.csv,
+TensorBoard and W&B, each a callback."""
 
 from __future__ import annotations
 
@@ -11,11 +12,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from beton_trainer.common.errors import UserError
 from beton_trainer.common.files import atomic_path
+from beton_trainer.trainer.callbacks import Callback
+from beton_trainer.trainer.report import plot_history
+
+if TYPE_CHECKING:
+    from beton_trainer.trainer.state import Run
+
+__all__ = ["METRICS", "CsvLogger", "TensorBoardLogger", "WandbLogger", "logged_numbers", "new_run_dir",
+           "run_environment"]
+
+METRICS = "metrics.csv"
 
 PACKAGES = ("torch", "torchvision", "accelerate", "timm", "numpy", "ffcv", "nvidia-dali-cuda130", "nvidia-dali-cuda120")
 
@@ -88,57 +100,82 @@ def run_environment(seed: int, manifest: dict, num_processes: int, device: str) 
     }
 
 
-class MetricsLog:
-    """One row per epoch into metrics.csv (rewritten whole, so columns may grow), TensorBoard and W&B.
+def logged_numbers(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics.csv row's numbers, as TensorBoard and W&B log them (at step = epoch)."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
 
-    W&B (recipe `wandb = true`, the `wandb` extra installed) runs offline unless WANDB_MODE says otherwise:
-    `<run>/wandb/offline-run-*` holds the resolved recipe as its config and every epoch's numbers at step =
-    epoch; `wandb sync` uploads it. A resumed run starts a second W&B run holding the epochs after the resume.
-    """
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, wandb: bool, config: dict, keep_rows: int = 0):
-        self.path = run_dir / "metrics.csv"
-        self.rows: list[dict] = []
-        if keep_rows and self.path.is_file():
-            with open(self.path, newline="") as f:
-                self.rows = list(csv.DictReader(f))[:keep_rows]
-        self.tb = None  # opened at the first row, so start-up does not wait for TensorBoard's imports
-        self._tb_dir = run_dir / "tensorboard" if tensorboard else None
-        self.wandb = None
-        if wandb:
-            try:
-                import wandb as wandb_module
-            except ImportError:
-                print("note: wandb is not installed (pip install .[wandb]); logging to metrics.csv and TensorBoard")
-            else:
-                os.environ.setdefault("WANDB_MODE", "offline")
-                self.wandb = wandb_module.init(dir=str(run_dir), config=config, name=run_dir.name)
+class CsvLogger(Callback):
+    """metrics.csv: one row per epoch, rewritten whole from the run's history (so columns may grow, and a resumed
+    run's file holds exactly the epochs its checkpoint had); at the end, the learning-curve plots."""
 
-    def log(self, row: dict) -> None:
-        self.rows.append(row)
-        columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+    def on_epoch_end(self, run: Run, row: dict[str, Any]) -> None:
+        if not run.main:
+            return
+        rows = run.progress.history
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        with atomic_path(run.run_dir / METRICS) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(self.rows)
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
-        if self._tb_dir is not None and self.tb is None:
+            writer.writerows(rows)
+
+    def on_fit_end(self, run: Run, summary: dict[str, Any]) -> None:
+        if run.main:
+            summary["plots"] = [p.name for p in plot_history(run.run_dir / METRICS, run.run_dir)]
+
+
+class TensorBoardLogger(Callback):
+    """recipe `tensorboard = true`: every epoch's numbers under <run>/tensorboard (opened at the first row, so
+    start-up does not wait for TensorBoard's imports; a bare image without it logs to metrics.csv only)."""
+
+    def __init__(self) -> None:
+        self.writer = None
+        self.missing = False
+
+    def on_epoch_end(self, run: Run, row: dict[str, Any]) -> None:
+        if not run.main or self.missing:
+            return
+        if self.writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # a bare image (torch without tensorboard)
+            except ImportError:
                 print("note: tensorboard is not installed (pip install tensorboard); logging to metrics.csv only")
-                self._tb_dir = None
-            else:
-                self.tb = SummaryWriter(str(self._tb_dir))
-        if self.tb is not None:
-            for key, value in numbers.items():
-                self.tb.add_scalar(key, value, row["epoch"])
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(numbers, step=row["epoch"])
+                self.missing = True
+                return
+            self.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
+        for key, value in logged_numbers(row).items():
+            self.writer.add_scalar(key, value, row["epoch"])
+        self.writer.flush()
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def on_fit_end(self, run: Run, summary: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class WandbLogger(Callback):
+    """recipe `wandb = true` (the `wandb` extra installed): offline unless WANDB_MODE says otherwise.
+    `<run>/wandb/offline-run-*` holds the resolved recipe as its config and every epoch's numbers at step =
+    epoch; `wandb sync` uploads it. A resumed run starts a second W&B run holding the epochs after the resume."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.wandb = None
+
+    def on_fit_start(self, run: Run) -> None:
+        if not run.main:
+            return
+        try:
+            import wandb
+        except ImportError:
+            print("note: wandb is not installed (pip install .[wandb]); logging to metrics.csv and TensorBoard")
+            return
+        os.environ.setdefault("WANDB_MODE", "offline")
+        self.wandb = wandb.init(dir=str(run.run_dir), config=self.config, name=run.run_dir.name)
+
+    def on_epoch_end(self, run: Run, row: dict[str, Any]) -> None:
+        if self.wandb is not None:
+            self.wandb.log(logged_numbers(row), step=row["epoch"])
+
+    def on_fit_end(self, run: Run, summary: dict[str, Any]) -> None:
         if self.wandb is not None:
             self.wandb.finish()

@@ -9,6 +9,7 @@ foreach blend with host-side constants, and the optimizers are fused where torch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -17,9 +18,10 @@ from accelerate.utils.modeling import get_mixed_precision_context_manager
 from torch import nn
 
 from beton_trainer.trainer.config import Recipe
-from beton_trainer.trainer.ema import ModelEma
 from beton_trainer.trainer.losses import loss_terms
 from beton_trainer.trainer.profiling import unlabelled
+
+__all__ = ["EpochSums", "EpochTotals", "TrainStep", "configure_backends"]
 
 
 def configure_backends(device: torch.device, *, deterministic: bool = False, strict_fp32: bool = False) -> dict:
@@ -45,7 +47,7 @@ class EpochTotals:
     seen: float = 0.0
     grad_norm_sum: float = 0.0
     grad_norms: float = 0.0  # how many finite gradient norms were summed (every step when clipping by norm)
-    nonfinite_grad_norm_sum: float = 0.0  # the others' sum: 0, or inf/NaN (what FiniteWatch looks at)
+    nonfinite_grad_norm_sum: float = 0.0  # the others' sum: 0, or inf/NaN (what the non-finite check looks at)
     kd_soft_sum: float = 0.0
     kd_hard_sum: float = 0.0
 
@@ -129,13 +131,14 @@ class EpochSums:
 
 
 class TrainStep:
-    """Forward under autocast, loss terms, backward, clipping, optimizer, schedule, EMA, running sums."""
+    """Forward under autocast, loss terms, backward, clipping, optimizer, schedule, `updates`, running sums."""
 
     def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, recipe: Recipe, *,
-                 teacher: nn.Module | None = None, ema: ModelEma | None = None) -> None:
+                 teacher: nn.Module | None = None, updates: list[Callable[[int], None]] | None = None) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.recipe, self.teacher, self.ema = recipe, teacher, ema
+        self.recipe, self.teacher = recipe, teacher
+        self.updates = updates if updates is not None else []  # device-only work after the optimizer (the EMA)
         # Accelerate's context and optimizer wrappers look up optional packages and signatures on every call
         # (~1 ms a step on a laptop CPU): take the autocast context once, and without a loss scaler or gradient
         # accumulation (their only work here) backward, step and zero directly
@@ -174,8 +177,8 @@ class TrainStep:
             self.scheduler.step()
             self.zero_grad(set_to_none=True)
             self.steps += 1
-            if self.ema is not None:
-                self.ema.update(self.steps)
+            for update in self.updates:
+                update(self.steps)
             sums.add(terms, logits, targets, grad_norm)
 
     def _clip(self, log: bool) -> torch.Tensor | None:

@@ -6,9 +6,9 @@ Python. CUDA can report these itself (`torch.cuda.set_sync_debug_mode("error")`)
 a GPU the same operations are still visible to a dispatch mode and a function mode, which is how the
 test suite proves the training step and every loader free of them.
 
-`SyncCheck.watch(steady)` wraps one loop iteration (fetching the batch and the step): when `steady`
-is true (not a logging, checkpoint or epoch-boundary step) any such operation raises `HostSyncError`
-naming it and the line that called it.
+`no_host_sync(device)` raises `HostSyncError` on any such operation, naming it and the line that called it;
+`SyncCheck`, the callback of `--check-syncs`, puts every steady-state step of a run under it (the batch fetch
+and the step; not a logging, checkpoint or warm-up step).
 """
 
 from __future__ import annotations
@@ -18,12 +18,19 @@ import os
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from beton_trainer.common.errors import UserError
+from beton_trainer.trainer.callbacks import Callback
+
+if TYPE_CHECKING:
+    from beton_trainer.trainer.state import Run
+
+__all__ = ["HostSyncError", "SyncCheck", "no_host_sync"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
@@ -117,16 +124,21 @@ def no_host_sync(device: torch.device) -> Iterator[None]:
         yield
 
 
-class SyncCheck:
-    """`watch(steady)` around each loop iteration: checks the steady ones when enabled, in the way `device`
-    (the run's) allows."""
+class SyncCheck(Callback):
+    """`--check-syncs`: every steady-state step runs under `no_host_sync` for the run's device; the summary
+    records how many did (`sync_checked_steps`: a test asserts there were enough)."""
 
-    def __init__(self, enabled: bool, device: torch.device) -> None:
-        self.enabled, self.device = enabled, device
-        self.checked = 0  # iterations run under the check (a test asserts there were enough)
+    watches_steps = True
 
-    def watch(self, steady: bool) -> contextlib.AbstractContextManager:
-        if not (self.enabled and steady):
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.checked = 0
+
+    def watch_step(self, run: Run, steady: bool) -> contextlib.AbstractContextManager:
+        if not steady:
             return contextlib.nullcontext()
         self.checked += 1
         return no_host_sync(self.device)
+
+    def on_fit_end(self, run: Run, summary: dict[str, Any]) -> None:
+        summary["sync_checked_steps"] = self.checked

@@ -1,4 +1,5 @@
-"""Knowledge distillation's teacher: trained first when missing, then loaded frozen."""
+"""Knowledge distillation (recipe `loss.distill`): the teacher, trained first when its folder holds no finished run,
+then loaded frozen; `Distillation` is the callback that puts it into a run and logs the two loss terms."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from beton_trainer.common.errors import UserError
+from beton_trainer.trainer.callbacks import Callback
 from beton_trainer.trainer.config import Recipe
 from beton_trainer.trainer.modelio import make_model
+
+if TYPE_CHECKING:
+    from beton_trainer.trainer.state import Run
+
+__all__ = ["TRAIN_COMMAND", "Distillation", "load_teacher", "train_teacher_first"]
 
 TRAIN_COMMAND = [sys.executable, "-m", "beton_trainer.trainer.cli"]  # train.py, installed or not
 TEACHER_IDLE_S = 3600.0  # a waiting rank gives up once the teacher's folder has not changed for this long
@@ -101,3 +109,24 @@ def load_teacher(path: str, manifest: dict, device: torch.device, channels_last:
     if channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     return teacher.to(device).eval().requires_grad_(False)
+
+
+class Distillation(Callback):
+    """Puts the teacher into `run.teacher` (the step then adds the soft loss of its logits) and logs the epoch's
+    two loss terms as kd_soft_loss and kd_hard_loss. `for_recipe` trains and loads the teacher when the run is
+    built, so a teacher that does not fit stops the run before its folder is made."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.teacher = teacher
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, manifest: dict, device: torch.device, cpu: bool) -> Distillation:
+        train_teacher_first(recipe, cpu)
+        return cls(load_teacher(recipe.loss.distill.teacher, manifest, device, recipe.channels_last))
+
+    def on_fit_start(self, run: Run) -> None:
+        run.teacher = self.teacher
+
+    def on_epoch_end(self, run: Run, row: dict[str, Any]) -> None:
+        totals = run.totals
+        row["kd_soft_loss"], row["kd_hard_loss"] = totals.kd_soft_sum / totals.seen, totals.kd_hard_sum / totals.seen

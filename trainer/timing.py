@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["EpochTimes", "Feed", "STARVED", "StepTimer", "starvation_warning"]
+
 STARVED = 0.05  # above this data-wait fraction, the end-of-run summary warns
 
 

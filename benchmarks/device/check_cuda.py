@@ -204,7 +204,7 @@ def check_dali_device(device: torch.device) -> str:
     def source():  # the generator function DALI's external_source cycles over: one batch
         yield images
 
-    pipe = loader._pipeline(source, seed=1)
+    pipe = loader.pipeline(source, seed=1)
     pipe.build()
     (out,) = pipe.run()
     kind = type(out).__name__
