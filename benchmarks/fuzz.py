@@ -541,9 +541,9 @@ class BetonCases:
     def __init__(self, workdir: Path):
         import torch
 
-        from benchmarks.loader_checks import installed
         from beton_trainer.common.schema import from_dict
         from beton_trainer.pipelines.augment import AugmentSpec
+        from tests.loader_helpers import installed
 
         torch.set_num_threads(1)
         self.workdir = workdir

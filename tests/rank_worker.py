@@ -2,7 +2,10 @@
 
 --slow-best: every epoch is a new best (early stopping's observe is patched) and rank 0 writes the last
 best.safetensors two seconds late, so the other rank reaches finish() while the file still holds the
-previous epoch's weights. Every rank writes rank<N>.json into --out: a digest of the weights it tested.
+previous epoch's weights. Every rank writes rank<N>.json into --out: a digest of the weights (parameters and
+buffers) it tested at the end, and of those it evaluated at every epoch's end.
+--sigterm-after RANK:N,...: the rank named sends itself SIGTERM after its N-th training step (as a cluster's
+preemption reaches the ranks of a job at different moments).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from beton_trainer.trainer import early_stopping, loop  # noqa: E402
+from beton_trainer.common.errors import run_cli  # noqa: E402
+from beton_trainer.trainer import early_stopping, loop, step  # noqa: E402
 from beton_trainer.trainer.cli import main as train_main  # noqa: E402
 
 
@@ -36,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--slow-best", action="store_true")
+    parser.add_argument("--sigterm-after", default="")
     args, train_argv = parser.parse_known_args()
     rank = int(os.environ["RANK"])
 
@@ -52,15 +58,30 @@ def main() -> None:
 
         early_stopping.save_weights = slow_save
 
-    real_evaluate = loop.evaluate
+    signal_after = dict(map(int, item.split(":")) for item in args.sigterm_after.split(",") if item).get(rank)
+    if signal_after:
+        real_call, calls = step.TrainStep.__call__, []
+
+        def signalling_call(self, *a, **kw):
+            real_call(self, *a, **kw)
+            calls.append(1)
+            if len(calls) == signal_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        step.TrainStep.__call__ = signalling_call
+
+    real_evaluate, record = loop.evaluate, {"evaluated": []}
 
     def recording_evaluate(model, loader, recipe, accelerator, collect=False, extra=None):
         if collect:  # the final test
-            (args.out / f"rank{rank}.json").write_text(json.dumps({"tested": digest(model.state_dict())}))
+            record["tested"] = digest(model.state_dict())
+        else:
+            record["evaluated"].append(digest(model.state_dict()))
+        (args.out / f"rank{rank}.json").write_text(json.dumps(record))
         return real_evaluate(model, loader, recipe, accelerator, collect=collect, extra=extra)
 
     loop.evaluate = recording_evaluate
-    train_main(train_argv)
+    run_cli(train_main, train_argv)  # a UserError is one line and exit status 2, as from train.py
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import re
 import signal
 import time
 
-from benchmarks.fault_harness import new_worker_group, outputs, reference_run, start, torchrun_command
+from tests.fault_helpers import new_worker_group, outputs, reference_run, start, torchrun_command
 
 RECIPE = "mnist_cnn_smoke"
 # one epoch of 12 steps per rank; checkpoints after steps 4 and 8

@@ -24,10 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.fault_harness import Report, faulted_run, outputs, train_command
 from beton_trainer.common.errors import UserError
 from beton_trainer.trainer import checkpoint, runlog, teacher
 from beton_trainer.trainer.config import load_recipe
+from tests.fault_helpers import Report, faulted_run, outputs, train_command
 from tests.train_helpers import metrics, run_train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,6 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
 
-from benchmarks.fault_harness import outputs
 from beton_trainer.common.errors import UserError
 from beton_trainer.format.dataset import open_split
 from beton_trainer.pipelines.augment import AugmentSpec
@@ -33,6 +32,7 @@ from beton_trainer.trainer.losses import loss_terms
 from beton_trainer.trainer.modelio import make_model
 from beton_trainer.trainer.optim import build_optimizer, param_groups
 from beton_trainer.trainer.step import EpochSums, TrainStep
+from tests.fault_helpers import outputs
 from tests.train_helpers import metrics, run_train
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.fault_harness import outputs
+from tests.fault_helpers import outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.fault_harness import WALL_COLUMNS, outputs
 from beton_trainer.convert import convert_dataset
 from beton_trainer.format.dataset import dataset_identity
 from beton_trainer.trainer.config import load_recipe
 from beton_trainer.trainer.loop import cpu_threads
 from beton_trainer.trainer.runlog import run_environment
 from tests.data_fixtures import write_cifar10
+from tests.fault_helpers import WALL_COLUMNS, outputs
 from tests.train_helpers import metrics, run_train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.loader_checks import (
+from benchmarks.loaders import environment
+from beton_trainer.common.errors import UserError, run_cli
+from beton_trainer.common.schema import from_dict
+from beton_trainer.format.dataset import open_split
+from beton_trainer.pipelines import BACKENDS, build_loader
+from beton_trainer.pipelines.augment import AugmentSpec
+from beton_trainer.pipelines.base import LoaderOptions, rank_indices
+from tests.loader_helpers import (
     UNIT,
     as_pixels,
     check_uniform_offsets,
@@ -40,13 +47,6 @@ from benchmarks.loader_checks import (
     installed,
     position_images,
 )
-from benchmarks.loaders import environment
-from beton_trainer.common.errors import UserError, run_cli
-from beton_trainer.common.schema import from_dict
-from beton_trainer.format.dataset import open_split
-from beton_trainer.pipelines import BACKENDS, build_loader
-from beton_trainer.pipelines.augment import AugmentSpec
-from beton_trainer.pipelines.base import LoaderOptions, rank_indices
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAIN = {"crop": {"padding": 4}, "flip": {"p": 0.5}, "jitter": {"brightness": 0.3, "contrast": 0.3},
