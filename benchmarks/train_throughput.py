@@ -7,15 +7,21 @@ scaler, the loss terms, backward, the recipe's gradient clipping, the fused opti
 c10_finetune's last phase, the running sums); the backends and the baseline apply c10_finetune's
 augmentations. Warm-up steps (compilation, loader start-up) are excluded, the device is synchronized
 before the clock starts and stops (CUDA events on a GPU), and every batch is full, so a compiled model
-never recompiles. Reported: images/s, ratios to the ceiling and the baseline, MFU against the device's
-dense bf16 peak, peak device memory, and whether the H100 targets are met. Results are printed and
-written as CSV and markdown, with the device, versions, date and the exact command.
+never recompiles. A loader row is timed over at least ten times the batches its loader holds ready (the
+DataLoader baseline's workers x prefetch_factor), so that no queue filled during the warm-up's compile hides
+the loader's real rate; the row says how many were prefetched. Reported: images/s, ratios to the ceiling and
+the baseline, MFU against the device's dense bf16 peak, peak device memory, and whether the H100 targets are
+met. Each row is written (CSV and markdown, with the device, versions, date and the exact command) the
+moment it is measured, and a row that fails (a compile error, out of memory) records its error as its result,
+so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
+import math
 import os
 import shlex
 import sys
@@ -46,6 +52,10 @@ TARGET_DEVICES = ("H100", "H200")
 TARGET_CEILING = 50_000  # images/s
 TARGET_VS_CEILING = 0.95  # every backend
 TARGET_VS_BASELINE = 3.0  # every backend
+# batches a backend's loader holds ready ahead of the step: the tensor backend none; FFCV its batches_ahead plus
+# its EpochIterator's two (pipelines.budget); DALI its prefetch queue; the baseline reports its own
+BATCHES_AHEAD = {"tensor": 0, "ffcv": 5, "dali": 2}
+PREFETCH_MARGIN = 10  # a loader row times at least this many times the batches held ready
 PRECISIONS = ("bf16", "fp16", "no")  # Accelerate's mixed_precision
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CONVERT_COMMAND = ("python -m convert imagefolder --src ../shared/data/cifar10-jpeg.tar.xz --out data "
@@ -68,9 +78,16 @@ class StepConfig:
 class Result:
     name: str
     config: StepConfig
-    images_per_s: float
+    images_per_s: float  # NaN when the row failed
     data_wait_fraction: float  # of the timed steps, the host waiting for the next batch
     peak_mem_mb: float | None  # None off the GPU
+    timed_steps: int = 0
+    prefetched_batches: int = 0  # batches the loader held ready when the clock started, at most
+    error: str = ""  # why the row has no figure
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
 
 
 def shared_step(model: nn.Module, recipe: Recipe, config: StepConfig, device: torch.device,
@@ -122,6 +139,15 @@ def device_seconds(device: torch.device, work: Callable[[], None]) -> float:
     return time.perf_counter() - start_s
 
 
+def fresh_row_memory(device: torch.device) -> None:
+    """Free the previous row's model before this row's peak memory is counted: Accelerate's forward patch makes
+    reference cycles, so the model outlives its last reference until the garbage collector runs."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def images_per_second(step: TrainStep, sums: EpochSums, batches: Batches, device: torch.device, warmup: int,
                       steps: int) -> tuple[float, float]:
     """Images/s over `steps` steps after `warmup`, and the fraction of that time the host waited for the loader
@@ -165,17 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backends", nargs="+", choices=ALL_BACKENDS, default=list(ALL_BACKENDS))
     parser.add_argument("--out", type=Path, default=Path("runs/bench/train_throughput.csv"),
                         help="CSV file; the markdown table goes next to it as .md")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also time the ceiling with channels-last off and in fp32 (two more compiles)")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny CPU-sized run (simple_cnn, batch 32, 3 steps, eager) that only "
                              "proves the script works")
     return parser
 
 
-def ablations(main: StepConfig) -> list[tuple[str, StepConfig]]:
-    """The ceiling with one speed-up turned off at a time (those already off are skipped)."""
+def ablations(main: StepConfig, more: bool) -> list[tuple[str, StepConfig]]:
+    """The ceiling with one speed-up turned off at a time (those already off are skipped): compile always,
+    channels-last and bf16 with `more`."""
     rows = []
     if main.compile:
         rows.append((f"{CEILING}, compile off", replace(main, compile=False)))
+    if not more:
+        return rows
     if main.channels_last:
         rows.append((f"{CEILING}, channels-last off", replace(main, channels_last=False)))
     if main.precision != "no":
@@ -187,6 +218,7 @@ def target_lines(results: dict[str, Result], device_name: str) -> list[str]:
     """Met / not met for each H100 target, or why they do not apply."""
     if not any(name in device_name for name in TARGET_DEVICES):
         return [f"targets (H100/H200): not applicable on {device_name}"]
+    results = {name: r for name, r in results.items() if r.ok}
     ceiling = results.get(CEILING)
     baseline = results.get(BASELINE)
     if ceiling is None:
@@ -213,16 +245,21 @@ def target_lines(results: dict[str, Result], device_name: str) -> list[str]:
 def table_rows(results: dict[str, Result], train_flops: float, peak: float | None) -> list[dict[str, str]]:
     """One dict per result, as printed, written to CSV and to markdown."""
     ceiling, baseline = results.get(CEILING), results.get(BASELINE)
+    ceiling = ceiling if ceiling and ceiling.ok else None
+    baseline = baseline if baseline and baseline.ok else None
     rows = []
     for result in results.values():
         rate = result.images_per_s
+        measured = result.ok
         rows.append({
-            "name": result.name, "config": str(result.config), "images_per_s": f"{rate:.1f}",
-            "data_wait_fraction": f"{result.data_wait_fraction:.3f}",
-            "ratio_vs_ceiling": f"{rate / ceiling.images_per_s:.3f}" if ceiling else "",
-            "ratio_vs_" + BASELINE: f"{rate / baseline.images_per_s:.3f}" if baseline else "",
-            "mfu": f"{rate * train_flops / peak:.3f}" if peak else "n/a",
-            "peak_mem_mb": f"{result.peak_mem_mb:.0f}" if result.peak_mem_mb is not None else "n/a"})
+            "name": result.name, "config": str(result.config), "images_per_s": f"{rate:.1f}" if measured else "",
+            "data_wait_fraction": f"{result.data_wait_fraction:.3f}" if measured else "",
+            "ratio_vs_ceiling": f"{rate / ceiling.images_per_s:.3f}" if ceiling and measured else "",
+            "ratio_vs_" + BASELINE: f"{rate / baseline.images_per_s:.3f}" if baseline and measured else "",
+            "mfu": (f"{rate * train_flops / peak:.3f}" if peak else "n/a") if measured else "",
+            "peak_mem_mb": f"{result.peak_mem_mb:.0f}" if result.peak_mem_mb is not None else "n/a",
+            "timed_steps": str(result.timed_steps), "prefetched_batches": str(result.prefetched_batches),
+            "error": result.error})
     return rows
 
 
@@ -271,48 +308,61 @@ def main(argv: list[str] | None = None) -> int:
               "command": command}
 
     plan = [(CEILING, main_config, None)] + [(b, main_config, b) for b in args.backends] \
-        + [(name, config, None) for name, config in ablations(main_config)]
+        + [(name, config, None) for name, config in ablations(main_config, args.ablations)]
     results: dict[str, Result] = {}
     notes = []
-    for name, config, backend in plan:
-        if backend is None:
-            batches = synthetic_batches(args.batch_size, shape, num_classes, device, config.channels_last)
-        else:
-            options = LoaderOptions(
-                data_dir=args.data, split="train", batch_size=args.batch_size, train=True,
-                spec=recipe.augment, device=device, seed=recipe.seed, num_workers=args.workers,
-                label_smoothing=recipe.loss.label_smoothing, channels_last=config.channels_last)
-            try:
-                batches = endless(build(backend, options))
-            except UserError as exc:  # a backend that cannot run here (package missing) is noted, not fatal
-                notes.append(f"{backend}: {exc}")
-                continue
-        torch._dynamo.reset()  # a fresh compile per row, never the recompile limit
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        step, sums = shared_step(new_model(), recipe, config, device, args.compile_mode)
-        rate, wait = images_per_second(step, sums, batches, device, args.warmup, args.steps)
-        batches.close()
-        memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        results[name] = Result(name, config, rate, wait, memory)
-        del step, sums, batches
-        print(f"{name:<28} {config!s:<36} {rate:>10,.0f} images/s  data wait {wait:6.1%}", flush=True)
-
-    rows = table_rows(results, train_flops, peak)
-    targets = target_lines(results, env["device"])
-    table = markdown(rows, header, notes, targets)
-    print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    extra = {"device": env["device"], "model": args.model, "batch_size": str(args.batch_size),
-             "steps": str(args.steps), "date": env["date"]}
-    with open(args.out, "w", newline="") as fh:
+    extra = {"device": env["device"], "model": args.model, "batch_size": str(args.batch_size), "date": env["date"]}
+    for name, config, backend in plan:
+        steps, ahead = args.steps, 0
+        try:
+            if backend is None:
+                batches = synthetic_batches(args.batch_size, shape, num_classes, device, config.channels_last)
+            else:
+                options = LoaderOptions(
+                    data_dir=args.data, split="train", batch_size=args.batch_size, train=True,
+                    spec=recipe.augment, device=device, seed=recipe.seed, num_workers=args.workers,
+                    label_smoothing=recipe.loss.label_smoothing, channels_last=config.channels_last)
+                loader = build(backend, options)
+                ahead = getattr(loader, "prefetched_batches", BATCHES_AHEAD.get(backend, 0))
+                steps = max(args.steps, PREFETCH_MARGIN * ahead)
+                batches = endless(loader)
+        except UserError as exc:  # a backend that cannot run here (package missing) is noted, not fatal
+            notes.append(f"{backend}: {exc}")
+            continue
+        torch.compiler.reset()  # a fresh compile per row, never the recompile limit
+        fresh_row_memory(device)
+        try:
+            step, sums = shared_step(new_model(), recipe, config, device, args.compile_mode)
+            rate, wait = images_per_second(step, sums, batches, device, args.warmup, steps)
+            memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            results[name] = Result(name, config, rate, wait, memory, steps, ahead)
+            print(f"{name:<28} {config!s:<36} {rate:>10,.0f} images/s  data wait {wait:6.1%}  "
+                  f"({steps} steps, {ahead} prefetched)", flush=True)
+        except Exception as exc:  # this row's result is its error; the next row still runs
+            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+            results[name] = Result(name, config, math.nan, math.nan, None, steps, ahead, error)
+            print(f"{name:<28} {config!s:<36} failed: {error}", flush=True)
+        finally:
+            batches.close()
+            step = sums = None
+        write_tables(args.out, results, train_flops, peak, header, notes, extra, env["device"])
+    print("\n" + args.out.with_suffix(".md").read_text())
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0 if all(r.ok for r in results.values()) else 1
+
+
+def write_tables(out: Path, results: dict[str, Result], train_flops: float, peak: float | None,
+                 header: dict[str, str], notes: list[str], extra: dict[str, str], device_name: str) -> None:
+    """The rows measured so far, as CSV and as markdown (rewritten after every row)."""
+    rows = table_rows(results, train_flops, peak)
+    if not rows:
+        return
+    with open(out, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[*rows[0], *extra])
         writer.writeheader()
         writer.writerows({**row, **extra} for row in rows)
-    args.out.with_suffix(".md").write_text(table)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
-    return 0
+    out.with_suffix(".md").write_text(markdown(rows, header, notes, target_lines(results, device_name)))
 
 
 if __name__ == "__main__":

@@ -503,3 +503,25 @@ def test_cudnn_autotuning_and_tf32_are_set_in_one_place_and_recorded(tiny_rgb_da
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = before[:2]
         torch.set_float32_matmul_precision(before[2])
+
+
+# -- checkpoint interval, steady rate ------------------------------------------------------------------------------
+
+def test_checkpoints_every_nth_epoch_and_the_steady_rate_leaves_the_first_epoch_out(mnist_data, tmp_path,
+                                                                                   monkeypatch):
+    """checkpoint_every_epochs=2 over 5 epochs of 5 steps: checkpoints at the ends of epochs 2 and 4 only (a
+    checkpoint costs ~0.5 s for ResNet34 here, an epoch on a GPU about a second); 0 leaves only phase ends.
+    summary.json's steady_images_per_s averages the last phase's epochs after the run's first."""
+    monkeypatch.setattr(checkpoint, "KEEP", 100)
+    run_dir = tmp_path / "run"
+    summary = run_train(["--recipe", "mnist_mlp_smoke", "--data", str(mnist_data), "--run-dir", str(run_dir), "--cpu",
+                         "--set", "phases.0.epochs=5", "--set", "checkpoint_every_epochs=2",
+                         "--set", "tensorboard=false"])
+    assert [c.name for c in checkpoint.candidates(run_dir)] == ["step-000000020", "step-000000010"]
+    rates = [float(row["images_per_s"]) for row in metrics(run_dir)]
+    assert summary["steady_images_per_s"] == pytest.approx(sum(rates[1:]) / 4)
+    assert summary["images_per_s"] == pytest.approx(sum(rates) / 5)
+    none = tmp_path / "none"
+    run_train(["--recipe", "mnist_mlp_smoke", "--data", str(mnist_data), "--run-dir", str(none), "--cpu",
+               "--set", "phases.0.epochs=3", "--set", "checkpoint_every_epochs=0", "--set", "tensorboard=false"])
+    assert checkpoint.candidates(none) == []

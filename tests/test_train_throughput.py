@@ -45,7 +45,8 @@ def test_resnet34_cifar_flops():
 
 def test_smoke_table(tiny_rgb_data, tmp_path):
     out = tmp_path / "bench" / "tt.csv"
-    assert tt.main(["--smoke", "--device", "cpu", "--data", str(tiny_rgb_data), "--out", str(out)]) == 0
+    assert tt.main(["--smoke", "--device", "cpu", "--data", str(tiny_rgb_data), "--out", str(out),
+                    "--ablations"]) == 0
     with open(out, newline="") as f:
         rows = {row["name"]: row for row in csv.DictReader(f)}
     optional = (("ffcv", "ffcv"), ("dali", "nvidia.dali"))
@@ -67,6 +68,58 @@ def test_smoke_table(tiny_rgb_data, tmp_path):
     assert rows["ceiling, channels-last off"]["config"] == "bf16, eager, contiguous"
     table = out.with_suffix(".md").read_text()
     assert "not applicable on cpu" in table and "--smoke" in table and "crop, flip, erase" in table
+
+
+def test_each_row_is_written_when_measured_and_a_failed_row_records_its_error(tiny_rgb_data, tmp_path,
+                                                                             monkeypatch):
+    """A row that fails (here the tensor backend's, as a compile error or an out-of-memory would) is a row with
+    its error; the rows before and after it are measured and on disk, and the exit status says one failed.
+    The loader rows are timed over ten times what their loader holds ready (the baseline's workers x
+    prefetch_factor), not over --steps alone, and say so."""
+    out = tmp_path / "tt.csv"
+    real, rows_seen, written = tt.images_per_second, [], []
+
+    def measure(step, sums, batches, device, warmup, steps):
+        rows_seen.append(steps)
+        if len(rows_seen) == 2:  # the tensor backend's row: the ceiling's is on disk already
+            written.append(out.read_text())
+            raise RuntimeError("planted: out of memory")
+        return real(step, sums, batches, device, warmup, steps)
+
+    monkeypatch.setattr(tt, "images_per_second", measure)
+    code = tt.main(["--smoke", "--device", "cpu", "--data", str(tiny_rgb_data), "--out", str(out), "--workers", "2",
+                    "--backends", "tensor", "torchvision"])
+    assert code == 1
+    assert written and "ceiling" in written[0] and "tensor" not in written[0]
+    with open(out, newline="") as f:
+        rows = {row["name"]: row for row in csv.DictReader(f)}
+    assert list(rows) == ["ceiling", "tensor", "torchvision"]
+    assert rows["tensor"]["error"] == "RuntimeError: planted: out of memory" and rows["tensor"]["images_per_s"] == ""
+    assert float(rows["torchvision"]["images_per_s"]) > 0 and rows["ceiling"]["error"] == ""
+    assert rows["torchvision"]["prefetched_batches"] == "2"  # --smoke's 1 worker x prefetch_factor 2
+    assert int(rows["torchvision"]["timed_steps"]) == 20 == rows_seen[2]  # 10x what was ready, not --steps (3)
+    assert rows["ceiling"]["timed_steps"] == "3"
+    assert "RuntimeError: planted" in out.with_suffix(".md").read_text()
+
+
+def test_a_rows_model_is_freed_before_the_next_rows_peak_is_counted():
+    """Accelerate's prepared model holds a reference cycle (its forward, patched for mixed precision): without a
+    collection the previous row's model would still be allocated when the next row's peak memory starts
+    counting."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        step, _ = tt.shared_step(nn.Linear(4, 2), load_recipe("c10_finetune"), tt.StepConfig("bf16", False, False),
+                                 torch.device("cpu"), "default")
+        model = weakref.ref(step.model)
+        del step, _
+        assert model() is not None  # kept alive by the cycle
+        tt.fresh_row_memory(torch.device("cpu"))
+        assert model() is None
+    finally:
+        gc.enable()
 
 
 def test_targets_and_mfu_on_an_h100():

@@ -195,7 +195,8 @@ class Recipe:
     grad_clip_value: float = 0.0  # 0 = off (seed 003: 0.1)
     ema_decay: float = 0.0  # 0 = off; evaluation then uses the EMA weights
     tta_flip: bool = False  # evaluate on the image and its mirror, averaging logits
-    checkpoint_every_steps: int = 0  # 0 = every epoch only
+    checkpoint_every_steps: int = 0  # also mid-epoch, every N steps; 0 = at epoch ends only
+    checkpoint_every_epochs: int = 1  # at every Nth epoch's end (and always where a phase ends); 0 = phase ends only
     max_steps_per_epoch: int = 0  # 0 = whole epoch; smoke recipes cut epochs short
     max_eval_batches: int = 0  # 0 = every sample; smoke twins evaluate (and test) a fixed stratified subset of
     # this many batches per process
@@ -209,6 +210,7 @@ class Recipe:
         check_range("grad_clip_value", self.grad_clip_value, 0)
         check_range("ema_decay", self.ema_decay, 0, 1)
         check_range("checkpoint_every_steps", self.checkpoint_every_steps, 0)
+        check_range("checkpoint_every_epochs", self.checkpoint_every_epochs, 0)
         check_range("max_steps_per_epoch", self.max_steps_per_epoch, 0)
         check_range("max_eval_batches", self.max_eval_batches, 0)
         if self.grad_clip_norm and self.grad_clip_value:

@@ -460,7 +460,9 @@ def end_epoch(run: Run, phase: Phase, epoch: int) -> bool:
     p.stopped_early |= stop_phase or stop_training
     ends_phase = stop_phase or stop_training or epoch + 1 == phase.config.epochs
     next_phase, next_epoch = (phase.index + 1, 0) if ends_phase else (phase.index, epoch + 1)
-    if next_phase < len(run.recipe.phases) and not stop_training:
+    every = run.recipe.checkpoint_every_epochs
+    due = ends_phase or stopped or (every and run.epoch_number % every == 0)
+    if due and next_phase < len(run.recipe.phases) and not stop_training:
         save_checkpoint(run, phase, phase=next_phase, epoch=next_epoch, batch=0, sums={})
     if stopped:
         raise UserError(f"stopped by signal after epoch {row['epoch']}; continue with --run-dir {run.run_dir} "
@@ -494,12 +496,16 @@ def finish(run: Run, phase: Phase) -> dict:
     wall = time.perf_counter() - run.train_start
     history = run.progress.history
     rates = [float(r["images_per_s"]) for r in history if r.get("images_per_s") not in ("", None)]
+    # the last phase's whole epochs after the run's first (compile, warm-up; a head-only phase trains less)
+    steady = [float(r["images_per_s"]) for r in history[1:] if r["phase"] == history[-1]["phase"]
+              and r.get("images_per_s") not in ("", None)]
     waits = [(float(r["data_wait_fraction"]), int(r["epoch"])) for r in history
              if r.get("data_wait_fraction") not in ("", None)]
     worst_wait, worst_epoch = max(waits) if waits else (None, None)
     summary = {"recipe": run.recipe.name, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                "test_samples": test["count"], "epochs": len(history), "early_stopped": run.progress.stopped_early,
-               "images_per_s": sum(rates) / len(rates) if rates else None, "wall_s": wall,
+               "images_per_s": sum(rates) / len(rates) if rates else None,
+               "steady_images_per_s": sum(steady) / len(steady) if steady else None, "wall_s": wall,
                "parameters": count_parameters(final), "processes": accelerator.num_processes,
                "first_step_at": run.first_step_at, "run_dir": str(run.run_dir), "plots": [],
                "worst_data_wait_fraction": worst_wait, "worst_data_wait_epoch": worst_epoch}
