@@ -4,8 +4,9 @@ minimal hand-written loop) and the whole training loop's steps per second (`trai
 compute, so that what the loop adds around each step shows).
 
 The earlier revision is checked out into a temporary git worktree and run from there with the same Python, so
-both sides use the same packages. The rounds alternate between the two, so drifting machine load hits both
-alike; the medians are reported. Each `train.py` run times its second epoch (the first holds the start-up).
+both sides use the same packages. The rounds alternate between the two, in turn first and second, so drifting
+machine load hits both alike; the medians are reported. Each `train.py` run times its second epoch (the first
+holds the start-up).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         trees = {"before": before, "after": ROOT}
         results: dict[str, dict[str, list[float]]] = {side: {"step": [], "minimal": [], "loop": []} for side in trees}
         for r in range(args.rounds):
-            for side, tree in trees.items():
+            for side, tree in list(trees.items())[::1 if r % 2 == 0 else -1]:  # ABBA: load drifts hit both alike
                 step, minimal = step_overhead(tree)
                 results[side]["step"].append(step)
                 results[side]["minimal"].append(minimal)

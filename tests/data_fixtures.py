@@ -131,3 +131,14 @@ def write_imagefolder(root: Path, *, classes: tuple[str, ...] = ("cat", "dog", "
             Image.fromarray(image).save(path)
         result[split] = (images, labels)
     return result
+
+
+def mnist_subset(root: Path, n_train: int, n_test: int) -> dict:
+    """Real MNIST read from its IDX files under `root`: the first training and test images, uint8 NHWC, as the
+    Python API takes data ({"train": (images, labels), "test": ..., "classes": names})."""
+    from beton_trainer.convert.sources import ReadOptions, read_source
+
+    source = read_source("mnist", root / "mnist", ReadOptions())
+    train, test = source.splits["train"], source.splits["test"]
+    return {"train": (train.images[:n_train], train.labels[:n_train]),
+            "test": (test.images[:n_test], test.labels[:n_test]), "classes": source.classes}

@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.data import Subset
 
 from beton_trainer.common.errors import UserError
-from beton_trainer.convert.sources import ReadOptions, read_source
 from beton_trainer.trainer.api import Trainer, load_run
 from beton_trainer.trainer.distributed import isolated_state
+from tests.data_fixtures import mnist_subset
 from tests.train_helpers import run_train
 
 N_TRAIN, N_TEST = 2000, 500
@@ -61,10 +61,7 @@ def macro_f1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def mnist(real_data_root: Path) -> dict:
     """Real MNIST read from its IDX files: the first 2,000 training and 500 test images, uint8 NHWC."""
-    source = read_source("mnist", real_data_root / "mnist", ReadOptions())
-    train, test = source.splits["train"], source.splits["test"]
-    return {"train": (train.images[:N_TRAIN], train.labels[:N_TRAIN]),
-            "test": (test.images[:N_TEST], test.labels[:N_TEST]), "classes": source.classes}
+    return mnist_subset(real_data_root, N_TRAIN, N_TEST)
 
 
 @pytest.fixture(scope="module")

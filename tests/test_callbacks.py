@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from beton_trainer import Callback, Trainer, UserError
-from beton_trainer.convert.sources import ReadOptions, read_source
 from beton_trainer.trainer.loop import LOG_EVERY
+from tests.data_fixtures import mnist_subset
 
 N_TRAIN, N_TEST = 2000, 500
 RECIPE = {"name": "callbacks", "data": {"batch_size": 50, "eval_batch_size": 250},
@@ -26,10 +26,7 @@ SAME = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr_base")
 
 @pytest.fixture(scope="module")
 def mnist(real_data_root: Path) -> dict:
-    source = read_source("mnist", real_data_root / "mnist", ReadOptions())
-    train, test = source.splits["train"], source.splits["test"]
-    return {"train": (train.images[:N_TRAIN], train.labels[:N_TRAIN]),
-            "test": (test.images[:N_TEST], test.labels[:N_TEST]), "classes": source.classes}
+    return mnist_subset(real_data_root, N_TRAIN, N_TEST)
 
 
 class LearningRates(Callback):
