@@ -17,10 +17,18 @@ from benchmarks.flops import flops_per_image, peak_flops
 from beton_trainer.common.errors import UserError
 from beton_trainer.models import build_model
 from beton_trainer.trainer.config import load_recipe
+from beton_trainer.trainer.distributed import isolated_state
 from tests.loader_helpers import installed
 from tests.train_helpers import metrics, run_train
 
 H100 = "cuda: NVIDIA H100 80GB HBM3 (16 CPU cores)"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_accelerator():
+    """The benchmark builds one Accelerator per row in this process: leave no state for the next test's."""
+    with isolated_state():
+        yield
 
 
 def test_flops_match_a_hand_count():
