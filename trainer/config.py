@@ -198,8 +198,7 @@ class Recipe:
     checkpoint_every_steps: int = 0  # also mid-epoch, every N steps; 0 = at epoch ends only
     checkpoint_every_epochs: int = 1  # at every Nth epoch's end (and always where a phase ends); 0 = phase ends only
     max_steps_per_epoch: int = 0  # 0 = whole epoch; smoke recipes cut epochs short
-    max_eval_batches: int = 0  # 0 = every sample; smoke twins evaluate (and test) a fixed stratified subset of
-    # this many batches per process
+    max_eval_batches: int = 0  # per process, a fixed stratified subset for every evaluation and the test; 0 = all
     tensorboard: bool = True
     wandb: bool = False  # used when installed; offline mode without a network
 
