@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import re
 import shlex
 from pathlib import Path
@@ -85,7 +86,7 @@ def parse_module_args(module_name: str, args: list[str]) -> None:
     if not any(hasattr(module, name) for name in ("build_parser", "parse_args", "main")):
         module = importlib.import_module(f"{module.__name__}.cli")
     try:
-        with _stop_after_parsing():
+        with _stop_after_parsing(), contextlib.redirect_stdout(io.StringIO()):
             if hasattr(module, "build_parser"):
                 module.build_parser().parse_args(args)
             elif hasattr(module, "parse_args"):
@@ -95,6 +96,8 @@ def parse_module_args(module_name: str, args: list[str]) -> None:
     except _Parsed:
         return
     except SystemExit as exc:
+        if exc.code in (0, None):  # --help
+            return
         raise CommandError(f"`python -m {module_name} {shlex.join(args)}` stops at its parser "
                            f"(exit status {exc.code})") from None
     raise CommandError(f"python -m {module_name}: found no parser to check {args}")
@@ -104,8 +107,11 @@ def parse_train_args(args: list[str]) -> None:
     from beton_trainer.trainer.cli import parse_args
 
     try:
-        parse_args(args)
+        with contextlib.redirect_stdout(io.StringIO()):
+            parse_args(args)
     except SystemExit as exc:
+        if exc.code in (0, None):  # --help
+            return
         raise CommandError(f"`train.py {shlex.join(args)}` stops at its parser (exit status {exc.code})") from None
 
 
