@@ -161,7 +161,8 @@ def recipe_list() -> str:
     for name in list_recipes():
         recipe = load_recipe(name)
         epochs = " + ".join(str(p.epochs) for p in recipe.phases)
-        out.append(f"| `{name}` | `{recipe.model.name}` | {epochs} | {_cell(recipe.description.strip())} |\n")
+        description = " ".join(recipe.description.split())  # one line: a table row
+        out.append(f"| `{name}` | `{recipe.model.name}` | {epochs} | {_cell(description)} |\n")
     return "".join(out)
 
 
