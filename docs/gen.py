@@ -194,6 +194,8 @@ def convert_options() -> str:
         else:
             default = f"`{action.default}`" if action.default is not None else "—"
         helptext = (action.help or "").replace("%(default)s", str(action.default))
+        if not helptext and not action.option_strings:
+            helptext = f"the kind of source ({action.dest}): see [Sources](index.md#sources)"
         out.append(f"| `{_cell(name)}` | {default} | {_cell(helptext)} |\n")
     return "".join(out)
 
