@@ -105,7 +105,7 @@ def _sections(cls: type, prefix: str, title: str) -> list[tuple[str, type, str]]
 
 
 def recipe_keys() -> str:
-    from beton_trainer.trainer.config import Recipe
+    from beton_trainer import Recipe
 
     out = [HEADER.format(source="trainer/config.py and pipelines/augment.py"), "# Recipe keys\n\n",
            "Every key a recipe (`recipes/*.toml`) may set, generated from the schema: the `Recipe` dataclass in "
@@ -152,7 +152,7 @@ def recipe_keys() -> str:
 
 
 def recipe_list() -> str:
-    from beton_trainer.trainer.config import list_recipes, load_recipe
+    from beton_trainer import list_recipes, load_recipe
 
     out = [HEADER.format(source="recipes/*.toml"), "# Every recipe\n\n",
            "The recipes that ship in `recipes/` (installed as package data), with the `description` each one "
