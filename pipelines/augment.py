@@ -41,9 +41,9 @@ def _check_pair(key: str, pair: tuple[float, float], lo: float, hi: float | None
 class CropSpec:
     """RandomCrop(size, padding): pad, then crop the original size at a per-sample uniform offset."""
 
-    padding: int = 0
-    padding_mode: Literal["constant", "reflect"] = "constant"
-    fill: int = 0
+    padding: int = 0  # pixels added on each side before the crop; 0 = off
+    padding_mode: Literal["constant", "reflect"] = "constant"  # how the padding is filled
+    fill: int = 0  # constant padding's value (0-255)
 
     def __post_init__(self) -> None:
         check_range("padding", self.padding, 0)
@@ -58,7 +58,7 @@ class CropSpec:
 class FlipSpec:
     """Horizontal flip with probability p, per sample."""
 
-    p: float = 0.0
+    p: float = 0.0  # probability of a horizontal flip; 0 = off
 
     def __post_init__(self) -> None:
         check_range("p", self.p, 0, 1)
@@ -72,10 +72,10 @@ class FlipSpec:
 class EraseSpec:
     """RandomErasing after normalize: value 0 is the dataset mean, "random" is standard normal noise."""
 
-    p: float = 0.0
-    scale: tuple[float, float] = (0.02, 0.33)
-    ratio: tuple[float, float] = (0.3, 3.3)
-    value: float | Literal["random"] = 0.0
+    p: float = 0.0  # probability of erasing one rectangle; 0 = off
+    scale: tuple[float, float] = (0.02, 0.33)  # erased area as a fraction of the image [low, high]
+    ratio: tuple[float, float] = (0.3, 3.3)  # aspect ratio of the rectangle [low, high]
+    value: float | Literal["random"] = 0.0  # fill after normalization: 0 = the mean; "random" = noise
 
     def __post_init__(self) -> None:
         check_range("p", self.p, 0, 1)
@@ -91,10 +91,10 @@ class EraseSpec:
 class JitterSpec:
     """ColorJitter factor ranges; saturation and hue only apply to 3-channel images."""
 
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
+    brightness: float = 0.0  # factor drawn from [1 - b, 1 + b]; 0 = off
+    contrast: float = 0.0  # factor drawn from [1 - c, 1 + c]; 0 = off
+    saturation: float = 0.0  # factor drawn from [1 - s, 1 + s]; 0 = off (3 channels only)
+    hue: float = 0.0  # shift drawn from [-h, h], at most 0.5; 0 = off (3 channels only)
 
     def __post_init__(self) -> None:
         for key in ("brightness", "contrast", "saturation"):
@@ -110,10 +110,10 @@ class JitterSpec:
 class AffineSpec:
     """RandomAffine: rotation in degrees, translation as a fraction of the image size, x-shear in degrees."""
 
-    degrees: float = 0.0
-    translate: float = 0.0
-    scale: tuple[float, float] = (1.0, 1.0)
-    shear: float = 0.0
+    degrees: float = 0.0  # rotation drawn from [-d, d] degrees; 0 = off
+    translate: float = 0.0  # shift drawn from [-t, t] times the image size; 0 = off
+    scale: tuple[float, float] = (1.0, 1.0)  # zoom drawn from [low, high]; [1, 1] = off
+    shear: float = 0.0  # x-shear drawn from [-s, s] degrees; 0 = off
 
     def __post_init__(self) -> None:
         check_range("degrees", self.degrees, 0, 180)
@@ -130,10 +130,10 @@ class AffineSpec:
 class MixSpec:
     """timm Mixup in 'elem' mode: each sample is mixed with probability `prob` with its own lambda."""
 
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    prob: float = 1.0
-    switch_prob: float = 0.5
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) of MixUp's lambda; 0 = no MixUp
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) of CutMix's lambda; 0 = no CutMix
+    prob: float = 1.0  # probability that a sample is mixed at all
+    switch_prob: float = 0.5  # with both on: probability of CutMix rather than MixUp
 
     def __post_init__(self) -> None:
         check_range("mixup_alpha", self.mixup_alpha, 0)

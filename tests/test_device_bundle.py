@@ -15,11 +15,11 @@ import torch
 
 from benchmarks.device.bundle import assign_groups, join_parts, pack, sha256_file, split_file, stash, unpack
 from beton_trainer.common.errors import UserError
+from tests.doc_commands import check_command, markdown_commands
 from tests.loader_helpers import installed
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1_000_000
-CHECKOUT_MODULES = {"convert": "beton_trainer.convert", "studies": "beton_trainer.studies"}  # `python -m convert`
 
 
 def test_split_and_join_round_trip(tmp_path):
@@ -129,71 +129,12 @@ def test_a_training_run_that_hangs_is_a_fail_row_and_the_report_keeps_what_came_
     assert out.failed
 
 
-def readme_commands(path: Path) -> list[list[str]]:
-    """Every simple command in the fenced bash blocks of a README: split at ;, &&, || and | (outside quotes),
-    environment assignments, redirections and `source`/`export`/`set`/`cd` dropped, $VARIABLES left as words."""
-    import re
-    import shlex
-
-    commands: list[list[str]] = []
-    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
-        for line in block.splitlines():
-            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-            lexer.commenters, lexer.wordchars = "#", lexer.wordchars + "$:{}%,@+[]"
-            words: list[str] = []
-            tokens = list(lexer) + [";"]
-            skip = False
-            for token in tokens:
-                if skip:
-                    skip = False
-                elif token in (";", "&&", "||", "|", "&"):
-                    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
-                        words = words[1:]
-                    if words and words[0] not in ("source", "export", "set", "cd"):
-                        commands.append(words)
-                    words = []
-                elif set(token) <= set("<>&"):  # a redirection: drop it, its target and an fd number before it
-                    skip = True
-                    if words and words[-1].isdigit():
-                        words.pop()
-                else:
-                    words.append(token)
-    return commands
-
-
 def test_every_command_in_the_device_readme_parses(monkeypatch):
     """A command the GPU session copies from the device README must not stop at argparse (exit status 2):
     each `python -m MODULE` and train.py line goes through its own parser, each script and test file exists."""
-    import importlib
-
-    from beton_trainer.trainer.cli import parse_args
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # parsers whose defaults look for CUDA
-    checked = []
-    for words in readme_commands(ROOT / "benchmarks" / "device" / "README.md"):
-        program, args = words[0], words[1:]
-        if program.endswith(("python", "python3")) and args[:1] == ["-m"]:
-            module, args = args[1], args[2:]
-            if module == "pytest":
-                missing = [a for a in args if a.startswith("tests/") and not (ROOT / a.split("::")[0]).is_file()]
-                assert not missing, f"{' '.join(words)}: no such test file {missing}"
-            else:
-                found = importlib.import_module(CHECKOUT_MODULES.get(module, module))
-                cli = found if hasattr(found, "build_parser") else importlib.import_module(f"{found.__name__}.cli")
-                parser = cli.build_parser
-                try:
-                    parser().parse_args(args)
-                except SystemExit as exc:
-                    pytest.fail(f"`{' '.join(words)}` stops at its parser (exit status {exc.code})")
-        elif program.endswith(("python", "python3")) and args[:1] == ["train.py"]:
-            parse_args(args[1:])
-        elif program == "bash":
-            script = (ROOT / args[0]).read_text()
-            for flag in (a for a in args[1:] if a.startswith("--")):
-                assert f"{flag})" in script or f"{flag}|" in script, f"{args[0]} has no option {flag}"
-        else:
-            continue
-        checked.append(words)
+    checked = [words for words in markdown_commands(ROOT / "benchmarks" / "device" / "README.md")
+               if check_command(words)]
     modules = {w[2] for w in checked if w[1:2] == ["-m"]}
     assert {"benchmarks.device.first_contact", "benchmarks.device.check_cuda", "benchmarks.loaders", "convert",
             "pytest"} <= modules

@@ -78,7 +78,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "simple_cnn"
+    name: str = "simple_cnn"  # a registry name (resnet34_cifar, mlp, ...) or "timm:<name>"
     pretrained: bool | str = False  # True: ImageNet weights via torchvision; a string: a state-dict path
     args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model
 
@@ -87,7 +87,7 @@ class ModelConfig:
 class DistillConfig:
     teacher: str = ""  # the run folder of a finished teacher run (model.json + model.safetensors); "" = off
     teacher_recipe: str = ""  # when `teacher` holds no finished run yet, train it first with this recipe
-    temperature: float = 4.0
+    temperature: float = 4.0  # softens teacher and student logits in the KL term
     alpha: float = 0.5  # weight of the soft (KL) term
 
     def __post_init__(self) -> None:
@@ -97,7 +97,7 @@ class DistillConfig:
 
 @dataclass
 class LossConfig:
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing; 0 = off
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
@@ -106,13 +106,13 @@ class LossConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
-    lr: float = 0.1
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"  # the torch.optim optimizer
+    lr: float = 0.1  # the base learning rate (onecycle: its peak)
     momentum: float = 0.9  # sgd, rmsprop
-    nesterov: bool = False
-    weight_decay: float = 0.0
+    nesterov: bool = False  # sgd: Nesterov momentum
+    weight_decay: float = 0.0  # L2 penalty (adamw: decoupled weight decay)
     no_decay_norm_bias: bool = False  # the usual exemption of norm weights and biases from decay
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
 
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0, lo_open=True)
@@ -123,7 +123,7 @@ class OptimizerConfig:
 @dataclass
 class ParamGroupConfig:
     modules: list[str]  # module name prefixes, e.g. ["fc"]
-    lr: float
+    lr: float  # this group's learning rate (others use the optimizer's lr)
 
     def __post_init__(self) -> None:
         check_range("lr", self.lr, 0, lo_open=True)
@@ -131,14 +131,14 @@ class ParamGroupConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["constant", "cosine", "onecycle", "warm_restarts", "step", "triangular"] = "constant"
+    name: Literal["constant", "cosine", "onecycle", "warm_restarts", "step", "triangular"] = "constant"  # LR schedule
     t_max: int = 0  # cosine: epochs of the half period (0 = the phase's epochs)
     eta_min: float = 0.0  # cosine, warm_restarts
     t_0: int = 10  # warm_restarts: epochs of the first cycle
-    t_mult: int = 1  # warm_restarts
+    t_mult: int = 1  # warm_restarts: factor by which each cycle is longer than the last
     step_size: int = 30  # step: epochs between decays
-    gamma: float = 0.1  # step
-    pct_start: float = 0.3  # onecycle
+    gamma: float = 0.1  # step: factor applied to the LR at each decay
+    pct_start: float = 0.3  # onecycle: fraction of the phase spent rising to lr
     peak_epoch: float = 2.0  # triangular: linear from 1e-4 x lr up to lr at this epoch, then linear down to 0
     warmup_epochs: float = 0.0  # linear warm-up from 0 before the schedule (all but onecycle)
 
@@ -155,8 +155,8 @@ class ScheduleConfig:
 @dataclass
 class EarlyStoppingConfig:
     metric: str = ""  # e.g. "val_loss", "val_accuracy"; "" = off
-    patience: int = 10
-    mode: Literal["min", "max"] = "min"
+    patience: int = 10  # epochs without improvement before the phase stops
+    mode: Literal["min", "max"] = "min"  # min for a loss, max for an accuracy
 
     def __post_init__(self) -> None:
         check_range("patience", self.patience, 1)
@@ -164,8 +164,8 @@ class EarlyStoppingConfig:
 
 @dataclass
 class PhaseConfig:
-    epochs: int
-    name: str = "train"
+    epochs: int  # required: the phase's length
+    name: str = "train"  # shown in logs and metrics.csv
     train_modules: list[str] = field(default_factory=list)  # prefixes of trainable modules; [] = all
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     param_groups: list[ParamGroupConfig] = field(default_factory=list)
@@ -178,18 +178,19 @@ class PhaseConfig:
 
 @dataclass
 class Recipe:
-    name: str = "recipe"
-    description: str = ""
-    seed: int = 0
+    name: str = "recipe"  # names the default run folder (runs/<name>-<timestamp>) and the summary
+    description: str = ""  # one line on what the recipe does (listed in the docs)
+    seed: int = 0  # the run's seed: initialisation, sample order, augmentations
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     loss: LossConfig = field(default_factory=LossConfig)
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig(epochs=1)])
-    precision: Literal["no", "fp16", "bf16"] = "no"
-    channels_last: bool = True
-    compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    precision: Literal["no", "fp16", "bf16"] = "no"  # autocast mixed precision; a launcher's setting replaces it
+    channels_last: bool = True  # model and batches in channels-last memory format
+    compile: bool = False  # torch.compile the model
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode
     strict_fp32: bool = False  # true: no TF32 on CUDA (fp32 matmuls and convolutions at full precision)
     grad_clip_norm: float = 0.0  # 0 = off (seed 000: 1.0)
     grad_clip_value: float = 0.0  # 0 = off (seed 003: 0.1)
@@ -198,9 +199,8 @@ class Recipe:
     checkpoint_every_steps: int = 0  # also mid-epoch, every N steps; 0 = at epoch ends only
     checkpoint_every_epochs: int = 1  # at every Nth epoch's end (and always where a phase ends); 0 = phase ends only
     max_steps_per_epoch: int = 0  # 0 = whole epoch; smoke recipes cut epochs short
-    max_eval_batches: int = 0  # 0 = every sample; smoke twins evaluate (and test) a fixed stratified subset of
-    # this many batches per process
-    tensorboard: bool = True
+    max_eval_batches: int = 0  # per process, a fixed stratified subset for every evaluation and the test; 0 = all
+    tensorboard: bool = True  # write TensorBoard events under tensorboard/ (when installed)
     wandb: bool = False  # used when installed; offline mode without a network
 
     def __post_init__(self) -> None:
