@@ -95,7 +95,8 @@ def _is_real(value: object) -> bool:
 def check_manifest(path: Path, manifest: dict) -> None:
     """The one schema of what the loaders read from a manifest: splits (count >= 1, bytes), classes (names),
     mean and std (finite, one per channel, std > 0), image_shape (positive (H, W, C), or null for varied
-    sizes). A manifest that breaks it is refused here, with one line, not mid-training."""
+    sizes; present either way). A manifest that breaks it is refused here, with one line naming the key at
+    fault, not mid-training."""
     def refuse(what: str) -> NoReturn:
         raise UserError(f"{path} is damaged: {what}; convert the dataset again with --force")
 
@@ -117,14 +118,22 @@ def check_manifest(path: Path, manifest: dict) -> None:
     for key, values in stats.items():
         if not isinstance(values, list) or len(values) not in (1, 3) or not all(_is_real(v) for v in values):
             refuse(f"'{key}' must be a list of 1 or 3 finite numbers, got {values!r:.60}")
-    if len(stats["mean"]) != len(stats["std"]) or min(stats["std"]) <= 0:
-        refuse(f"'std' must be positive, one per channel like 'mean', got {stats['std']!r:.60}")
-    shape = manifest.get("image_shape")
+    if "image_shape" not in manifest:
+        refuse("'image_shape' is missing (it is (height, width, channels), or null for images of varied sizes)")
+    shape = manifest["image_shape"]
     if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) and v > 0
                                                                                       for v in shape)):
         refuse(f"'image_shape' must be (height, width, channels) or null, got {shape!r:.60}")
-    if shape is not None and shape[2] != len(stats["mean"]):
-        refuse(f"'image_shape' has {shape[2]} channels but 'mean' has {len(stats['mean'])} values")
+    if shape is None and manifest.get("storage") == "ndarray":
+        refuse("'image_shape' is null (images of varied sizes) but 'storage' is 'ndarray' (arrays of one shape)")
+    if shape is not None:  # the images' channels say which of mean and std is wrong
+        for key, values in stats.items():
+            if len(values) != shape[2]:
+                refuse(f"'{key}' has {len(values)} values but 'image_shape' has {shape[2]} channels")
+    elif len(stats["mean"]) != len(stats["std"]):
+        refuse(f"'mean' has {len(stats['mean'])} values and 'std' {len(stats['std'])}: each needs one per channel")
+    if min(stats["std"]) <= 0:
+        refuse(f"'std' must be positive, one per channel like 'mean', got {stats['std']!r:.60}")
 
 
 def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None) -> BetonFile:
@@ -151,6 +160,7 @@ def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None) -
     if channels != len(manifest["mean"]):
         raise UserError(f"{path} holds {channels}-channel images but the manifest's mean has "
                         f"{len(manifest['mean'])} values; convert the dataset again with --force")
+    _check_image_shape(beton, manifest["image_shape"])
     num_classes = len(manifest["classes"])
     for field, count in (("label", num_classes), ("coarse_label", len(manifest.get("coarse_classes") or []))):
         if not beton.has_field(field):
@@ -160,6 +170,23 @@ def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None) -
             raise UserError(f"{path} has {field}s from {labels.min()} to {labels.max()}, but the manifest names "
                             f"{count} classes; convert the dataset again with --force")
     return beton
+
+
+def _check_image_shape(beton: BetonFile, shape: list[int] | None) -> None:
+    """Every record is the manifest's image_shape; null (varied sizes) only for RGB records, the one kind a
+    converter stores in several sizes. The loaders size their output and the model by it."""
+    if shape is None:
+        if beton.storage == "ndarray":
+            raise UserError(f"{beton.path} holds {'x'.join(map(str, beton.shape))} arrays but the manifest's "
+                            "image_shape is null (images of varied sizes); convert the dataset again with --force")
+        return
+    sizes = beton.sizes()
+    wrong = np.any(sizes != shape[:2], axis=1)
+    if np.any(wrong) or (beton.storage == "ndarray" and list(beton.shape) != shape):
+        i = int(np.argmax(wrong))
+        found = "x".join(map(str, beton.shape)) if beton.storage == "ndarray" else f"{sizes[i][0]}x{sizes[i][1]}x3"
+        raise UserError(f"{beton.path}: record {i} is {found} but the manifest's image_shape is "
+                        f"{'x'.join(map(str, shape))}; convert the dataset again with --force")
 
 
 def open_split(data_dir: str | Path, split: str) -> Split:
