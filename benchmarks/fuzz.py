@@ -554,6 +554,10 @@ class BetonCases:
         self.run = guarded(self._run)
 
     def _run(self, rng: np.random.Generator) -> tuple[str, str]:
+        from beton_trainer.common.files import sha256_file
+        from beton_trainer.format.beton import BetonFile
+        from beton_trainer.format.integrity import page_checksums
+
         base = self.workdir / "base" / str(rng.choice(BASES)) / "data"
         data_dir = self.workdir / "case"
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -563,10 +567,12 @@ class BetonCases:
         beton = data_dir / f"{split}.beton"
         what = []
         if rng.random() < 0.75:
+            page_size = BetonFile(beton).page_size
             beton.write_bytes(mutate_beton(rng, beton.read_bytes()))
             what.append("beton")
-            if rng.random() < 0.8:  # the manifest follows, so the reader gets past the size check
-                manifest["splits"][split]["bytes"] = beton.stat().st_size
+            if rng.random() < 0.8:  # the manifest follows (size, sha256, pages), so the reader's own checks judge
+                manifest["splits"][split].update(bytes=beton.stat().st_size, sha256=sha256_file(beton),
+                                                 page_sha256=page_checksums(beton, page_size))
         if rng.random() < 0.5 or not what:
             mutate_manifest(rng, manifest, split)
             what.append("manifest")

@@ -36,8 +36,8 @@ from PIL import Image, UnidentifiedImageError
 
 from beton_trainer.common.errors import UserError
 
-__all__ = ["ALLOC", "BetonFile", "CONVERT_HINT", "FIELD", "HEADER", "MAX_PIXELS", "NDARRAY_ARGS", "encode_jpeg",
-           "jpeg_frame_size", "metadata_type", "page_size_for", "write_beton_file"]
+__all__ = ["ALLOC", "BetonFile", "CONVERT_AGAIN", "CONVERT_HINT", "FIELD", "HEADER", "MAX_PIXELS", "NDARRAY_ARGS",
+           "encode_jpeg", "jpeg_frame_size", "metadata_type", "page_size_for", "write_beton_file"]
 
 VERSION = 2
 HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),

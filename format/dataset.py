@@ -20,6 +20,7 @@ import numpy as np
 
 from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import CONVERT_HINT, BetonFile
+from beton_trainer.format.integrity import check_integrity
 
 __all__ = ["MANIFEST", "Split", "dataset_identity", "load_manifest", "open_beton", "open_split"]
 
@@ -93,10 +94,10 @@ def _is_real(value: object) -> bool:
 
 
 def check_manifest(path: Path, manifest: dict) -> None:
-    """The one schema of what the loaders read from a manifest: splits (count >= 1, bytes), classes (names),
-    mean and std (finite, one per channel, std > 0), image_shape (positive (H, W, C), or null for varied
-    sizes; present either way). A manifest that breaks it is refused here, with one line naming the key at
-    fault, not mid-training."""
+    """The one schema of what the loaders read from a manifest: splits (count >= 1, bytes, page_sha256 when
+    present), classes (names), mean and std (finite, one per channel, std > 0), image_shape (positive (H, W, C),
+    or null for varied sizes; present either way). A manifest that breaks it is refused here, with one line
+    naming the key at fault, not mid-training."""
     def refuse(what: str) -> NoReturn:
         raise UserError(f"{path} is damaged: {what}; convert the dataset again with --force")
 
@@ -111,6 +112,10 @@ def check_manifest(path: Path, manifest: dict) -> None:
         for key, least in (("count", 1), ("bytes", 0)):
             if not _is_int(entry.get(key)) or entry[key] < least:
                 refuse(f"splits.{name}.{key} must be an integer of at least {least}, got {entry.get(key)!r:.60}")
+        pages = entry.get("page_sha256")
+        if pages is not None and not (isinstance(pages, list) and all(isinstance(p, str) and len(p) == 64
+                                                                      for p in pages)):
+            refuse(f"splits.{name}.page_sha256 must be a list of sha256 digests, got {pages!r:.60}")
     classes = manifest.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         refuse(f"'classes' must be a list of class names, got {classes!r:.60}")
@@ -136,10 +141,11 @@ def check_manifest(path: Path, manifest: dict) -> None:
         refuse(f"'std' must be positive, one per channel like 'mean', got {stats['std']!r:.60}")
 
 
-def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None) -> BetonFile:
+def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None, *, verify: str = "pages") -> BetonFile:
     """One split's .beton, checked against its manifest before any backend reads it: the file's size, its
-    record count, its JPEG records' headers, its image channels and its labels (within the manifest's
-    classes)."""
+    record count, its pages' checksums as `verify` says (`format.integrity`; here for every record: a loader
+    that reads fewer passes "off" and checks its own), its JPEG records' headers, its image channels and shape
+    and its labels (within the manifest's classes)."""
     data_dir = Path(data_dir)
     manifest = manifest or load_manifest(data_dir)
     splits = manifest["splits"]
@@ -155,6 +161,7 @@ def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None) -
     if len(beton) != entry["count"]:
         raise UserError(f"{path} holds {len(beton)} records but the manifest says {entry['count']}; "
                         "convert the dataset again with --force")
+    check_integrity(beton, manifest, split, verify)
     beton.check_jpeg_headers()
     channels = beton.shape[2] if beton.storage == "ndarray" else 3
     if channels != len(manifest["mean"]):
@@ -189,10 +196,10 @@ def _check_image_shape(beton: BetonFile, shape: list[int] | None) -> None:
                         f"{'x'.join(map(str, shape))}; convert the dataset again with --force")
 
 
-def open_split(data_dir: str | Path, split: str) -> Split:
+def open_split(data_dir: str | Path, split: str, verify: str = "pages") -> Split:
     """Open one split, checked by `open_beton`, with every image decoded into memory."""
     manifest = load_manifest(data_dir)
-    beton = open_beton(data_dir, split, manifest)
+    beton = open_beton(data_dir, split, manifest, verify=verify)
     coarse = beton.labels("coarse_label") if beton.has_field("coarse_label") else None
     return Split(name=split, images=beton.images(), labels=beton.labels(), manifest=manifest, path=beton.path,
                  coarse_labels=coarse)

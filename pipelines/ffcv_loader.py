@@ -39,7 +39,8 @@ from collections.abc import Iterator
 import torch
 
 from beton_trainer.common.errors import UserError
-from beton_trainer.format.beton import BetonFile
+from beton_trainer.format.beton import CONVERT_AGAIN, BetonFile
+from beton_trainer.format.integrity import check_integrity
 from beton_trainer.pipelines.base import (
     CENTER_CROP_RATIO,
     RRC_RATIO,
@@ -62,7 +63,8 @@ class FfcvLoader(ShardedLoader):
         from beton_trainer.format.dataset import load_manifest, open_beton
 
         manifest = load_manifest(options.data_dir)
-        beton = open_beton(options.data_dir, options.split, manifest)  # checked against the manifest before FFCV
+        # checked against the manifest before FFCV reads it; its pages once the records read are known
+        beton = open_beton(options.data_dir, options.split, manifest, verify="off")
         self.path = beton.path
         super().__init__(options, n=len(beton), mean=manifest["mean"], std=manifest["std"],
                          num_classes=len(manifest["classes"]), labels=beton.labels())
@@ -70,6 +72,7 @@ class FfcvLoader(ShardedLoader):
         self.ffcv_loader = None  # FFCV's own Loader, built at the first epoch (tests look at its parts)
         self.decoder = self._image_decoder(grey=beton.storage == "ndarray")
         self._plan_memory(beton)
+        check_integrity(beton, manifest, options.split, options.verify, self.records_read())
 
     def _plan_memory(self, beton: BetonFile) -> None:
         """Choose the order (random or page-aware) and os_cache, then refuse before FFCV starts when the pages
@@ -92,14 +95,14 @@ class FfcvLoader(ShardedLoader):
     def _image_decoder(self, grey: bool):
         """Stored pixels as they are for fixed-size data; for photos of varied sizes, crop-and-resize decoders
         straight to a square of side `crop_side()` (set again each epoch: progressive resizing)."""
-        from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
+        from ffcv.fields.decoders import NDArrayDecoder
 
-        from beton_trainer.pipelines.crop_decode import photo_decoders
+        from beton_trainer.pipelines.crop_decode import FixedSizeDecoder, photo_decoders
 
         if grey:
             return NDArrayDecoder()
         if not self.varied:
-            return SimpleRGBImageDecoder()
+            return FixedSizeDecoder()
         side = (self.crop_side(),) * 2
         random_crop, centre_crop = photo_decoders()
         if self.options.train:
@@ -202,12 +205,15 @@ def _report_worker_errors() -> None:
     """Make FFCV's epoch threads hand any exception to the consumer (once per process).
 
     FFCV 1.0.2's EpochIterator.run catches only StopIteration: any other exception ends the thread, and
-    the consumer waits forever in `output_queue.get()`. The subclass prints the thread's traceback, queues
-    FFCV's own end-of-epoch marker and keeps the exception, and its `__next__` raises it as one line.
+    the consumer waits forever in `output_queue.get()`. The subclass queues FFCV's own end-of-epoch marker and
+    keeps the exception, and its `__next__` raises it as one line: a JPEG record that does not decode
+    (`crop_decode.UndecodableRecord`) names the record, anything else also prints the thread's traceback.
     FFCV's Loader builds its iterators by this module-level name, so it is replaced there.
     """
     import ffcv.loader.loader as ffcv_loader_module
     from ffcv.loader.epoch_iterator import EpochIterator
+
+    from beton_trainer.pipelines.crop_decode import UndecodableRecord
 
     if getattr(ffcv_loader_module.EpochIterator, "reports_errors", False):
         return
@@ -220,7 +226,8 @@ def _report_worker_errors() -> None:
             try:
                 super().run()
             except BaseException as exc:  # anything: the consumer must hear of it
-                traceback.print_exc()
+                if not isinstance(exc, UndecodableRecord):  # that one is one line
+                    traceback.print_exc()
                 self.error = exc
                 while not self.terminate_event.is_set():  # the consumer drains the queue, or has closed it
                     try:
@@ -235,9 +242,13 @@ def _report_worker_errors() -> None:
             except StopIteration:
                 if self.error is None:
                     raise
-                first = (str(self.error).strip().splitlines() or [""])[0]
-                raise LoaderWorkerError(f"the ffcv loader's worker thread failed ({type(self.error).__name__}: "
+                error, path = self.error, self.loader.fname
+                if isinstance(error, UndecodableRecord):
+                    raise UserError(f"{path}: record {error.args[0]} is not a readable JPEG (libjpeg reported an "
+                                    f"error or corrupt data decoding it); {CONVERT_AGAIN}") from None
+                first = (str(error).strip().splitlines() or [""])[0]
+                raise LoaderWorkerError(f"the ffcv loader's worker thread failed ({type(error).__name__}: "
                                         f"{first}; its traceback is above); fix that, or train with --loader "
-                                        "tensor") from self.error
+                                        "tensor") from error
 
     ffcv_loader_module.EpochIterator = ReportingEpochIterator

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from beton_trainer.common.errors import UserError
+from beton_trainer.common.files import sha256_file
 from beton_trainer.format.beton import ALLOC, FIELD, HEADER, NDARRAY_ARGS, BetonFile, metadata_type
 from beton_trainer.format.dataset import open_split
+from beton_trainer.format.integrity import page_checksums
 from beton_trainer.pipelines import build_loader
 from tests.loader_helpers import installed, options
 
@@ -62,10 +64,13 @@ class Layout:
 
 
 def keep_manifest_in_step(data: Path, split: str = "train") -> None:
-    """After an in-place edit, the manifest's size for the split still matches (a careful forger's file)."""
-    path = data / "manifest.json"
+    """After an in-place edit, the manifest's size, sha256 and page checksums for the split still match (a careful
+    forger's file: only the reader's own checks can refuse it)."""
+    path, beton = data / "manifest.json", data / f"{split}.beton"
     manifest = json.loads(path.read_text())
-    manifest["splits"][split]["bytes"] = (data / f"{split}.beton").stat().st_size
+    page_size = int(np.fromfile(beton, dtype=HEADER, count=1)[0]["page_size"])
+    manifest["splits"][split].update(bytes=beton.stat().st_size, sha256=sha256_file(beton),
+                                     page_sha256=page_checksums(beton, page_size))
     path.write_text(json.dumps(manifest))
 
 

@@ -47,6 +47,9 @@ class DataConfig:
     order_block_pages: int = 0  # page-aware order: pages shuffled together; 0 = as many as fill 1 GiB
     os_cache: bool | Literal["auto"] = "auto"  # ffcv: auto = off with the page-aware order, on with the random
     memory_budget_gb: float = 0.0  # at most this much memory counts as free (else $BETON_MEMORY_BUDGET_GB); 0 = none
+    # at start-up, each .beton against the page checksums written when it was converted (format.integrity): the
+    # pages the loader reads, every page ("full"), or none ("off": its size alone)
+    verify: Literal["pages", "full", "off"] = "pages"
 
     def __post_init__(self) -> None:
         if self.order == "page_aware" and self.loader != "ffcv":

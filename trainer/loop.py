@@ -85,6 +85,7 @@ def split_loader(recipe: Recipe, accelerator: Accelerator, split: str, train: bo
         label_smoothing=recipe.loss.label_smoothing, channels_last=recipe.channels_last,
         resolution=recipe.data.resolutions(),  # photos of varied sizes: crop sides, progressive resizing
         **recipe.data.memory_options(),  # the ffcv order and os_cache, the memory budget (README "Scale")
+        verify=recipe.data.verify,  # the page checksums checked at start-up (format.integrity)
         max_batches=0 if train else recipe.max_eval_batches)  # smoke runs: a stratified subset
     return TensorLoader(options, memory[split]) if memory else build_loader(recipe.data.loader, options)
 
