@@ -43,7 +43,7 @@ from beton_trainer.pipelines.base import (
     ShardedLoader,
     varied_sizes,
 )
-from beton_trainer.pipelines.budget import PAGE_AWARE_FIX, USE_FFCV, check, dali_need
+from beton_trainer.pipelines.budget import PAGE_AWARE_FIX, USE_FFCV, allocations, check, dali_need
 
 __all__ = ["DaliLoader"]
 
@@ -65,7 +65,8 @@ class DaliLoader(ArrayLoader):
             # before open_split checks its pages)
             self.memory = dali_need(open_beton(options.data_dir, options.split, verify="off"), photos=False)
             check(self.memory, options.device, options.memory_budget_gb, USE_FFCV)
-        super().__init__(options, split)
+        with allocations("dali", USE_FFCV):  # the split decoded into host arrays
+            super().__init__(options, split)
         self.images = self.split.images
         self._setup_dali(self.split.mean, self.split.std, self.split.num_classes)
 

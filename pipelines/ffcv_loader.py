@@ -32,6 +32,7 @@ reproducible, the crop positions do not.
 from __future__ import annotations
 
 import mmap
+import os
 import queue
 import traceback
 from collections.abc import Iterator
@@ -51,7 +52,19 @@ from beton_trainer.pipelines.base import (
     record_pages,
     varied_sizes,
 )
-from beton_trainer.pipelines.budget import PAGE_AWARE_FIX, check, choose_order, ffcv_need, record_bytes
+from beton_trainer.pipelines.budget import (
+    ALLOCATION_FIX,
+    PAGE_AWARE_FIX,
+    allocation_error,
+    allocations,
+    check,
+    choose_order,
+    decode_bytes,
+    ffcv_need,
+    largest_image,
+    out_of_memory,
+    record_bytes,
+)
 
 __all__ = ["FfcvLoader"]
 
@@ -76,7 +89,8 @@ class FfcvLoader(ShardedLoader):
 
     def _plan_memory(self, beton: BetonFile) -> None:
         """Choose the order (random or page-aware) and os_cache, then refuse before FFCV starts when the pages
-        they keep at once do not fit in free host memory."""
+        they keep at once, the batches in flight and (photos) the decode buffers for the largest image the file's
+        headers allow do not fit in free host memory."""
         o = self.options
         order = choose_order(o.order, beton, o.memory_budget_gb)
         if order == "page_aware":
@@ -86,10 +100,16 @@ class FfcvLoader(ShardedLoader):
         side = max(self.crop_side(), o.resolution.max_res)
         sample_bytes = side * side * 3 if self.varied else record_bytes(beton)
         whole_file = self.os_cache and self.pages is None
+        workers = (o.num_workers or os.cpu_count() or 1) if self.varied else 0  # FFCV: 0 workers = every CPU
         self.memory = ffcv_need(beton, None if whole_file else self.epoch_order(0), os_cache=self.os_cache,
-                                batch_size=o.batch_size, sample_bytes=sample_bytes)
+                                batch_size=o.batch_size, sample_bytes=sample_bytes, decode_workers=workers)
         fix = PAGE_AWARE_FIX if self.pages is None else \
             f"lower data.order_block_pages (now {self.block_pages}) or data.batch_size"
+        if workers and decode_bytes(beton, batch_size=o.batch_size, workers=workers) > self.memory.host_bytes / 2:
+            height, width = largest_image(beton)
+            fix = (f"convert the photos again with a smaller --max-side (and --force), or lower data.batch_size: "
+                   f"FFCV sets aside room for the largest image the file's headers allow ({height}x{width}) for "
+                   "every image in flight")
         check(self.memory, o.device, o.memory_budget_gb, fix)
 
     def _image_decoder(self, grey: bool):
@@ -144,10 +164,11 @@ class FfcvLoader(ShardedLoader):
         if self.varied:  # FFCV sizes its buffers from output_size when an epoch starts (as ffcv-imagenet does);
             self.decoder.output_size = (self.crop_side(),) * 2  # its compiled code takes sizes from the buffers
         threads = torch.get_num_threads()  # FFCV sets torch's to its worker count in both calls below
-        if self.ffcv_loader is None:
-            self.ffcv_loader = self._build_ffcv_loader(order)
-        self.ffcv_loader.traversal_order.indices = order[start * o.batch_size:]  # Sequential visits these
-        epoch = iter(self.ffcv_loader)
+        with allocations("ffcv", ALLOCATION_FIX):  # FFCV allocates its buffers for the epoch here
+            if self.ffcv_loader is None:
+                self.ffcv_loader = self._build_ffcv_loader(order)
+            self.ffcv_loader.traversal_order.indices = order[start * o.batch_size:]  # Sequential visits these
+            epoch = iter(self.ffcv_loader)
         torch.set_num_threads(threads)  # the training loop owns torch's CPU threads
         try:
             for b, (images, labels) in enumerate(epoch, start):
@@ -207,8 +228,9 @@ def _report_worker_errors() -> None:
     FFCV 1.0.2's EpochIterator.run catches only StopIteration: any other exception ends the thread, and
     the consumer waits forever in `output_queue.get()`. The subclass queues FFCV's own end-of-epoch marker and
     keeps the exception, and its `__next__` raises it as one line: a JPEG record that does not decode
-    (`crop_decode.UndecodableRecord`) names the record, anything else also prints the thread's traceback.
-    FFCV's Loader builds its iterators by this module-level name, so it is replaced there.
+    (`crop_decode.UndecodableRecord`) names the record, a failed allocation says so, anything else also prints
+    the thread's traceback. FFCV's Loader builds its iterators by this module-level name, so it is
+    replaced there.
     """
     import ffcv.loader.loader as ffcv_loader_module
     from ffcv.loader.epoch_iterator import EpochIterator
@@ -226,7 +248,7 @@ def _report_worker_errors() -> None:
             try:
                 super().run()
             except BaseException as exc:  # anything: the consumer must hear of it
-                if not isinstance(exc, UndecodableRecord):  # that one is one line
+                if not isinstance(exc, UndecodableRecord) and not out_of_memory(exc):  # those are one line
                     traceback.print_exc()
                 self.error = exc
                 while not self.terminate_event.is_set():  # the consumer drains the queue, or has closed it
@@ -246,6 +268,8 @@ def _report_worker_errors() -> None:
                 if isinstance(error, UndecodableRecord):
                     raise UserError(f"{path}: record {error.args[0]} is not a readable JPEG (libjpeg reported an "
                                     f"error or corrupt data decoding it); {CONVERT_AGAIN}") from None
+                if out_of_memory(error):
+                    raise allocation_error("ffcv", error, ALLOCATION_FIX) from None
                 first = (str(error).strip().splitlines() or [""])[0]
                 raise LoaderWorkerError(f"the ffcv loader's worker thread failed ({type(error).__name__}: "
                                         f"{first}; its traceback is above); fix that, or train with --loader "

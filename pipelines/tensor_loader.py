@@ -15,7 +15,7 @@ from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import BetonFile
 from beton_trainer.format.dataset import Split, load_manifest, open_beton
 from beton_trainer.pipelines.base import ArrayLoader, LoaderOptions, ShardedLoader, varied_sizes
-from beton_trainer.pipelines.budget import TENSOR_CHUNK, USE_FFCV, check, tensor_need
+from beton_trainer.pipelines.budget import TENSOR_CHUNK, USE_FFCV, allocations, check, tensor_need
 
 __all__ = ["TensorLoader"]
 
@@ -40,7 +40,8 @@ class TensorLoader(ArrayLoader):
         ShardedLoader.__init__(self, options, n=len(beton), mean=manifest["mean"], std=manifest["std"],
                                num_classes=len(manifest["classes"]), labels=labels)
         self.labels = torch.from_numpy(labels).to(options.device)
-        self.images = self._upload(beton, options.device)
+        with allocations("tensor", USE_FFCV):
+            self.images = self._upload(beton, options.device)
 
     @staticmethod
     def _upload(beton: BetonFile, device: torch.device) -> torch.Tensor:
