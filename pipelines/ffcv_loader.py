@@ -34,6 +34,7 @@ from __future__ import annotations
 import mmap
 import os
 import queue
+import threading
 import traceback
 from collections.abc import Iterator
 
@@ -67,6 +68,8 @@ from beton_trainer.pipelines.budget import (
 )
 
 __all__ = ["FfcvLoader"]
+
+CLOSE_WAIT_S = 60.0  # an epoch's close waits this long at most for FFCV's thread to finish its batch
 
 
 class FfcvLoader(ShardedLoader):
@@ -223,13 +226,17 @@ def _waiting_to_device():
 
 
 def _report_worker_errors() -> None:
-    """Make FFCV's epoch threads hand any exception to the consumer (once per process).
+    """Make FFCV's epoch threads hand any exception to the consumer, and stop before their epoch is closed
+    (once per process).
 
     FFCV 1.0.2's EpochIterator.run catches only StopIteration: any other exception ends the thread, and
     the consumer waits forever in `output_queue.get()`. The subclass queues FFCV's own end-of-epoch marker and
     keeps the exception, and its `__next__` raises it as one line: a JPEG record that does not decode
     (`crop_decode.UndecodableRecord`) names the record, a failed allocation says so, anything else also prints
-    the thread's traceback. FFCV's Loader builds its iterators by this module-level name, so it is
+    the thread's traceback. FFCV's `close` only asks the thread to stop, so the thread could go on decoding
+    into memory the close frees, or still be inside torch when the interpreter exits (a daemon thread there
+    aborts the process: `terminate called without an active exception`, SIGABRT, the report of a failed test
+    lost); here `close` waits for it. FFCV's Loader builds its iterators by this module-level name, so it is
     replaced there.
     """
     import ffcv.loader.loader as ffcv_loader_module
@@ -240,6 +247,9 @@ def _report_worker_errors() -> None:
     if getattr(ffcv_loader_module.EpochIterator, "reports_errors", False):
         return
 
+    class Closed(Exception):
+        """The epoch was closed: the thread makes no more batches."""
+
     class ReportingEpochIterator(EpochIterator):
         reports_errors = True
         error: BaseException | None = None
@@ -247,6 +257,8 @@ def _report_worker_errors() -> None:
         def run(self) -> None:
             try:
                 super().run()
+            except Closed:
+                return
             except BaseException as exc:  # anything: the consumer must hear of it
                 if not isinstance(exc, UndecodableRecord) and not out_of_memory(exc):  # those are one line
                     traceback.print_exc()
@@ -274,5 +286,21 @@ def _report_worker_errors() -> None:
                 raise LoaderWorkerError(f"the ffcv loader's worker thread failed ({type(error).__name__}: "
                                         f"{first}; its traceback is above); fix that, or train with --loader "
                                         "tensor") from error
+
+        def run_pipeline(self, *args):  # FFCV's loop looks at terminate_event only while its queue is full
+            if self.terminate_event.is_set():
+                raise Closed
+            return super().run_pipeline(*args)
+
+        def close(self) -> None:
+            self.terminate_event.set()
+            while True:  # room for a batch the thread waits to queue: it then stops before the next one
+                try:
+                    self.output_queue.get_nowait()
+                except queue.Empty:
+                    break
+            if self.is_alive() and threading.current_thread() is not self:
+                self.join(CLOSE_WAIT_S)
+            super().close()
 
     ffcv_loader_module.EpochIterator = ReportingEpochIterator
