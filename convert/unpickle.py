@@ -34,7 +34,7 @@ try:
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct
 
-__all__ = ["MAX_DEPTH", "MAX_ITEMS", "MAX_TEXT", "load_cifar_pickle"]
+__all__ = ["MAX_ITEMS", "MAX_TEXT", "load_cifar_pickle"]
 
 
 def _latin1(text: str, encoding: str = "utf-8") -> bytes:
