@@ -9,8 +9,9 @@ Three kinds of case, each derived from (seed, kind, case number) alone, so any f
   after another image: the result must not change), then the area resize, also with hostile bounds.
 - beton: a converted dataset (raw RGB, JPEG photos, single-channel arrays) with its .beton and manifest.json
   mutated, through `pipelines.dataset.open_split` and every installed backend's constructor and first batch.
-- convert: a hostile source (a mutated or crafted CIFAR pickle, IDX file, gzip, or ImageFolder tarball with
-  unsafe members, non-images and bombs) through `convert.build.convert_dataset`.
+- convert: a hostile source (a mutated or crafted CIFAR pickle, among them lists that expand when walked and
+  labels of the wrong type; an IDX file, gzip, or ImageFolder tarball with unsafe members, non-images and bombs)
+  through `convert.build.convert_dataset`.
 
 Each case must end refused (UserError, or -1 from the decoder) or in a result that passes the checks here:
 never another exception ("wrong"), garbage ("wrong"), a crash or a hang. Cases run in child processes, so a
@@ -553,6 +554,10 @@ class BetonCases:
         self.run = guarded(self._run)
 
     def _run(self, rng: np.random.Generator) -> tuple[str, str]:
+        from beton_trainer.common.files import sha256_file
+        from beton_trainer.format.beton import BetonFile
+        from beton_trainer.format.integrity import page_checksums
+
         base = self.workdir / "base" / str(rng.choice(BASES)) / "data"
         data_dir = self.workdir / "case"
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -562,10 +567,12 @@ class BetonCases:
         beton = data_dir / f"{split}.beton"
         what = []
         if rng.random() < 0.75:
+            page_size = BetonFile(beton).page_size
             beton.write_bytes(mutate_beton(rng, beton.read_bytes()))
             what.append("beton")
-            if rng.random() < 0.8:  # the manifest follows, so the reader gets past the size check
-                manifest["splits"][split]["bytes"] = beton.stat().st_size
+            if rng.random() < 0.8:  # the manifest follows (size, sha256, pages), so the reader's own checks judge
+                manifest["splits"][split].update(bytes=beton.stat().st_size, sha256=sha256_file(beton),
+                                                 page_sha256=page_checksums(beton, page_size))
         if rng.random() < 0.5 or not what:
             mutate_manifest(rng, manifest, split)
             what.append("manifest")
@@ -645,6 +652,51 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = t
     tar.addfile(info, io.BytesIO(data))
 
 
+def expanding_lists(rng: np.random.Generator) -> tuple[object, bool]:
+    """A seeded structure of lists for a value in a CIFAR pickle, and whether a CIFAR file could hold it (the
+    unpickler must load it, else refuse it with one line): one list `width` times at each of `depth` levels
+    (shared: a few bytes pickled, width**depth items walked), fresh lists `depth` deep, shared and fresh levels
+    mixed, a list inside itself, a flat list of up to 400,000 items (wide), or one string repeated (text)."""
+    from beton_trainer.convert.unpickle import MAX_ITEMS, MAX_TEXT
+
+    kind = str(rng.choice(["shared", "nested", "mixed", "cyclic", "wide", "text"]))
+    depth, width = int(rng.integers(1, 40)), int(rng.integers(2, 9))
+    node: list = rng.integers(0, 10, width).tolist()
+    if kind == "wide":
+        n = int(rng.choice([rng.integers(1, 100_000), rng.integers(MAX_ITEMS, 2 * MAX_ITEMS)]))
+        return rng.integers(0, 10, n).tolist(), n < MAX_ITEMS - 100
+    if kind == "text":
+        text, n = "x" * int(rng.integers(1, 1 << 20)), int(rng.integers(1, 64))
+        return [text] * n, len(text) * n < MAX_TEXT - 1000
+    if kind == "cyclic":
+        outer = node = []
+        for _ in range(depth - 1):
+            node.append([])
+            node = node[-1]
+        node.append(outer)
+        return outer, False
+    for _ in range(depth):  # every kind left nests lists in a list: no CIFAR file does
+        shared = kind == "shared" or (kind == "mixed" and rng.random() < 0.5)
+        node = [node] * width if shared else [list(node) for _ in range(width)]  # list(): fresh, children shared
+    return node, False
+
+
+BAD_LABELS = [0.9, 1.0, -0.0, math.nan, math.inf, 2**70, -(2**70), 2**20000, -1, 10, "a", b"\x01", None, True,
+              {"a": 1}, [0, 1], (0,)]
+BAD_LABEL_LISTS = [None, {"a": 1}, "0123", 3, 2.5, b"\x00\x01"]
+
+
+def bad_labels(rng: np.random.Generator, n: int, num_classes: int = 10) -> tuple[object, int | None]:
+    """n seeded labels of which one, at a seeded index, is of a wrong type or out of [0, num_classes), and that
+    index; or a value that is no list of labels at all, and None."""
+    if rng.random() < 0.2:
+        return BAD_LABEL_LISTS[int(rng.integers(len(BAD_LABEL_LISTS)))], None
+    labels = rng.integers(0, num_classes, n).tolist()
+    at = int(rng.integers(n))
+    labels[at] = BAD_LABELS[int(rng.integers(len(BAD_LABELS)))]
+    return labels, at
+
+
 class ConvertCases:
     """Hostile sources of every kind the converter reads, through convert_dataset."""
 
@@ -685,6 +737,12 @@ class ConvertCases:
     def cifar(self, rng: np.random.Generator, root: Path) -> tuple[str, Path, int]:
         folder = write_cifar10(root, rows=int(rng.integers(0, 6)), seed=int(rng.integers(1000)))
         name = str(rng.choice([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]))
+        rows = np.zeros((int(rng.integers(1, 6)), 3072), np.uint8)
+
+        def lists(values: object) -> bytes:  # in the file's list of class names or of labels
+            return pickle.dumps({"label_names": values} if name == "batches.meta" else {"data": rows, "labels": values},
+                                protocol=2)
+
         payloads = [  # an array too large, one built by calling ndarray, objects, code, a shape that lies
             lambda: pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0]}, protocol=2).replace(
                 b"K\x01M\x00\x0c", b"J@B\x0f\x00M\x00\x0c"),
@@ -694,6 +752,8 @@ class ConvertCases:
             lambda: b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.",
             lambda: pickle.dumps({"data": np.zeros((3, 3072), np.uint8), "labels": [0, 1, 99]}, protocol=2),
             lambda: pickle.dumps({"data": np.zeros((2, 1024), np.uint8), "labels": [0, 1]}, protocol=2),
+            lambda: lists(expanding_lists(rng)[0]),  # lists that expand when walked (issue 40)
+            lambda: lists(bad_labels(rng, len(rows))[0]),  # labels (or class names) of the wrong type
         ]
         path = folder / name
         if rng.random() < 0.5:

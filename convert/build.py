@@ -25,13 +25,15 @@ from beton_trainer.convert.imagefolder import GIF_POLICY, IMAGE_SUFFIXES, read_i
 from beton_trainer.convert.images import DEFAULT_MAX_PIXELS, DecodeOptions, default_workers
 from beton_trainer.convert.sources import DATASETS, ReadOptions, SourceData, download, read_source, source_stem
 from beton_trainer.convert.spill import ImageSpill, SpilledImages, image_shapes
+from beton_trainer.format.beton import BetonFile
 from beton_trainer.format.dataset import MANIFEST, dataset_identity, load_manifest
+from beton_trainer.format.integrity import page_checksums
 from beton_trainer.format.splits import SplitData, carve_val, channel_stats
 
 __all__ = ["convert_dataset"]
 
 FORMAT_VERSION = 1
-CONVERTER_VERSION = "1.1"
+CONVERTER_VERSION = "1.2"  # 1.2: page checksums (page_sha256) in each split's entry
 ALL_SPLITS = ("train", "val", "test")
 
 
@@ -209,8 +211,11 @@ def _manifest(dest: Path, data: SourceData, splits: dict[str, SplitData], jpeg: 
 
 
 def _split_entry(path: Path, split: SplitData, num_classes: int) -> dict:
+    """The manifest's record of one split: what it holds, and the file's size, sha256 and the sha256 of each
+    page (checked when a loader opens it: `format.integrity`)."""
     return {"count": len(split), "histogram": np.bincount(split.labels, minlength=num_classes).tolist(),
-            "bytes": path.stat().st_size, "sha256": sha256_file(path), "image_size": size_stats(split.images)}
+            "bytes": path.stat().st_size, "sha256": sha256_file(path), "image_size": size_stats(split.images),
+            "page_sha256": page_checksums(path, BetonFile(path).page_size)}
 
 
 def size_stats(images: np.ndarray | SpilledImages) -> dict[str, dict[str, float]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import reprlib
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ CIFAR_FILES = {
 CIFAR_MAX_ROWS = {**{name: 10_000 for name in [*CIFAR_FILES["cifar10"]["train"], *CIFAR_FILES["cifar10"]["test"]]},
                   "train": 50_000, "test": 10_000}
 CIFAR_MAX_FILE_BYTES = 256 << 20  # CIFAR-100's train pickle, the largest, is 155 MB
+CIFAR_CLASSES = {"label_names": 10, "fine_label_names": 100, "coarse_label_names": 20}  # names each meta key holds
+MAX_CLASS_NAME = 200  # characters; CIFAR's longest is 29 ('large_man-made_outdoor_things')
 IDX_FILES = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
 # torchvision class name and the folder its download leaves the raw files in
 TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python"),
@@ -179,15 +182,53 @@ def _cifar_split(batches: list[tuple[str, dict]], label_keys: list[str], num_cla
             raise UserError(f"{name}: 'data' holds {len(data):,} images, more than the {CIFAR_MAX_ROWS[name]:,} "
                             "this CIFAR file holds; download the dataset again")
         for key, n, out in zip(label_keys, num_classes, labels):
-            values = np.asarray(batch.get(key, []), dtype=np.int64)
-            if len(values) != len(data) or (len(values) and (values.min() < 0 or values.max() >= n)):
-                raise UserError(f"{name}: '{key}' has {len(values)} labels in [0, {n}) expected for "
-                                f"{len(data)} images; download the dataset again")
-            out.append(values)
+            out.append(_cifar_labels(batch, key, name, n, len(data)))
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     label_arrays = [np.concatenate(parts) for parts in labels]
     coarse = label_arrays[1] if len(label_arrays) > 1 else None
     return SplitData(np.ascontiguousarray(np.concatenate(images)), label_arrays[0], coarse)
+
+
+def _shown(value: object) -> str:
+    """A value from a pickle, shortened to a few dozen characters at a cost that does not grow with it."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return reprlib.repr(value)
+
+
+def _cifar_labels(batch: dict, key: str, name: str, num_classes: int, count: int) -> np.ndarray:
+    """A batch's labels as int64: a list (or integer array) of `count` integers in [0, num_classes), else one line
+    naming the file and the first bad label. Nothing is converted before it is checked: numpy would truncate 0.9
+    to class 0, and raise on 2**70, 'a' or None."""
+    if key not in batch:
+        raise UserError(f"{name} has no '{key}'; download the dataset again")
+    values = batch[key]
+    if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "iu":
+        values = values.tolist()
+    if not isinstance(values, list):
+        raise UserError(f"{name}: '{key}' is {_shown(values)}, not a list of labels; download the dataset again")
+    if len(values) != count:
+        raise UserError(f"{name}: '{key}' has {len(values)} labels in [0, {num_classes}) expected for "
+                        f"{count} images; download the dataset again")
+    for i, value in enumerate(values):
+        if type(value) is not int or not 0 <= value < num_classes:  # not bool, float or str
+            raise UserError(f"{name}: '{key}'[{i}] is {_shown(value)}, not a class index in "
+                            f"[0, {num_classes}); download the dataset again")
+    return np.array(values, dtype=np.int64)
+
+
+def _class_names(meta: dict, key: str, name: str) -> list[str]:
+    """The class names of a CIFAR meta file: exactly as many as the dataset has, each a short string."""
+    names, count = meta.get(key), CIFAR_CLASSES[key]
+    if not isinstance(names, list) or len(names) != count:
+        found = f"{len(names)} names" if isinstance(names, list) else "no list"
+        raise UserError(f"{name}: '{key}' holds {found}, not the {count} class names of this dataset; download "
+                        "the dataset again")
+    for i, label in enumerate(names):
+        if not isinstance(label, str) or not 0 < len(label) <= MAX_CLASS_NAME:
+            raise UserError(f"{name}: '{key}'[{i}] is {_shown(label)}, not a class name of 1 to "
+                            f"{MAX_CLASS_NAME} characters; download the dataset again")
+    return names
 
 
 def _read_cifar(dataset: str, src: Path, skip: SkipList, limits: Limits) -> SourceData:
@@ -200,11 +241,7 @@ def _read_cifar(dataset: str, src: Path, skip: SkipList, limits: Limits) -> Sour
     meta = load_cifar_pickle(found[layout["meta"]], layout["meta"])
     name_keys = ["label_names"] if dataset == "cifar10" else ["fine_label_names", "coarse_label_names"]
     label_keys = ["labels"] if dataset == "cifar10" else ["fine_labels", "coarse_labels"]
-    class_lists = []
-    for key in name_keys:
-        if not isinstance(meta.get(key), list) or not meta[key]:
-            raise UserError(f"{layout['meta']} has no '{key}' list; download the dataset again")
-        class_lists.append([str(c) for c in meta[key]])
+    class_lists = [_class_names(meta, key, layout["meta"]) for key in name_keys]
     splits = {}
     for split in SPLITS:
         with tqdm(layout[split], desc=f"reading {split}") as names:  # `with`: errors start on a fresh line

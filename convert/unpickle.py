@@ -11,6 +11,11 @@ Nor may a file make us allocate what no CIFAR file holds: numpy's pickles build 
 it from bytes inside the file, so `ndarray` called directly (a 193-byte file asked for 1,000,000 x 3072 zeros,
 3 GB) is refused, and so is any array larger than CIFAR-100's train data or of a non-numeric dtype, before
 its memory is allocated.
+
+Nor may a small file stand for a huge object: a pickle's memo lets a list hold the same list twice, so 27 levels of
+that took 194 bytes and 4.26 GB once walked (a 22-level `batches.meta` became two 33.5 MB class names). What a
+pickle built is measured before anything walks it (`_check_tree`): no list, tuple, dict or set reached twice (CIFAR
+files never share one), containers two deep at most (a dict of lists), and bounded counts of items and of text.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ try:
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct
 
-__all__ = ["load_cifar_pickle"]
+__all__ = ["MAX_ITEMS", "MAX_TEXT", "load_cifar_pickle"]
 
 
 def _latin1(text: str, encoding: str = "utf-8") -> bytes:
@@ -41,6 +46,10 @@ def _latin1(text: str, encoding: str = "utf-8") -> bytes:
 
 MAX_ARRAY_VALUES = 50_000 * 3072  # CIFAR-100's train data, the largest array of any CIFAR file
 NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats: all a CIFAR array can be
+MAX_DEPTH = 2  # containers nested: a CIFAR file is a dict of arrays, strings, numbers and lists of them
+MAX_ITEMS = 200_000  # entries of all containers: CIFAR-100's train holds three lists of 50,000
+MAX_TEXT = 16 << 20  # characters of strings and bytes, each counted where it is reached (CIFAR-100's train: ~1.5 MB)
+CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
 class _Refused(pickle.UnpicklingError):
@@ -126,15 +135,48 @@ class _CifarUnpickler(pickle.Unpickler):
         raise _Refused("a persistent id")
 
 
+def _check_tree(obj: object) -> None:
+    """Refuse, before anything walks `obj`, what walking it would cost more than a CIFAR file's contents: a
+    container reached twice (a shared or cyclic reference, which grows exponentially when walked), containers
+    nested deeper than MAX_DEPTH, more than MAX_ITEMS entries or MAX_TEXT characters. Visits each container
+    once, without recursion."""
+    seen: set[int] = set()
+    stack, items, text = [(obj, 0)], 0, 0
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (str, bytes)):
+            text += len(node)
+            if text > MAX_TEXT:
+                raise _NotCifar(f"more than {MAX_TEXT:,} characters of text once its shared strings are counted "
+                                "where they are used")
+            continue
+        if not isinstance(node, CONTAINERS):
+            continue
+        kind = type(node).__name__
+        if id(node) in seen:
+            raise _NotCifar(f"a {kind} reached twice (a shared or cyclic reference: it grows exponentially when "
+                            "walked, and CIFAR files have none)")
+        seen.add(id(node))
+        if depth >= MAX_DEPTH:
+            raise _NotCifar(f"a {kind} nested {depth + 1} deep (a CIFAR file is a dict of arrays, strings, numbers "
+                            "and lists of them)")
+        items += len(node)
+        if items > MAX_ITEMS:
+            raise _NotCifar(f"containers of more than {MAX_ITEMS:,} items")
+        stack += [(child, depth + 1) for child in ([*node.keys(), *node.values()] if isinstance(node, dict)
+                                                   else node)]
+
+
 def load_cifar_pickle(data: bytes, name: str) -> dict:
     """A CIFAR pickle as a dict with str keys (Python 2 originals have bytes or latin-1 keys).
 
     UserError, naming `name`, for a damaged file, for one that asks to call anything but numpy's array
-    reconstruction (refused before any of its code runs) and for one that would build an array no CIFAR file
-    holds (refused before it is allocated).
+    reconstruction (refused before any of its code runs), for one that would build an array no CIFAR file
+    holds (refused before it is allocated) and for one whose lists would expand when walked (`_check_tree`).
     """
     try:
         obj = _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
+        _check_tree(obj)
     except _Refused as exc:
         raise UserError(f"{name} is not a plain CIFAR pickle: it asks to call {exc}, which could run code, so it "
                         "was not loaded (only arrays, lists, strings and numbers are read); download the dataset "

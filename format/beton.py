@@ -36,8 +36,8 @@ from PIL import Image, UnidentifiedImageError
 
 from beton_trainer.common.errors import UserError
 
-__all__ = ["ALLOC", "BetonFile", "CONVERT_HINT", "FIELD", "HEADER", "MAX_PIXELS", "NDARRAY_ARGS", "encode_jpeg",
-           "jpeg_frame_size", "metadata_type", "page_size_for", "write_beton_file"]
+__all__ = ["ALLOC", "BetonFile", "CONVERT_AGAIN", "CONVERT_HINT", "FIELD", "HEADER", "MAX_PIXELS", "NDARRAY_ARGS",
+           "encode_jpeg", "jpeg_frame_size", "metadata_type", "page_size_for", "write_beton_file"]
 
 VERSION = 2
 HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
@@ -109,7 +109,7 @@ class BetonFile:
         if image_type == NDARRAY_FIELD:
             self.storage = "ndarray"
             self.shape = self._ndarray_shape(fields[self._names.index("image")]["arguments"])
-            self._ptrs = self._columns["image"].astype(np.int64)
+            self._ptrs = self._record_pointers(self._columns["image"], table_ptr)
             self._sizes = self._allocated_sizes(table)
             if np.any(self._sizes != int(np.prod(self.shape))):
                 self._refuse(f"an image record's size differs from its field's shape {self.shape}")
@@ -121,7 +121,7 @@ class BetonFile:
                 self._refuse(f"record {int(np.argmax(mode > RAW_MODE))} has image mode {int(mode.max())}")
             self._jpg = mode == JPG_MODE
             self.storage = "jpg" if self._jpg.any() else "raw"
-            self._ptrs = image["data_ptr"].astype(np.int64)
+            self._ptrs = self._record_pointers(image["data_ptr"], table_ptr)
             self._hw = np.stack([image["height"], image["width"]], axis=1).astype(np.int64)
             self._sizes = self._allocated_sizes(table)
             self._check_rgb_sizes()
@@ -169,6 +169,16 @@ class BetonFile:
         if len(shape) != 3 or shape[2] not in (1, 3) or min(shape) < 1 or shape[0] * shape[1] > MAX_PIXELS:
             self._refuse(f"image shape {shape}, not (height, width, 1 or 3) within {MAX_PIXELS:,} pixels")
         return tuple(shape)
+
+    def _record_pointers(self, pointers: np.ndarray, table_ptr: int) -> np.ndarray:
+        """Each record's data pointer as int64, after refusing one past the data (a pointer from 2^63 up would
+        turn negative as int64, so it is named as the file states it)."""
+        past = pointers >= table_ptr
+        if np.any(past):
+            i = int(np.argmax(past))
+            self._refuse(f"record {i} points at byte {int(pointers[i]):,}, past the data (which ends at byte "
+                         f"{table_ptr:,})")
+        return pointers.astype(np.int64)
 
     def _check_table(self, table: np.ndarray, table_ptr: int) -> None:
         """Every allocation lies in the data region, before the table, and belongs to a sample."""

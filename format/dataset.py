@@ -20,6 +20,7 @@ import numpy as np
 
 from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import CONVERT_HINT, BetonFile
+from beton_trainer.format.integrity import check_integrity
 
 __all__ = ["MANIFEST", "Split", "dataset_identity", "load_manifest", "open_beton", "open_split"]
 
@@ -93,9 +94,10 @@ def _is_real(value: object) -> bool:
 
 
 def check_manifest(path: Path, manifest: dict) -> None:
-    """The one schema of what the loaders read from a manifest: splits (count >= 1, bytes), classes (names),
-    mean and std (finite, one per channel, std > 0), image_shape (positive (H, W, C), or null for varied
-    sizes). A manifest that breaks it is refused here, with one line, not mid-training."""
+    """The one schema of what the loaders read from a manifest: splits (count >= 1, bytes, page_sha256 when
+    present), classes (names), mean and std (finite, one per channel, std > 0), image_shape (positive (H, W, C),
+    or null for varied sizes; present either way). A manifest that breaks it is refused here, with one line
+    naming the key at fault, not mid-training."""
     def refuse(what: str) -> NoReturn:
         raise UserError(f"{path} is damaged: {what}; convert the dataset again with --force")
 
@@ -110,6 +112,10 @@ def check_manifest(path: Path, manifest: dict) -> None:
         for key, least in (("count", 1), ("bytes", 0)):
             if not _is_int(entry.get(key)) or entry[key] < least:
                 refuse(f"splits.{name}.{key} must be an integer of at least {least}, got {entry.get(key)!r:.60}")
+        pages = entry.get("page_sha256")
+        if pages is not None and not (isinstance(pages, list) and all(isinstance(p, str) and len(p) == 64
+                                                                      for p in pages)):
+            refuse(f"splits.{name}.page_sha256 must be a list of sha256 digests, got {pages!r:.60}")
     classes = manifest.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         refuse(f"'classes' must be a list of class names, got {classes!r:.60}")
@@ -117,20 +123,29 @@ def check_manifest(path: Path, manifest: dict) -> None:
     for key, values in stats.items():
         if not isinstance(values, list) or len(values) not in (1, 3) or not all(_is_real(v) for v in values):
             refuse(f"'{key}' must be a list of 1 or 3 finite numbers, got {values!r:.60}")
-    if len(stats["mean"]) != len(stats["std"]) or min(stats["std"]) <= 0:
-        refuse(f"'std' must be positive, one per channel like 'mean', got {stats['std']!r:.60}")
-    shape = manifest.get("image_shape")
+    if "image_shape" not in manifest:
+        refuse("'image_shape' is missing (it is (height, width, channels), or null for images of varied sizes)")
+    shape = manifest["image_shape"]
     if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) and v > 0
                                                                                       for v in shape)):
         refuse(f"'image_shape' must be (height, width, channels) or null, got {shape!r:.60}")
-    if shape is not None and shape[2] != len(stats["mean"]):
-        refuse(f"'image_shape' has {shape[2]} channels but 'mean' has {len(stats['mean'])} values")
+    if shape is None and manifest.get("storage") == "ndarray":
+        refuse("'image_shape' is null (images of varied sizes) but 'storage' is 'ndarray' (arrays of one shape)")
+    if shape is not None:  # the images' channels say which of mean and std is wrong
+        for key, values in stats.items():
+            if len(values) != shape[2]:
+                refuse(f"'{key}' has {len(values)} values but 'image_shape' has {shape[2]} channels")
+    elif len(stats["mean"]) != len(stats["std"]):
+        refuse(f"'mean' has {len(stats['mean'])} values and 'std' {len(stats['std'])}: each needs one per channel")
+    if min(stats["std"]) <= 0:
+        refuse(f"'std' must be positive, one per channel like 'mean', got {stats['std']!r:.60}")
 
 
-def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None) -> BetonFile:
+def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None, *, verify: str = "pages") -> BetonFile:
     """One split's .beton, checked against its manifest before any backend reads it: the file's size, its
-    record count, its JPEG records' headers, its image channels and its labels (within the manifest's
-    classes)."""
+    record count, its pages' checksums as `verify` says (`format.integrity`; here for every record: a loader
+    that reads fewer passes "off" and checks its own), its JPEG records' headers, its image channels and shape
+    and its labels (within the manifest's classes)."""
     data_dir = Path(data_dir)
     manifest = manifest or load_manifest(data_dir)
     splits = manifest["splits"]
@@ -146,11 +161,13 @@ def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None) -
     if len(beton) != entry["count"]:
         raise UserError(f"{path} holds {len(beton)} records but the manifest says {entry['count']}; "
                         "convert the dataset again with --force")
+    check_integrity(beton, manifest, split, verify)
     beton.check_jpeg_headers()
     channels = beton.shape[2] if beton.storage == "ndarray" else 3
     if channels != len(manifest["mean"]):
         raise UserError(f"{path} holds {channels}-channel images but the manifest's mean has "
                         f"{len(manifest['mean'])} values; convert the dataset again with --force")
+    _check_image_shape(beton, manifest["image_shape"])
     num_classes = len(manifest["classes"])
     for field, count in (("label", num_classes), ("coarse_label", len(manifest.get("coarse_classes") or []))):
         if not beton.has_field(field):
@@ -162,10 +179,27 @@ def open_beton(data_dir: str | Path, split: str, manifest: dict | None = None) -
     return beton
 
 
-def open_split(data_dir: str | Path, split: str) -> Split:
+def _check_image_shape(beton: BetonFile, shape: list[int] | None) -> None:
+    """Every record is the manifest's image_shape; null (varied sizes) only for RGB records, the one kind a
+    converter stores in several sizes. The loaders size their output and the model by it."""
+    if shape is None:
+        if beton.storage == "ndarray":
+            raise UserError(f"{beton.path} holds {'x'.join(map(str, beton.shape))} arrays but the manifest's "
+                            "image_shape is null (images of varied sizes); convert the dataset again with --force")
+        return
+    sizes = beton.sizes()
+    wrong = np.any(sizes != shape[:2], axis=1)
+    if np.any(wrong) or (beton.storage == "ndarray" and list(beton.shape) != shape):
+        i = int(np.argmax(wrong))
+        found = "x".join(map(str, beton.shape)) if beton.storage == "ndarray" else f"{sizes[i][0]}x{sizes[i][1]}x3"
+        raise UserError(f"{beton.path}: record {i} is {found} but the manifest's image_shape is "
+                        f"{'x'.join(map(str, shape))}; convert the dataset again with --force")
+
+
+def open_split(data_dir: str | Path, split: str, verify: str = "pages") -> Split:
     """Open one split, checked by `open_beton`, with every image decoded into memory."""
     manifest = load_manifest(data_dir)
-    beton = open_beton(data_dir, split, manifest)
+    beton = open_beton(data_dir, split, manifest, verify=verify)
     coarse = beton.labels("coarse_label") if beton.has_field("coarse_label") else None
     return Split(name=split, images=beton.images(), labels=beton.labels(), manifest=manifest, path=beton.path,
                  coarse_labels=coarse)

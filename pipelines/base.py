@@ -83,6 +83,7 @@ class LoaderOptions:
     block_pages: int = 0  # page-aware order: pages shuffled together; 0 = as many as fill BLOCK_BYTES
     os_cache: bool | None = None  # ffcv: FFCV's os_cache; None = off with the page-aware order, on with the random
     memory_budget_gb: float = 0.0  # at most this much memory counts as free (also $BETON_MEMORY_BUDGET_GB); 0 = no cap
+    verify: str = "pages"  # the .beton's page checksums: "pages" the loader reads, "full", "off" (format.integrity)
 
 
 def varied_sizes(manifest: dict) -> bool:
@@ -271,6 +272,11 @@ class ShardedLoader:
             return page_aware_indices(self.pages, block_pages=self.block_pages, **shard)
         return rank_indices(self.n, **shard)
 
+    def records_read(self) -> np.ndarray | None:
+        """The records this loader reads over a run, whose pages `format.integrity` checks: all (None) when
+        training, where every epoch visits a new permutation, else the evaluation order, the same every epoch."""
+        return None if self.options.train else self.epoch_order(0)
+
     def _take_order(self) -> tuple[np.ndarray, int]:
         """This rank's sample order for the current epoch and the batch to start at (consumed once)."""
         start, self._start_batch = self._start_batch, 0
@@ -292,7 +298,7 @@ class ArrayLoader(ShardedLoader):
     `self.labels` sits on the device."""
 
     def __init__(self, options: LoaderOptions, split: Split | None = None):
-        split = split or open_split(options.data_dir, options.split)
+        split = split or open_split(options.data_dir, options.split, options.verify)
         images, labels = split.images, split.labels
         if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
             raise UserError(f"split '{options.split}' holds images {images.dtype}{list(images.shape)} and "

@@ -8,12 +8,19 @@ CUDA device and the host's MemAvailable (/proc/meminfo), or the memory cgroup's 
 rest; a budget (the recipe's
 `data.memory_budget_gb`, else $BETON_MEMORY_BUDGET_GB) caps both, so a test can show a refusal on real data.
 Where neither a measurement nor a budget exists (no /proc, MPS), nothing is checked.
+
+For photos of varied sizes the FFCV backend also counts what decoding sets aside for the largest image the file's
+headers allow (`decode_bytes`): eight records claiming 9459 x 9459 pixels (under the pixel cap, headers
+consistent) raised a run's peak from 1.53 GB to 2.4 GB, uncounted, and sometimes failed in FFCV's allocation. An
+allocation that fails anyway (memory other processes took after the check) is one line (`allocations`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +31,9 @@ from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import BetonFile
 from beton_trainer.pipelines.base import cache_pages, record_pages
 
-__all__ = ["BUDGET_ENV", "MemoryNeed", "PAGE_AWARE_FIX", "TENSOR_CHUNK", "USE_FFCV", "cgroup_free", "check",
-           "choose_order", "dali_need", "decoded_bytes", "ffcv_need", "free_host", "gb", "host_free",
+__all__ = ["ALLOCATION_FIX", "BUDGET_ENV", "MemoryNeed", "PAGE_AWARE_FIX", "TENSOR_CHUNK", "USE_FFCV",
+           "allocation_error", "allocations", "cgroup_free", "check", "choose_order", "dali_need", "decode_bytes",
+           "decoded_bytes", "ffcv_need", "free_host", "gb", "host_free", "largest_image", "out_of_memory",
            "record_bytes", "tensor_need"]
 
 GB = 1e9
@@ -36,8 +44,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PAGE_AWARE_FRACTION = 0.5  # order "auto": page-aware once a .beton is larger than this share of free host memory
 TENSOR_CHUNK = 4096  # records the tensor backend stages on the host per copy to the device
 FFCV_BATCH_SLOTS = 3 + 2  # FFCV's decoded batches in flight: batches_ahead (3) + 2 (its EpochIterator)
+JPEG_COEFFICIENT_BYTES = 6  # per pixel libjpeg decodes: 3 components of 16-bit DCT coefficients (a progressive
+# JPEG holds the whole image's at once)
 USE_FFCV = "use --loader ffcv, which reads the .beton as it goes (with data.order = \"page_aware\" for a set larger " \
            "than RAM)"
+ALLOCATION_FIX = "lower data.batch_size, or stop what else holds memory on this machine, and start again"
 PAGE_AWARE_FIX = "use --loader ffcv with data.order = \"page_aware\" (or \"auto\"): FFCV then reads the .beton block " \
                  "by block with os_cache off, each page once an epoch"
 
@@ -197,19 +208,63 @@ def dali_need(beton: BetonFile, photos: bool) -> MemoryNeed:
     return MemoryNeed("dali", 0, decoded_bytes(beton), f"{len(beton):,} decoded images as host arrays")
 
 
+def largest_image(beton: BetonFile) -> tuple[int, int]:
+    """(height, width) of the largest image the file's headers allow a decoder to meet: its tallest record's
+    height and its widest record's width (FFCV sizes its decode buffers by these two)."""
+    sizes = beton.sizes()
+    return int(sizes[:, 0].max()), int(sizes[:, 1].max())
+
+
+def decode_bytes(beton: BetonFile, *, batch_size: int, workers: int) -> int:
+    """What FFCV's photo decoders set aside for `largest_image`: a scratch buffer of its RGB pixels for every
+    image in flight (ResizedCropRGBImageDecoder's second allocation: batch_size in each batch slot, allocated when
+    an epoch starts), and, in each of `workers` decoding at once, libjpeg's coefficient buffers for it."""
+    height, width = largest_image(beton)
+    return height * width * (3 * FFCV_BATCH_SLOTS * batch_size + JPEG_COEFFICIENT_BYTES * max(workers, 1))
+
+
 def ffcv_need(beton: BetonFile, order: np.ndarray | None, *, os_cache: bool, batch_size: int,
-              sample_bytes: int) -> MemoryNeed:
+              sample_bytes: int, decode_workers: int = 0) -> MemoryNeed:
     """With os_cache and the random order (`order` None): the whole .beton in the page cache. Otherwise the pages
     this rank's `order` (an epoch's sample indices) keeps in FFCV's process cache or the page cache at once. Plus
-    FFCV's decoded batches in flight (`sample_bytes` each sample)."""
+    FFCV's decoded batches in flight (`sample_bytes` each sample) and, for photos decoded by `decode_workers`
+    workers (0: images of one size, decoded straight into the batch), `decode_bytes`."""
     batches = FFCV_BATCH_SLOTS * batch_size * sample_bytes
+    decode = decode_bytes(beton, batch_size=batch_size, workers=decode_workers) if decode_workers else 0
+    height, width = largest_image(beton)
+    decoding = f", and {gb(decode)} of decode buffers for images of up to {height}x{width}" if decode else ""
     if order is None:
-        return MemoryNeed("ffcv", 0, beton.path.stat().st_size + batches,
-                          "the .beton in the page cache (os_cache, random order) and its batches in flight")
+        return MemoryNeed("ffcv", 0, beton.path.stat().st_size + batches + decode,
+                          f"the .beton in the page cache (os_cache, random order) and its batches in flight{decoding}")
     pages = cache_pages(record_pages(beton)[order], batch_size)
     where = "FFCV's process cache" if not os_cache else "the page cache"
-    return MemoryNeed("ffcv", 0, pages * beton.page_size + batches,
-                      f"{pages:,} pages of {beton.page_size >> 20} MiB at once in {where}, and batches in flight")
+    return MemoryNeed("ffcv", 0, pages * beton.page_size + batches + decode,
+                      f"{pages:,} pages of {beton.page_size >> 20} MiB at once in {where}, and batches in "
+                      f"flight{decoding}")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that failed: numpy's MemoryError, torch's CPU allocator, CUDA's."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(
+        words in str(exc) for words in ("can't allocate memory", "out of memory")))
+
+
+def allocation_error(backend: str, exc: BaseException, fix: str) -> UserError:
+    """The one line for a failed allocation `exc`: the loader, the allocator's words and `fix`."""
+    words = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UserError(f"the {backend} loader could not allocate its memory ({words}); {fix}")
+
+
+@contextmanager
+def allocations(backend: str, fix: str) -> Iterator[None]:
+    """An allocation that fails inside is one line (`allocation_error`), not a traceback: `check` runs before
+    loading, but other processes may take memory after it."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise allocation_error(backend, exc, fix) from None
 
 
 def choose_order(order: str, beton: BetonFile, budget_gb: float) -> str:

@@ -33,7 +33,9 @@ struct error_manager {
 
 static void on_error(j_common_ptr cinfo) { longjmp(((struct error_manager *)cinfo->err)->jump, 1); }
 
-static void on_message(j_common_ptr cinfo) { (void)cinfo; } /* warnings stay quiet; errors return -1 */
+/* Warnings (corrupt entropy data: "premature end of data segment", "extraneous bytes before marker") are counted,
+ * not printed, and fail the decode as errors do: libjpeg goes on past them with made-up pixels. */
+static void on_message(j_common_ptr cinfo) { (void)cinfo; }
 
 /* Whether this image itself defined every table its first scan uses. libjpeg keeps tables from image to image
  * in one decompressor, and libjpeg-turbo substitutes its standard Huffman tables for missing ones; each call
@@ -89,6 +91,7 @@ static int decode_with(struct jpeg_decompress_struct *cinfo, const unsigned char
         jpeg_read_scanlines(cinfo, &row, 1);
     }
     /* the rows below the region are never decoded */
+    if (cinfo->err->num_warnings) return -1; /* corrupt data in the rows decoded (or skipped over) */
     double out[6] = {y1 - y0, cols, y_begin - y0, y_end - y0, x_begin - start, x_end - start};
     for (int k = 0; k < 6; k++) region[k] = out[k];
     return 0;
@@ -98,8 +101,8 @@ static int decode_with(struct jpeg_decompress_struct *cinfo, const unsigned char
  * scale_denom is 1, 2, 4 or 8. The decoded pixels fill dst (capacity bytes) as a (rows, cols, 3) RGB array, a
  * little larger than the region at that scale (whole pixels, and columns from a block edge); region[] receives
  * rows, cols, and the region's exact bounds in it: first row, end row, first column, end column (fractional when
- * shrunk). Returns 0, or -1 for any other argument, a dst too small, a JPEG libjpeg cannot decode, one that does
- * not define its own tables, or one over MAX_PIXELS. Each call has its own decompressor, so a result never
+ * shrunk). Returns 0, or -1 for any other argument, a dst too small, a JPEG libjpeg cannot decode (or decodes with
+ * a warning: corrupt data), one that does not define its own tables, or one over MAX_PIXELS. Each call has its own decompressor, so a result never
  * depends on what the thread decoded before. */
 int decode_region(const unsigned char *src, uint64_t size, unsigned char *dst, uint64_t capacity, uint32_t top,
                   uint32_t left, uint32_t height, uint32_t width, uint32_t scale_denom, double *region) {

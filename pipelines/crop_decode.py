@@ -13,6 +13,12 @@ the resize.
 
 The crops are drawn by FFCV's own `get_random_crop`/`get_center_crop` with the same arguments.
 
+A record libjpeg cannot decode, or decodes only with a warning (corrupt entropy data: it goes on with made-up
+pixels), stops the epoch: FFCV's decoders ignore the decoder's status, so a damaged record trained silently.
+These decoders, and `FixedSizeDecoder` for images of one size, raise `UndecodableRecord` naming it in FFCV's
+worker thread (after the batch's parallel loop, which a raise inside would serialize); the FFCV backend turns
+it into one line.
+
 The library is optional: `pip install .[ffcv]` builds it where a C compiler and libjpeg headers are present,
 and a failed build never fails the install. Without it, `available()` is False and the FFCV backend falls
 back to FFCV's own decoders (`photo_decoders`), with one warning line.
@@ -30,11 +36,13 @@ from ffcv.fields.rgb_image import (
     IMAGE_MODES,
     CenterCropRGBImageDecoder,
     RandomResizedCropRGBImageDecoder,
+    SimpleRGBImageDecoder,
 )
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import imdecode, memcpy, resize_crop
 from ffcv.pipeline.compiler import Compiler
 
-__all__ = ["CenterCropDecoder", "dct_scale", "decode_region", "photo_decoders", "resize_area"]
+__all__ = ["CenterCropDecoder", "FixedSizeDecoder", "UndecodableRecord", "dct_scale", "decode_region",
+           "photo_decoders", "resize_area"]
 
 LIBRARY = f"{__package__}._crop_decode"  # built from crop_decode.c by setup.py, where a compiler and libjpeg are
 NOT_BUILT = (f"warning: {LIBRARY} (the FFCV photo path's crop decoder) is not built, so FFCV's own decoders "
@@ -58,6 +66,11 @@ def _load() -> ctypes.CDLL | None:
 _lib = _load()
 _decode_region_c, _resize_area_c = (_lib.decode_region, _lib.resize_area) if _lib else (None, None)
 _warned = False
+
+
+class UndecodableRecord(Exception):
+    """A JPEG record that libjpeg could not decode, or decoded with a warning; args: (the record's index,).
+    Raised from FFCV's compiled decoders in its worker thread."""
 
 
 def available() -> bool:
@@ -111,6 +124,7 @@ class _RegionDecoding:
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
             out_height, out_width = destination.shape[1], destination.shape[2]
+            failed = np.zeros(len(batch_indices), dtype=np.int64)  # see FixedSizeDecoder for why int64
             for dst_ix in my_range(len(batch_indices)):
                 field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
@@ -124,7 +138,8 @@ class _RegionDecoding:
                     crop = temp[:int(region[0]) * int(region[1]) * 3].reshape(int(region[0]), int(region[1]), 3)
                 else:
                     if field["mode"] == jpg:  # libjpeg refused the region: decode whole as FFCV does
-                        imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
+                        if imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1, False, False):
+                            failed[dst_ix] = 1  # -1 from TurboJPEG: an error, or corrupt data
                         crop = temp[:height * width * 3].reshape(height, width, 3)
                     else:  # raw pixels
                         crop = image_data.reshape(height, width, 3)
@@ -133,6 +148,9 @@ class _RegionDecoding:
                     # an enlargement (never after a DCT shrink, so the bounds are whole): OpenCV's, as FFCV
                     resize_crop_c(crop, int(region[2]), int(region[3]), int(region[4]), int(region[5]),
                                   destination[dst_ix])
+            for dst_ix in range(len(batch_indices)):
+                if failed[dst_ix]:
+                    raise UndecodableRecord(batch_indices[dst_ix])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -147,6 +165,39 @@ class RandomResizedCropDecoder(_RegionDecoding, RandomResizedCropRGBImageDecoder
 class CenterCropDecoder(_RegionDecoding, CenterCropRGBImageDecoder):
     """ffcv-imagenet's evaluation decoder (centre square of `ratio` times the shorter side, resized to
     `output_size`), decoding only the crop."""
+
+
+class FixedSizeDecoder(SimpleRGBImageDecoder):
+    """FFCV's decoder for images of one size (stored as they are, or as JPEG), refusing a JPEG record it cannot
+    decode instead of passing on whatever the buffer held."""
+
+    def generate_code(self) -> Callable:
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        memcpy_c = Compiler.compile(memcpy)
+
+        def decode(batch_indices, destination, metadata, storage_state):
+            # int64: FFCV's memory managers set `mutable = False` on numba's shared uint8, uint32 and uint64
+            # array types (meaning their own state), which would make a flag array of those types read-only
+            failed = np.zeros(len(batch_indices), dtype=np.int64)
+            for dst_ix in my_range(len(batch_indices)):
+                field = metadata[batch_indices[dst_ix]]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = field["height"], field["width"]
+                if field["mode"] != jpg:
+                    memcpy_c(image_data, destination[dst_ix])
+                elif imdecode_c(image_data, destination[dst_ix], height, width, height, width, 0, 0, 1, 1, False,
+                                False):
+                    failed[dst_ix] = 1
+            for dst_ix in range(len(batch_indices)):
+                if failed[dst_ix]:
+                    raise UndecodableRecord(batch_indices[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
 
 
 def photo_decoders() -> tuple[type, type]:

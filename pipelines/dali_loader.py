@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from beton_trainer.format.dataset import Split, load_manifest, open_beton
+from beton_trainer.format.integrity import check_integrity
 from beton_trainer.pipelines.augment import AffineSpec, AugmentSpec, EraseSpec, JitterSpec, TrainTransform
 from beton_trainer.pipelines.base import (
     CENTER_CROP_RATIO,
@@ -42,7 +43,7 @@ from beton_trainer.pipelines.base import (
     ShardedLoader,
     varied_sizes,
 )
-from beton_trainer.pipelines.budget import PAGE_AWARE_FIX, USE_FFCV, check, dali_need
+from beton_trainer.pipelines.budget import PAGE_AWARE_FIX, USE_FFCV, allocations, check, dali_need
 
 __all__ = ["DaliLoader"]
 
@@ -60,10 +61,12 @@ class DaliLoader(ArrayLoader):
         return super().__new__(cls)
 
     def __init__(self, options: LoaderOptions, split: Split | None = None):
-        if split is None:  # the .beton's header says what its arrays will take, before they are decoded
-            self.memory = dali_need(open_beton(options.data_dir, options.split), photos=False)
+        if split is None:  # the .beton's header says what its arrays will take, before they are decoded (and
+            # before open_split checks its pages)
+            self.memory = dali_need(open_beton(options.data_dir, options.split, verify="off"), photos=False)
             check(self.memory, options.device, options.memory_budget_gb, USE_FFCV)
-        super().__init__(options, split)
+        with allocations("dali", USE_FFCV):  # the split decoded into host arrays
+            super().__init__(options, split)
         self.images = self.split.images
         self._setup_dali(self.split.mean, self.split.std, self.split.num_classes)
 
@@ -152,12 +155,13 @@ class DaliPhotoLoader(DaliLoader):
 
     def __init__(self, options: LoaderOptions):
         manifest = load_manifest(options.data_dir)
-        self.beton = open_beton(options.data_dir, options.split, manifest)
+        self.beton = open_beton(options.data_dir, options.split, manifest, verify="off")
         self.memory = dali_need(self.beton, photos=True)
         check(self.memory, options.device, options.memory_budget_gb, PAGE_AWARE_FIX)
         labels = self.beton.labels()
         ShardedLoader.__init__(self, options, n=len(self.beton), mean=manifest["mean"], std=manifest["std"],
                                num_classes=len(manifest["classes"]), labels=labels)
+        check_integrity(self.beton, manifest, options.split, options.verify, self.records_read())
         self.labels = torch.from_numpy(labels).to(options.device)
         self._setup_dali(manifest["mean"], manifest["std"], len(manifest["classes"]))
 

@@ -32,14 +32,17 @@ reproducible, the crop positions do not.
 from __future__ import annotations
 
 import mmap
+import os
 import queue
+import threading
 import traceback
 from collections.abc import Iterator
 
 import torch
 
 from beton_trainer.common.errors import UserError
-from beton_trainer.format.beton import BetonFile
+from beton_trainer.format.beton import CONVERT_AGAIN, BetonFile
+from beton_trainer.format.integrity import check_integrity
 from beton_trainer.pipelines.base import (
     CENTER_CROP_RATIO,
     RRC_RATIO,
@@ -50,9 +53,23 @@ from beton_trainer.pipelines.base import (
     record_pages,
     varied_sizes,
 )
-from beton_trainer.pipelines.budget import PAGE_AWARE_FIX, check, choose_order, ffcv_need, record_bytes
+from beton_trainer.pipelines.budget import (
+    ALLOCATION_FIX,
+    PAGE_AWARE_FIX,
+    allocation_error,
+    allocations,
+    check,
+    choose_order,
+    decode_bytes,
+    ffcv_need,
+    largest_image,
+    out_of_memory,
+    record_bytes,
+)
 
 __all__ = ["FfcvLoader"]
+
+CLOSE_WAIT_S = 60.0  # an epoch's close waits this long at most for FFCV's thread to finish its batch
 
 
 class FfcvLoader(ShardedLoader):
@@ -62,7 +79,8 @@ class FfcvLoader(ShardedLoader):
         from beton_trainer.format.dataset import load_manifest, open_beton
 
         manifest = load_manifest(options.data_dir)
-        beton = open_beton(options.data_dir, options.split, manifest)  # checked against the manifest before FFCV
+        # checked against the manifest before FFCV reads it; its pages once the records read are known
+        beton = open_beton(options.data_dir, options.split, manifest, verify="off")
         self.path = beton.path
         super().__init__(options, n=len(beton), mean=manifest["mean"], std=manifest["std"],
                          num_classes=len(manifest["classes"]), labels=beton.labels())
@@ -70,10 +88,12 @@ class FfcvLoader(ShardedLoader):
         self.ffcv_loader = None  # FFCV's own Loader, built at the first epoch (tests look at its parts)
         self.decoder = self._image_decoder(grey=beton.storage == "ndarray")
         self._plan_memory(beton)
+        check_integrity(beton, manifest, options.split, options.verify, self.records_read())
 
     def _plan_memory(self, beton: BetonFile) -> None:
         """Choose the order (random or page-aware) and os_cache, then refuse before FFCV starts when the pages
-        they keep at once do not fit in free host memory."""
+        they keep at once, the batches in flight and (photos) the decode buffers for the largest image the file's
+        headers allow do not fit in free host memory."""
         o = self.options
         order = choose_order(o.order, beton, o.memory_budget_gb)
         if order == "page_aware":
@@ -83,23 +103,29 @@ class FfcvLoader(ShardedLoader):
         side = max(self.crop_side(), o.resolution.max_res)
         sample_bytes = side * side * 3 if self.varied else record_bytes(beton)
         whole_file = self.os_cache and self.pages is None
+        workers = (o.num_workers or os.cpu_count() or 1) if self.varied else 0  # FFCV: 0 workers = every CPU
         self.memory = ffcv_need(beton, None if whole_file else self.epoch_order(0), os_cache=self.os_cache,
-                                batch_size=o.batch_size, sample_bytes=sample_bytes)
+                                batch_size=o.batch_size, sample_bytes=sample_bytes, decode_workers=workers)
         fix = PAGE_AWARE_FIX if self.pages is None else \
             f"lower data.order_block_pages (now {self.block_pages}) or data.batch_size"
+        if workers and decode_bytes(beton, batch_size=o.batch_size, workers=workers) > self.memory.host_bytes / 2:
+            height, width = largest_image(beton)
+            fix = (f"convert the photos again with a smaller --max-side (and --force), or lower data.batch_size: "
+                   f"FFCV sets aside room for the largest image the file's headers allow ({height}x{width}) for "
+                   "every image in flight")
         check(self.memory, o.device, o.memory_budget_gb, fix)
 
     def _image_decoder(self, grey: bool):
         """Stored pixels as they are for fixed-size data; for photos of varied sizes, crop-and-resize decoders
         straight to a square of side `crop_side()` (set again each epoch: progressive resizing)."""
-        from ffcv.fields.decoders import NDArrayDecoder, SimpleRGBImageDecoder
+        from ffcv.fields.decoders import NDArrayDecoder
 
-        from beton_trainer.pipelines.crop_decode import photo_decoders
+        from beton_trainer.pipelines.crop_decode import FixedSizeDecoder, photo_decoders
 
         if grey:
             return NDArrayDecoder()
         if not self.varied:
-            return SimpleRGBImageDecoder()
+            return FixedSizeDecoder()
         side = (self.crop_side(),) * 2
         random_crop, centre_crop = photo_decoders()
         if self.options.train:
@@ -141,10 +167,11 @@ class FfcvLoader(ShardedLoader):
         if self.varied:  # FFCV sizes its buffers from output_size when an epoch starts (as ffcv-imagenet does);
             self.decoder.output_size = (self.crop_side(),) * 2  # its compiled code takes sizes from the buffers
         threads = torch.get_num_threads()  # FFCV sets torch's to its worker count in both calls below
-        if self.ffcv_loader is None:
-            self.ffcv_loader = self._build_ffcv_loader(order)
-        self.ffcv_loader.traversal_order.indices = order[start * o.batch_size:]  # Sequential visits these
-        epoch = iter(self.ffcv_loader)
+        with allocations("ffcv", ALLOCATION_FIX):  # FFCV allocates its buffers for the epoch here
+            if self.ffcv_loader is None:
+                self.ffcv_loader = self._build_ffcv_loader(order)
+            self.ffcv_loader.traversal_order.indices = order[start * o.batch_size:]  # Sequential visits these
+            epoch = iter(self.ffcv_loader)
         torch.set_num_threads(threads)  # the training loop owns torch's CPU threads
         try:
             for b, (images, labels) in enumerate(epoch, start):
@@ -199,18 +226,29 @@ def _waiting_to_device():
 
 
 def _report_worker_errors() -> None:
-    """Make FFCV's epoch threads hand any exception to the consumer (once per process).
+    """Make FFCV's epoch threads hand any exception to the consumer, and stop before their epoch is closed
+    (once per process).
 
     FFCV 1.0.2's EpochIterator.run catches only StopIteration: any other exception ends the thread, and
-    the consumer waits forever in `output_queue.get()`. The subclass prints the thread's traceback, queues
-    FFCV's own end-of-epoch marker and keeps the exception, and its `__next__` raises it as one line.
-    FFCV's Loader builds its iterators by this module-level name, so it is replaced there.
+    the consumer waits forever in `output_queue.get()`. The subclass queues FFCV's own end-of-epoch marker and
+    keeps the exception, and its `__next__` raises it as one line: a JPEG record that does not decode
+    (`crop_decode.UndecodableRecord`) names the record, a failed allocation says so, anything else also prints
+    the thread's traceback. FFCV's `close` only asks the thread to stop, so the thread could go on decoding
+    into memory the close frees, or still be inside torch when the interpreter exits (a daemon thread there
+    aborts the process: `terminate called without an active exception`, SIGABRT, the report of a failed test
+    lost); here `close` waits for it. FFCV's Loader builds its iterators by this module-level name, so it is
+    replaced there.
     """
     import ffcv.loader.loader as ffcv_loader_module
     from ffcv.loader.epoch_iterator import EpochIterator
 
+    from beton_trainer.pipelines.crop_decode import UndecodableRecord
+
     if getattr(ffcv_loader_module.EpochIterator, "reports_errors", False):
         return
+
+    class Closed(Exception):
+        """The epoch was closed: the thread makes no more batches."""
 
     class ReportingEpochIterator(EpochIterator):
         reports_errors = True
@@ -219,8 +257,11 @@ def _report_worker_errors() -> None:
         def run(self) -> None:
             try:
                 super().run()
+            except Closed:
+                return
             except BaseException as exc:  # anything: the consumer must hear of it
-                traceback.print_exc()
+                if not isinstance(exc, UndecodableRecord) and not out_of_memory(exc):  # those are one line
+                    traceback.print_exc()
                 self.error = exc
                 while not self.terminate_event.is_set():  # the consumer drains the queue, or has closed it
                     try:
@@ -235,9 +276,31 @@ def _report_worker_errors() -> None:
             except StopIteration:
                 if self.error is None:
                     raise
-                first = (str(self.error).strip().splitlines() or [""])[0]
-                raise LoaderWorkerError(f"the ffcv loader's worker thread failed ({type(self.error).__name__}: "
+                error, path = self.error, self.loader.fname
+                if isinstance(error, UndecodableRecord):
+                    raise UserError(f"{path}: record {error.args[0]} is not a readable JPEG (libjpeg reported an "
+                                    f"error or corrupt data decoding it); {CONVERT_AGAIN}") from None
+                if out_of_memory(error):
+                    raise allocation_error("ffcv", error, ALLOCATION_FIX) from None
+                first = (str(error).strip().splitlines() or [""])[0]
+                raise LoaderWorkerError(f"the ffcv loader's worker thread failed ({type(error).__name__}: "
                                         f"{first}; its traceback is above); fix that, or train with --loader "
-                                        "tensor") from self.error
+                                        "tensor") from error
+
+        def run_pipeline(self, *args):  # FFCV's loop looks at terminate_event only while its queue is full
+            if self.terminate_event.is_set():
+                raise Closed
+            return super().run_pipeline(*args)
+
+        def close(self) -> None:
+            self.terminate_event.set()
+            while True:  # room for a batch the thread waits to queue: it then stops before the next one
+                try:
+                    self.output_queue.get_nowait()
+                except queue.Empty:
+                    break
+            if self.is_alive() and threading.current_thread() is not self:
+                self.join(CLOSE_WAIT_S)
+            super().close()
 
     ffcv_loader_module.EpochIterator = ReportingEpochIterator

@@ -15,7 +15,7 @@ from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import BetonFile
 from beton_trainer.format.dataset import Split, load_manifest, open_beton
 from beton_trainer.pipelines.base import ArrayLoader, LoaderOptions, ShardedLoader, varied_sizes
-from beton_trainer.pipelines.budget import TENSOR_CHUNK, USE_FFCV, check, tensor_need
+from beton_trainer.pipelines.budget import TENSOR_CHUNK, USE_FFCV, allocations, check, tensor_need
 
 __all__ = ["TensorLoader"]
 
@@ -33,14 +33,15 @@ class TensorLoader(ArrayLoader):
         if varied_sizes(manifest):
             raise UserError(f"{options.data_dir} holds images of varied sizes, which the tensor loader cannot hold "
                             "as one array; use --loader ffcv or --loader dali (they crop and resize while decoding)")
-        beton = open_beton(options.data_dir, options.split, manifest)
+        beton = open_beton(options.data_dir, options.split, manifest, verify=options.verify)  # reads every record
         self.memory = tensor_need(beton)
         check(self.memory, options.device, options.memory_budget_gb, USE_FFCV)
         labels = beton.labels()
         ShardedLoader.__init__(self, options, n=len(beton), mean=manifest["mean"], std=manifest["std"],
                                num_classes=len(manifest["classes"]), labels=labels)
         self.labels = torch.from_numpy(labels).to(options.device)
-        self.images = self._upload(beton, options.device)
+        with allocations("tensor", USE_FFCV):
+            self.images = self._upload(beton, options.device)
 
     @staticmethod
     def _upload(beton: BetonFile, device: torch.device) -> torch.Tensor:

@@ -3,7 +3,10 @@ one line giving both figures and what fits; on real MNIST (47 MB of pixels) and 
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch
 from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import BetonFile
 from beton_trainer.pipelines import budget, build_loader
+from beton_trainer.pipelines.base import ResolutionSchedule
 from tests.loader_helpers import installed, options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +162,85 @@ def test_the_recipe_key_refuses_through_train_py(mnist_data):
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: the tensor loader needs 0.0535 GB on the host")
     assert np.isfinite(float(lines[0].split("needs ")[1].split(" GB")[0]))
+
+
+# ---- issue 40, finding 4: the decode buffers of the largest image a file's headers allow ----
+
+def claim_huge_images(data: Path, records: list[int], side: int = 9459) -> int:
+    """Records `records` of train.beton replaced by one small progressive JPEG whose frame claims side x side
+    pixels (89.5 megapixels, under the pixel cap), the metadata and allocation table saying the same, so every
+    header check passes; the manifest kept in step (a careful forger). Returns the JPEG's size."""
+    from PIL import Image
+
+    from beton_trainer.format.beton import ALLOC
+    from tests.test_crafted_beton import Layout, keep_manifest_in_step
+
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(out, "JPEG", progressive=True, quality=50)
+    jpeg = bytearray(out.getvalue())
+    sof = jpeg.find(b"\xff\xc2")
+    jpeg[sof + 5:sof + 9] = struct.pack(">HH", side, side)
+    beton, layout = BetonFile(data / "train.beton"), Layout(data / "train.beton")
+    table = np.fromfile(layout.path, dtype=ALLOC, offset=layout.table_ptr)
+    for i in records:
+        ptr = int(beton.pointers()[i])
+        layout.write(ptr, bytes(jpeg))
+        layout.table_entry(int(np.flatnonzero(table["ptr"] == ptr)[0]), "size", len(jpeg))
+        layout.sample_field(i, "image", side, "height")
+        layout.sample_field(i, "image", side, "width")
+    keep_manifest_in_step(data)
+    return len(jpeg)
+
+
+def test_ffcv_counts_the_decode_buffers_of_the_largest_image_the_headers_allow(hymenoptera_data, tmp_path, device):
+    """Eight records replaced by a ~500-byte progressive JPEG claiming 9459 x 9459 raised an ffcv run's peak from
+    1.53 to 2.4 GB, uncounted, and one run in seven failed in FFCV's allocation with a traceback: FFCV sets aside
+    the largest image (max height x max width x 3) for every image in flight, and libjpeg a progressive image's
+    coefficients in each worker. The budget now counts both, and names --max-side as the fix."""
+    if not installed("ffcv"):
+        pytest.skip("ffcv is not installed")
+    data = Path(shutil.copytree(hymenoptera_data, tmp_path / "claims"))
+    assert claim_huge_images(data, list(range(8))) < 1000
+    kw = dict(batch_size=16, num_workers=2, resolution=ResolutionSchedule(train=64, eval=64), memory_budget_gb=4)
+    message = refusal("ffcv", data, device, **kw)
+    decode = 9459 * 9459 * (3 * 5 * 16 + 6 * 2)
+    assert f"and {budget.gb(decode)} of decode buffers for images of up to 9459x9459) but 4 GB is free" in message
+    assert message.endswith("; convert the photos again with a smaller --max-side (and --force), or lower "
+                            "data.batch_size: FFCV sets aside room for the largest image the file's headers allow "
+                            "(9459x9459) for every image in flight")
+    real = build_loader("ffcv", options(hymenoptera_data, "train", device, train=True, **kw))  # the control
+    height, width = budget.largest_image(BetonFile(hymenoptera_data / "train.beton"))
+    assert max(height, width) == 500 and real.memory.host_bytes >= height * width * (3 * 5 * 16 + 6 * 2)
+
+
+ALLOCATOR = ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 21474836480 bytes. Error code 12 "
+             "(Cannot allocate memory)")
+
+
+def test_a_failed_allocation_in_a_loader_is_one_line(mnist_data, hymenoptera_data, device, monkeypatch, capfd):
+    """What memory other processes take after the budget check can still make an allocation fail: in FFCV's epoch
+    set-up, in its worker thread, or in the tensor loader's upload. Each is one line, without a traceback."""
+    def failing(*args, **kwargs):
+        raise RuntimeError(ALLOCATOR)
+
+    expected = f"the {{}} loader could not allocate its memory ({ALLOCATOR}); "
+    real_empty = torch.empty
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "empty", lambda *a, **k: failing() if np.prod(a[0]) > 1e7 else real_empty(*a, **k))
+        with pytest.raises(UserError) as caught:
+            build_loader("tensor", options(mnist_data, "train", device, train=True))
+    assert str(caught.value) == expected.format("tensor") + budget.USE_FFCV
+    if not installed("ffcv"):
+        return
+    import ffcv.pipeline.graph
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    photos = dict(batch_size=16, resolution=ResolutionSchedule(train=64, eval=64))
+    for target, name in ((ffcv.pipeline.graph, "allocate_query"), (EpochIterator, "run_pipeline")):
+        loader = build_loader("ffcv", options(hymenoptera_data, "train", device, train=True, **photos))
+        with monkeypatch.context() as patch:
+            patch.setattr(target, name, failing)
+            with pytest.raises(UserError) as caught:
+                list(loader)
+        assert str(caught.value) == expected.format("ffcv") + budget.ALLOCATION_FIX
+        assert "Traceback" not in capfd.readouterr().err

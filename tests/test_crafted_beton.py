@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from beton_trainer.common.errors import UserError
+from beton_trainer.common.files import sha256_file
 from beton_trainer.format.beton import ALLOC, FIELD, HEADER, NDARRAY_ARGS, BetonFile, metadata_type
 from beton_trainer.format.dataset import open_split
+from beton_trainer.format.integrity import page_checksums
 from beton_trainer.pipelines import build_loader
 from tests.loader_helpers import installed, options
 
@@ -62,10 +64,13 @@ class Layout:
 
 
 def keep_manifest_in_step(data: Path, split: str = "train") -> None:
-    """After an in-place edit, the manifest's size for the split still matches (a careful forger's file)."""
-    path = data / "manifest.json"
+    """After an in-place edit, the manifest's size, sha256 and page checksums for the split still match (a careful
+    forger's file: only the reader's own checks can refuse it)."""
+    path, beton = data / "manifest.json", data / f"{split}.beton"
     manifest = json.loads(path.read_text())
-    manifest["splits"][split]["bytes"] = (data / f"{split}.beton").stat().st_size
+    page_size = int(np.fromfile(beton, dtype=HEADER, count=1)[0]["page_size"])
+    manifest["splits"][split].update(bytes=beton.stat().st_size, sha256=sha256_file(beton),
+                                     page_sha256=page_checksums(beton, page_size))
     path.write_text(json.dumps(manifest))
 
 
@@ -139,6 +144,8 @@ RGB_CASES: dict[str, tuple[Callable[[Layout], None], str]] = {
     "repeated names": (lambda b: b.descriptor(1, "name", b"image\0"), r"repeated field names"),
     "pointer nowhere": (lambda b: b.sample_field(5, "image", 12345, "data_ptr"), r"record 5 points at byte 12,345"),
     "pointer past the end": (lambda b: b.sample_field(7, "image", 1 << 62, "data_ptr"), r"record 7 points at"),
+    "pointer past 2^63": (lambda b: b.sample_field(7, "image", 2**64 - 256, "data_ptr"),  # was printed as -256
+                          r"record 7 points at byte 18,446,744,073,709,551,360, past the data"),
     "height 0": (lambda b: b.sample_field(3, "image", 0, "height"), r"record 3 claims 0x32 pixels"),
     "width 65535": (lambda b: b.sample_field(4, "image", 65535, "width"), r"record 4 holds 3,072 bytes for 32x65535"),
     "huge image": (lambda b: (b.sample_field(2, "image", 65535, "width"), b.sample_field(2, "image", 65535,
@@ -213,11 +220,33 @@ MANIFEST_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     "mean with NaN": (lambda m: m.update(mean=[0.5, float("nan"), 0.5]), r"'mean' must be a list of 1 or 3 finite"),
     "zero std": (lambda m: m.update(std=[0.2, 0.0, 0.2]), r"'std' must be positive"),
     "std of 2 channels": (lambda m: m.update(std=[0.2, 0.2]), r"'std' must be a list of 1 or 3 finite numbers"),
-    "std of 1 channel, mean of 3": (lambda m: m.update(std=[0.2]), r"'std' must be positive, one per channel"),
+    "std of 1 channel, mean of 3": (lambda m: m.update(std=[0.2]),  # was blamed on std's sign (issue 40)
+                                    r"'std' has 1 values but 'image_shape' has 3 channels"),
+    "mean of 1 channel, std of 3": (lambda m: m.update(mean=[0.5]), r"'mean' has 1 values but 'image_shape' has 3"),
+    "mean of 3, std of 1, varied sizes": (lambda m: m.update(std=[0.2], image_shape=None),
+                                          r"'mean' has 3 values and 'std' 1: each needs one per channel"),
+    "no image_shape": (lambda m: m.pop("image_shape"),  # was taken for varied sizes, then blamed on the model
+                       r"'image_shape' is missing \(it is \(height, width, channels\), or null for images of varied"),
+    "image_shape of another size": (lambda m: m.update(image_shape=[28, 28, 3]),
+                                    r"train.beton: record 0 is 32x32x3 but the manifest's image_shape is 28x28x3"),
     "grey statistics for RGB images": (lambda m: m.update(mean=[0.5], std=[0.2], image_shape=[32, 32, 1]),
                                        r"holds 3-channel images but the manifest's mean has 1 values"),
     "image_shape as a string": (lambda m: m.update(image_shape="32x32"), r"'image_shape' must be \(height, width"),
 }
+
+
+def test_a_grey_dataset_whose_manifest_says_varied_sizes_is_refused(grey: Path) -> None:
+    """Null image_shape means photos of varied sizes; arrays have one shape: by the manifest's own storage key,
+    and by the file when that key says otherwise."""
+    path = grey / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["image_shape"] = None
+    path.write_text(json.dumps(manifest))
+    refused_everywhere(grey, r"'image_shape' is null \(images of varied sizes\) but 'storage' is 'ndarray'")
+    manifest["storage"] = "raw"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"train.beton holds 28x28x1 arrays but the manifest's image_shape is null"):
+        open_split(grey, "train")
 
 
 @pytest.mark.parametrize("case", MANIFEST_CASES)

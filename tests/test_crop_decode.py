@@ -279,8 +279,27 @@ def test_a_header_over_the_pixel_limit_is_refused_before_allocating():
     assert decode(bomb, 0, 0, 32, 32)[0] == -1
     assert time.perf_counter() - start < 0.1
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
-    legal = with_size(out.getvalue(), 9459, 9459)  # 89,472,681 pixels: under the limit, decoded
-    assert decode(legal, 0, 0, 16, 16)[0] == 0
+    strip = io.BytesIO()  # 89,472,681 pixels: under the limit, decoded (its first rows are all a crop there needs)
+    Image.fromarray(np.zeros((32, 9459, 3), dtype=np.uint8)).save(strip, format="JPEG")
+    assert decode(with_size(strip.getvalue(), 9459, 9459), 0, 0, 16, 16)[0] == 0
+    truncated = with_size(out.getvalue(), 9459, 9459)  # decoded too, but its data ends: libjpeg's warning refuses it
+    assert decode_region(np.frombuffer(truncated, dtype=np.uint8), np.zeros(64 * 64 * 3, dtype=np.uint8), 0, 0, 16,
+                         16, 1, np.zeros(6)) == -1
+
+
+def test_data_libjpeg_only_warns_about_is_refused():
+    """libjpeg decodes a JPEG whose entropy data is damaged with a warning ("premature end of data segment", here
+    from its first block on) and made-up pixels, which the crop decoder returned: FFCV trained on them with no
+    message (issue 40). A warning fails the decode now, as an error does."""
+    good = crafted_jpeg()
+    sos = good.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(good[sos + 2:sos + 4], "big")
+    damaged = good[:start] + b"\xff" * (len(good) - start - 2) + good[-2:]  # the scan overwritten, markers intact
+    assert decode(good, 0, 0, 16, 16)[0] == 0
+    assert decode_region(np.frombuffer(damaged, dtype=np.uint8), np.zeros(64 * 64 * 3, dtype=np.uint8), 0, 0, 16, 16,
+                         1, np.zeros(6)) == -1
+    assert imdecode(np.frombuffer(damaged, dtype=np.uint8), np.zeros(64 * 48 * 3, dtype=np.uint8), 64, 48, 64, 48,
+                    0, 0, 1, 1, False, False) == -1  # FFCV's whole-image decode says so too: the decoders ask now
 
 
 def test_every_argument_is_checked():

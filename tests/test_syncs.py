@@ -3,13 +3,18 @@
 Every recipe's smoke twin runs at least 20 steady-state steps under `--check-syncs` (the dispatch and
 function modes of `trainer.syncs` that see what would make a CUDA host wait: `.item()`, `.tolist()`,
 `.cpu()`, tensors built from host data, boolean masks, copies from pageable memory), and every loader
-backend produces batches under the same check. A step with one `.item()` added must fail it.
+backend produces batches under the same check. A step with one `.item()` added must fail it, and fail pytest like
+any failing test (no loader thread left running into the interpreter's exit).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,10 +27,11 @@ from beton_trainer.trainer.optim import build_optimizer, param_groups
 from beton_trainer.trainer.step import TrainStep
 from beton_trainer.trainer.syncs import HostSyncError, no_host_sync
 from tests.data_fixtures import write_cifar10
-from tests.loader_helpers import options, require
+from tests.loader_helpers import installed, options, require
 from tests.train_helpers import run_train
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24  # per epoch: 2 warm-up steps and the epoch's last (a logging step) are not checked
 PHOTO_RECIPES = ("imagenet", "hymenoptera")  # photos of varied sizes: checked through their loaders below
 SMOKE = sorted(p.stem for p in RECIPES_DIR.glob("*_smoke.toml") if not p.stem.startswith(PHOTO_RECIPES))
@@ -136,3 +142,56 @@ def test_loader_batches_never_sync(backend, train, tiny_rgb_data):
         with no_host_sync(CPU):
             images, targets = next(batches)
     assert images.shape[0] == 32 and targets.shape[0] == 32
+
+
+def test_a_failed_check_leaves_no_loader_thread_running(mnist_data, tmp_path, monkeypatch):
+    """A sync planted in the step, on the ffcv loader: when the error reaches the caller, FFCV's epoch thread has
+    stopped. It used to run on, held by the traceback pytest keeps of a failed test; a daemon thread still inside
+    torch when the interpreter exits aborts it (`terminate called without an active exception`, SIGABRT), and a
+    piped report is lost. The epoch's batches are closed on the way out, and closing an epoch waits for its thread."""
+    require("ffcv")
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    real_step = TrainStep.__call__
+
+    def step_with_item(self, images, targets, sums, *, log):
+        real_step(self, images, targets, sums, log=log)
+        sums.values["loss_sum"].item()
+
+    monkeypatch.setattr(TrainStep, "__call__", step_with_item)
+    with pytest.raises(HostSyncError, match=r"Tensor\.item\(\) at tests/test_syncs\.py"):
+        run_train(smoke_argv("mnist_cnn_smoke", mnist_data, tmp_path / "run", "--set", "data.loader=ffcv"))
+    assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
+
+
+PLANTED = '''
+from beton_trainer.trainer.step import TrainStep
+from tests.test_syncs import smoke_argv
+from tests.train_helpers import run_train
+
+
+def test_planted(monkeypatch, tmp_path):
+    real_step = TrainStep.__call__
+
+    def step_with_item(self, images, targets, sums, *, log):
+        real_step(self, images, targets, sums, log=log)
+        sums.values["loss_sum"].item()
+
+    monkeypatch.setattr(TrainStep, "__call__", step_with_item)
+    run_train(smoke_argv("mnist_cnn_smoke", {data!r}, tmp_path / "run", "--set", "data.loader={loader}",
+                         "--set", "data.num_workers=2"))
+'''
+
+
+@pytest.mark.parametrize("loader", [b for b in BACKENDS if not BACKENDS[b][2] or installed(BACKENDS[b][2])])
+def test_a_planted_sync_fails_pytest_like_a_test(mnist_data, tmp_path, loader):
+    """pytest on a test with a host sync planted in the step, each loader, its output piped: exit status 1 and the
+    failure report with HostSyncError, not SIGABRT."""
+    (tmp_path / "test_planted.py").write_text(PLANTED.format(data=str(mnist_data), loader=loader))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+                          str(tmp_path / "test_planted.py")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 1, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
+    assert "HostSyncError: host-device sync in a steady-state step: Tensor.item()" in run.stdout
+    assert run.stdout.rstrip().splitlines()[-1].startswith("1 failed")
+    assert "terminate called" not in run.stderr

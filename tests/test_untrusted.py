@@ -9,6 +9,8 @@ import io
 import pickle
 import struct
 import tarfile
+import time
+import tracemalloc
 import warnings
 import zlib
 from pathlib import Path
@@ -18,11 +20,13 @@ import pytest
 import torch
 from PIL import ImageFile
 
+from benchmarks.fuzz import bad_labels, expanding_lists
 from beton_trainer.common.errors import UserError, run_cli
 from beton_trainer.convert import archive, convert_dataset
 from beton_trainer.convert.cli import main
 from beton_trainer.convert.images import DecodeOptions, decode_image
-from beton_trainer.convert.unpickle import load_cifar_pickle
+from beton_trainer.convert.sources import ReadOptions, read_source
+from beton_trainer.convert.unpickle import MAX_ITEMS, load_cifar_pickle
 from beton_trainer.format.dataset import load_manifest, open_split
 from tests.data_fixtures import (
     CIFAR10_CLASSES,
@@ -438,3 +442,115 @@ def test_cifar_file_larger_than_any_cifar_file_is_refused_unread(tmp_path: Path,
         with pytest.raises(UserError, match=r"data_batch_4 is 2,097,152 bytes, more than any such file holds "
                                             r"\(1,048,576 at most\); download the dataset again"):
             convert("cifar10", src, tmp_path / "out")
+
+
+# ---- round 3 (issue 40): pickles that expand when walked, labels of the wrong type ----
+
+def shared_lists(levels: int) -> list:
+    """A list holding one list twice, `levels` deep: a few hundred bytes pickled (the memo shares it), 2**levels
+    items once walked."""
+    node: list = [0]
+    for _ in range(levels):
+        node = [node, node]
+    return node
+
+
+def test_cifar_lists_that_expand_when_walked_are_refused_before_anything_walks_them(tmp_path: Path) -> None:
+    """27 levels took 4.26 GB and 32 s before a one-line error, and 22 levels in batches.meta converted, with two
+    33.5 MB class names. 22 levels (4M items once walked) are refused here, in either file, in a few MB."""
+    folder = write_cifar10(tmp_path / "src")["folder"]
+    assert len(pickle.dumps(shared_lists(22), protocol=2)) < 200
+    batch = pickle.dumps({"data": np.zeros((20, 3072), np.uint8), "labels": shared_lists(22)}, protocol=2)
+    meta = pickle.dumps({"label_names": shared_lists(22)}, protocol=2)
+    for name, payload in (("data_batch_1", batch), ("batches.meta", meta)):
+        original = (folder / name).read_bytes()
+        (folder / name).write_bytes(payload)
+        tracemalloc.start()
+        with pytest.raises(UserError, match=rf"^{name} is not a CIFAR pickle: it builds a list (reached twice|nested "
+                                            r"3 deep).*; download the dataset again"):
+            convert("cifar10", folder, tmp_path / "out")
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 16 << 20, f"{name}: {peak / 2**20:.0f} MiB"
+        (folder / name).write_bytes(original)
+    assert not (tmp_path / "out").exists()
+
+
+def test_seeded_expanding_lists_load_exactly_when_a_cifar_file_could_hold_them() -> None:
+    """300 seeded structures (lists shared level after level, fresh lists deep and wide, mixed, cyclic, flat lists
+    of up to 400,000 items, one string repeated) as a data batch's labels or a meta file's class names: each is
+    loaded when a CIFAR file could hold it and refused with one line otherwise, in bounded time and memory."""
+    rng = np.random.default_rng(40)
+    outcomes = {"loaded": 0, "refused": 0}
+    for case in range(300):
+        values, allowed = expanding_lists(rng)
+        key = "labels" if case % 2 else "label_names"
+        payload = pickle.dumps({"data": np.zeros((1, 3072), np.uint8), key: values}, protocol=2)
+        del values
+        tracemalloc.start()
+        start = time.perf_counter()
+        try:
+            loaded = load_cifar_pickle(payload, "data_batch_1")
+            assert allowed, f"case {case}: loaded what no CIFAR file holds"
+            assert len(loaded[key]) <= MAX_ITEMS and all(not isinstance(v, list) for v in loaded[key])
+            outcomes["loaded"] += 1
+        except UserError as exc:
+            assert not allowed, f"case {case}: refused a plain list: {exc}"
+            assert "\n" not in str(exc) and str(exc).startswith("data_batch_1 is not a CIFAR pickle: it builds ")
+            outcomes["refused"] += 1
+        seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert seconds < 5 and peak < 8 * len(payload) + (64 << 20), (case, seconds, peak)
+    assert min(outcomes.values()) >= 30, outcomes
+
+
+def test_labels_of_the_wrong_type_are_one_line_naming_the_file_and_the_first_bad_index(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Labels 2**70, 'a', None, a dict or [[0, 1]] * 10 ended in a traceback (exit 1); labels of 0.9 converted as
+    class 0 (exit 0). 60 seeded cases of a wrong label (a float, a huge or negative integer, a class past the
+    last, a string, bytes, None, a bool, a dict, a list or tuple) at a seeded place, or labels that are no list,
+    in a seeded batch: each one line, naming the file and the first bad index."""
+    source = write_cifar10(tmp_path / "src")
+    folder = source["folder"]
+    originals = {p.name: p.read_bytes() for p in folder.iterdir()}
+    rng = np.random.default_rng(41)
+    for case in range(60):
+        name = str(rng.choice([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]))
+        labels, at = bad_labels(rng, 20)
+        (folder / name).write_bytes(pickle.dumps({"data": np.zeros((20, 3072), np.uint8), "labels": labels},
+                                                 protocol=2))
+        if case < 6:  # through the command line: exit status 2 and one line
+            message = cli_fails(["cifar10", "--src", str(folder), "--out", str(tmp_path / "out")], capsys)
+            message = message.removeprefix("error: ")
+        else:
+            with pytest.raises(UserError) as caught:
+                read_source("cifar10", folder, ReadOptions(workers=1))
+            message = str(caught.value)
+        if at is None:
+            assert message.startswith(f"{name}: 'labels' is ") and "not a list of labels" in message, message
+        elif isinstance(labels[at], (list, tuple, dict)):
+            assert message.startswith(f"{name} is not a CIFAR pickle: it builds a "), message
+        else:
+            assert message.startswith(f"{name}: 'labels'[{at}] is ") and "not a class index in [0, 10)" in message
+        (folder / name).write_bytes(originals[name])
+    assert not (tmp_path / "out").exists()
+
+
+def test_float_labels_are_refused_not_truncated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Labels of 0.9 converted with status 0, every one class 0."""
+    folder = write_cifar10(tmp_path / "src")["folder"]
+    (folder / "data_batch_3").write_bytes(pickle.dumps({"data": np.zeros((20, 3072), np.uint8),
+                                                        "labels": [0.9] * 20}, protocol=2))
+    assert cli_fails(["cifar10", "--src", str(folder), "--out", str(tmp_path / "out")], capsys) == (
+        "error: data_batch_3: 'labels'[0] is 0.9, not a class index in [0, 10); download the dataset again")
+
+
+def test_class_names_are_bounded_in_count_and_length(tmp_path: Path) -> None:
+    folder = write_cifar10(tmp_path / "src")["folder"]
+    for names, match in (([f"c{i}" for i in range(11)], r"'label_names' holds 11 names, not the 10 class names"),
+                         (["x" * 1000] * 10, r"'label_names'\[0\] is 'xxx.*', not a class name of 1 to 200 characters"),
+                         ([3] * 10, r"'label_names'\[0\] is 3, not a class name"),
+                         ({"a": 1}, r"'label_names' holds no list")):
+        (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}, protocol=2))
+        with pytest.raises(UserError, match=rf"^batches.meta: {match}"):
+            convert("cifar10", folder, tmp_path / "out")

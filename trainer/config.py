@@ -30,23 +30,25 @@ RECIPES_DIR = Path(recipes.__file__).resolve().parent  # package data: found the
 @dataclass
 class DataConfig:
     path: str = ""  # converted dataset folder (holds manifest.json); --data overrides
-    loader: Literal["tensor", "ffcv", "dali"] = "tensor"
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    num_workers: int = 2
+    loader: Literal["tensor", "ffcv", "dali"] = "tensor"  # the backend feeding the device; --loader overrides
+    batch_size: int = 128  # training batch per process
+    eval_batch_size: int = 512  # evaluation batch per process
+    num_workers: int = 2  # ffcv workers, dali threads (the tensor backend has none)
     val_split: str = ""  # "val" to validate on val.beton (convert with --val-fraction); "" = no validation
     # photos of varied sizes (ffcv, dali): decoded straight to square crops of these sides; fixed-size data ignores them
     resolution: int = 224  # training random-resized-crop side (when there is no ramp)
     eval_resolution: int = 224  # evaluation centre-crop side (crop 224/256 of the shorter side, then resize)
     min_res: int = 0  # progressive resizing: min_res up to start_ramp, max_res from end_ramp on; 0 = off
-    max_res: int = 0
+    max_res: int = 0  # progressive resizing: the side from end_ramp on
     start_ramp: int = 0  # epochs, counted from 0 over all phases
-    end_ramp: int = 0
-    # sets larger than memory (README "Scale"): the ffcv backend's order and os_cache, and a cap on free memory
+    end_ramp: int = 0  # the epoch from which max_res is used
+    # sets larger than memory (docs: Loaders, "Scale"): the ffcv backend's order and os_cache, a cap on free memory
     order: Literal["random", "page_aware", "auto"] = "auto"  # auto: page-aware for a .beton over half the free RAM
     order_block_pages: int = 0  # page-aware order: pages shuffled together; 0 = as many as fill 1 GiB
     os_cache: bool | Literal["auto"] = "auto"  # ffcv: auto = off with the page-aware order, on with the random
     memory_budget_gb: float = 0.0  # at most this much memory counts as free (else $BETON_MEMORY_BUDGET_GB); 0 = none
+    # at start-up, each .beton against the page checksums written when it was converted (format.integrity)
+    verify: Literal["pages", "full", "off"] = "pages"  # the pages the loader reads, every page, or none (size alone)
 
     def __post_init__(self) -> None:
         if self.order == "page_aware" and self.loader != "ffcv":

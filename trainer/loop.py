@@ -15,13 +15,14 @@ signal to one rank, a callback's decision) takes effect only after it has been c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -85,8 +86,24 @@ def split_loader(recipe: Recipe, accelerator: Accelerator, split: str, train: bo
         label_smoothing=recipe.loss.label_smoothing, channels_last=recipe.channels_last,
         resolution=recipe.data.resolutions(),  # photos of varied sizes: crop sides, progressive resizing
         **recipe.data.memory_options(),  # the ffcv order and os_cache, the memory budget (README "Scale")
+        verify=recipe.data.verify,  # the page checksums checked at start-up (format.integrity)
         max_batches=0 if train else recipe.max_eval_batches)  # smoke runs: a stratified subset
     return TensorLoader(options, memory[split]) if memory else build_loader(recipe.data.loader, options)
+
+
+@contextlib.contextmanager
+def closing_batches(loader: Loader) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """The loader's batches for one pass, closed when the pass ends, by an exception too: a backend's threads
+    (FFCV's epoch thread, DALI's pipeline) stop then, not when a traceback that holds the pass is collected.
+    pytest keeps a failed test's traceback to its end, and a daemon thread still inside torch when the
+    interpreter exits aborts it (`terminate called without an active exception`: SIGABRT, the report lost)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        close = getattr(batches, "close", None)  # every backend's is a generator; a user's Loader may not be
+        if close is not None:
+            close()
 
 
 def build_data(recipe: Recipe, accelerator: Accelerator, memory: dict[str, Split] | None = None) -> Data:
@@ -122,23 +139,24 @@ def evaluate(model: nn.Module, loader: Loader, recipe: Recipe, accelerator: Acce
     preds, labels, outputs = [], [], []
     num_classes = 0
     loader.set_epoch(0)
-    for images, targets in loader:
-        with accelerator.autocast():
-            logits = model(images)
-            if recipe.tta_flip:
-                logits = (logits + model(images.flip(3))) / 2
-        logits = logits.float()
-        num_classes = logits.shape[1]
-        loss = F.cross_entropy(logits, targets, label_smoothing=recipe.loss.label_smoothing, reduction="sum")
-        pred = logits.argmax(1)
-        sums += torch.stack([loss.double(), (pred == targets).sum().double(),
-                             topk_correct(logits, targets, 5).double(), sums.new_full((), targets.numel())])
-        if collect:
-            preds.append(pred)
-        if collect or extra:
-            labels.append(targets)
-        if extra:
-            outputs.append(logits)
+    with closing_batches(loader) as batches:
+        for images, targets in batches:
+            with accelerator.autocast():
+                logits = model(images)
+                if recipe.tta_flip:
+                    logits = (logits + model(images.flip(3))) / 2
+            logits = logits.float()
+            num_classes = logits.shape[1]
+            loss = F.cross_entropy(logits, targets, label_smoothing=recipe.loss.label_smoothing, reduction="sum")
+            pred = logits.argmax(1)
+            sums += torch.stack([loss.double(), (pred == targets).sum().double(),
+                                 topk_correct(logits, targets, 5).double(), sums.new_full((), targets.numel())])
+            if collect:
+                preds.append(pred)
+            if collect or extra:
+                labels.append(targets)
+            if extra:
+                outputs.append(logits)
     loss_sum, correct, top5, count = accelerator.reduce(sums, reduction="sum").tolist()
     metrics = {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
     if num_classes > 5:  # top-5 of five classes or fewer says nothing
@@ -401,37 +419,37 @@ def train_one_epoch(run: Run, phase: Phase, epoch: int) -> None:
     step.model.train()
     run.data.train.set_epoch(run.epoch_number, start_batch)
     run.callbacks.on_epoch_start(run)
-    batches = iter(run.data.train)
     every = run.recipe.checkpoint_every_steps
     epoch_start = time.perf_counter()
-    for index in range(start_batch, run.steps_per_epoch):
-        done = index + 1
-        log_now = done % LOG_EVERY == 0 or done == run.steps_per_epoch  # the gradient norm is sampled here
-        save_now = bool(every) and (p.global_step + 1) % every == 0 and done < run.steps_per_epoch
-        steady = not (log_now or save_now) and index - start_batch >= WARMUP_STEPS
-        with run.callbacks.watch_step(run, steady):
-            run.timer.mark()
-            with step.label("data"):
-                images, targets = next(batches)
-            run.timer.mark()
-            if run.first_step_at is None:
-                run.first_step_at = time.time()
-            step(images, targets, sums, log=log_now)
-            run.timer.mark()
-        run.timer.count(targets.shape[0])
-        p.global_step += 1
-        if not (log_now or save_now):
-            continue
-        p.batch = done
-        stop = sync_point(run, sums)
-        run.callbacks.on_step_end(run)
-        if (save_now or stop) and done < run.steps_per_epoch:  # a stop at the epoch's end waits for end_epoch
-            save_checkpoint(run, phase, batch=done, sums=dataclasses.asdict(run.totals))
-            if stop:
-                raise UserError(f"stopped by signal at step {p.global_step}; checkpoint written to {run.ckpt_root}; "
-                                f"continue with --run-dir {run.run_dir} --resume auto")
-    run.epoch_seconds = time.perf_counter() - epoch_start
-    run.epoch_times = run.timer.read()
+    with closing_batches(run.data.train) as batches:
+        for index in range(start_batch, run.steps_per_epoch):
+            done = index + 1
+            log_now = done % LOG_EVERY == 0 or done == run.steps_per_epoch  # the gradient norm is sampled here
+            save_now = bool(every) and (p.global_step + 1) % every == 0 and done < run.steps_per_epoch
+            steady = not (log_now or save_now) and index - start_batch >= WARMUP_STEPS
+            with run.callbacks.watch_step(run, steady):
+                run.timer.mark()
+                with step.label("data"):
+                    images, targets = next(batches)
+                run.timer.mark()
+                if run.first_step_at is None:
+                    run.first_step_at = time.time()
+                step(images, targets, sums, log=log_now)
+                run.timer.mark()
+            run.timer.count(targets.shape[0])
+            p.global_step += 1
+            if not (log_now or save_now):
+                continue
+            p.batch = done
+            stop = sync_point(run, sums)
+            run.callbacks.on_step_end(run)
+            if (save_now or stop) and done < run.steps_per_epoch:  # a stop at the epoch's end waits for end_epoch
+                save_checkpoint(run, phase, batch=done, sums=dataclasses.asdict(run.totals))
+                if stop:
+                    raise UserError(f"stopped by signal at step {p.global_step}; checkpoint written to "
+                                    f"{run.ckpt_root}; continue with --run-dir {run.run_dir} --resume auto")
+        run.epoch_seconds = time.perf_counter() - epoch_start  # before the close: FFCV's may wait for a batch
+        run.epoch_times = run.timer.read()
 
 
 def end_epoch(run: Run, phase: Phase, epoch: int) -> bool:
