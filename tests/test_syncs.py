@@ -69,8 +69,8 @@ def test_smoke_recipe_steps_never_sync(recipe, request, tmp_path):
     assert summary["sync_checked_steps"] >= 20
 
 
-def test_a_step_that_calls_item_fails_the_check(mnist_data, tmp_path, monkeypatch):
-    """The check is not vacuous: the real step plus one `.item()` stops the run at the first checked step."""
+def plant_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real step plus one `.item()`: a host sync in every steady-state step."""
     real_step = TrainStep.__call__
 
     def step_with_item(self, images, targets, sums, *, log):
@@ -78,6 +78,11 @@ def test_a_step_that_calls_item_fails_the_check(mnist_data, tmp_path, monkeypatc
         sums.values["loss_sum"].item()
 
     monkeypatch.setattr(TrainStep, "__call__", step_with_item)
+
+
+def test_a_step_that_calls_item_fails_the_check(mnist_data, tmp_path, monkeypatch):
+    """The check is not vacuous: the real step plus one `.item()` stops the run at the first checked step."""
+    plant_item(monkeypatch)
     with pytest.raises(HostSyncError, match=r"Tensor\.item\(\) at tests/test_syncs\.py"):
         run_train(smoke_argv("mnist_cnn_smoke", mnist_data, tmp_path / "run"))
 
@@ -152,32 +157,19 @@ def test_a_failed_check_leaves_no_loader_thread_running(mnist_data, tmp_path, mo
     require("ffcv")
     from ffcv.loader.epoch_iterator import EpochIterator
 
-    real_step = TrainStep.__call__
-
-    def step_with_item(self, images, targets, sums, *, log):
-        real_step(self, images, targets, sums, log=log)
-        sums.values["loss_sum"].item()
-
-    monkeypatch.setattr(TrainStep, "__call__", step_with_item)
+    plant_item(monkeypatch)
     with pytest.raises(HostSyncError, match=r"Tensor\.item\(\) at tests/test_syncs\.py"):
         run_train(smoke_argv("mnist_cnn_smoke", mnist_data, tmp_path / "run", "--set", "data.loader=ffcv"))
     assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
 
 
 PLANTED = '''
-from beton_trainer.trainer.step import TrainStep
-from tests.test_syncs import smoke_argv
+from tests.test_syncs import plant_item, smoke_argv
 from tests.train_helpers import run_train
 
 
 def test_planted(monkeypatch, tmp_path):
-    real_step = TrainStep.__call__
-
-    def step_with_item(self, images, targets, sums, *, log):
-        real_step(self, images, targets, sums, log=log)
-        sums.values["loss_sum"].item()
-
-    monkeypatch.setattr(TrainStep, "__call__", step_with_item)
+    plant_item(monkeypatch)
     run_train(smoke_argv("mnist_cnn_smoke", {data!r}, tmp_path / "run", "--set", "data.loader={loader}",
                          "--set", "data.num_workers=2"))
 '''
