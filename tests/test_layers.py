@@ -12,6 +12,7 @@ so that a checker that found nothing because it looked at nothing would fail.
 from __future__ import annotations
 
 import ast
+import gc
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,23 @@ def tool_files(root: Path) -> list[Path]:
     return [p for p in files if p.is_file()]
 
 
+def parse(path: Path) -> ast.Module:
+    """The file's syntax tree. CPython 3.11 keeps the AST constructor's depth counter in state that threads and
+    re-entrant calls share (python/cpython gh-106905), so finalizers run by a garbage collection in the middle of
+    `ast.parse` (CI saw numba's) can fail it with a spurious "AST constructor recursion depth mismatch". With the
+    collector off no Python code runs, and no other thread is scheduled, while the tree is built."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(path.read_text(), filename=str(path))
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def imports_of(path: Path, name: str, is_package: bool) -> list[Import]:
     """Every import statement in the file, at any depth (functions, TYPE_CHECKING blocks), made absolute."""
-    tree = ast.parse(path.read_text())
+    tree = parse(path)
     typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
                    and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
                    for stmt in block.body for n in ast.walk(stmt)}
@@ -102,7 +117,7 @@ def group(module: str) -> str:
 def exported(path: Path) -> set[str] | None:
     """The module's `__all__` (a literal list or tuple, whose `*NAME` items unpack a literal dict's keys), or None
     without one."""
-    body = ast.parse(path.read_text()).body
+    body = parse(path).body
     literals = {t.id: node.value for node in body if isinstance(node, ast.Assign) for t in node.targets
                 if isinstance(t, ast.Name) and isinstance(node.value, ast.Dict)}
     for node in body:
@@ -188,7 +203,7 @@ def public_name_problems(root: Path) -> list[str]:
                     problems.append(f"{path.relative_to(root)}:{imp.line} imports {imp.module}.{n}, which is not in "
                                     "its __all__")
         if not in_library:
-            for node in ast.walk(ast.parse(path.read_text())):
+            for node in ast.walk(parse(path)):
                 if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
                         and node.attr not in ALLOWED_PRIVATE \
                         and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
