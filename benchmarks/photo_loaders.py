@@ -52,6 +52,9 @@ MAX_SIDE, QUALITY = 500, 90  # ffcv-imagenet's ImageNet storage
 ENCODINGS = ("jpg", "mix")  # all JPEG; half JPEG and half raw pixels
 TARGET = 2.0  # ffcv >= 2x the baseline at equal workers (issue 13); the photo backend too (issue 38)
 FFCV_TARGET = 0.8  # the photo backend >= 0.8x ffcv with its compiled crop decoder (issue 38)
+DATASETS = ("hymenoptera", "generated")
+RATIOS = (("photo", BASELINE, TARGET), ("photo", "ffcv", FFCV_TARGET), (PILLOW, BASELINE, TARGET),
+          (PILLOW, "ffcv", FFCV_TARGET), ("ffcv", BASELINE, TARGET))  # (loader, against, target)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of timing; the median is reported")
     parser.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every loader")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS[1:], default=list(BACKENDS[1:]),
+                        help="the loaders beside the baseline (default all; a bare GPU machine has no ffcv or DALI)")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--smoke", action="store_true", help="a tiny run that only proves the script works")
     return parser
 
@@ -174,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cpu_threads())  # as a training run sets them (importing FFCV left one)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    hymenoptera_root = extract(args.src, work / "hymenoptera_src")
-    sources = {"hymenoptera": (args.src, reencoded_copy(hymenoptera_root / "train", work / "hymenoptera_500"))}
-    generated_root = generated_photos(work / f"generated_{args.generated}", args.generated)
-    sources[f"generated_{args.generated}"] = (generated_root, generated_root / "train")
+    sources = {}
+    if "hymenoptera" in args.datasets:
+        hymenoptera_root = extract(args.src, work / "hymenoptera_src")
+        sources["hymenoptera"] = (args.src, reencoded_copy(hymenoptera_root / "train", work / "hymenoptera_500"))
+    if "generated" in args.datasets:
+        generated_root = generated_photos(work / f"generated_{args.generated}", args.generated)
+        sources[f"generated_{args.generated}"] = (generated_root, generated_root / "train")
     conversions = {}
     rows = []  # (dataset, side, {loader: images/s})
     for name, (src, image_folder) in sources.items():
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             loaders: dict[str, Loader] = {BASELINE: ImageFolderLoader(
                 image_folder, side, manifest["mean"], manifest["std"], batch_size=args.batch_size,
                 workers=args.workers, device=device)}
-            for backend, encode in itertools.product(BACKENDS[1:], ENCODINGS):
+            for backend, encode in itertools.product(args.backends, ENCODINGS):
                 options = LoaderOptions(
                     data_dir=data[encode], split="train", batch_size=args.batch_size, train=True,
                     spec=from_dict(AugmentSpec, {"flip": {"p": 0.5}}), device=device, num_workers=args.workers,
@@ -200,10 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             del loaders
             print(f"{name:<16} {side:>4} " + "  ".join(f"{k} {v:,.0f}" for k, v in rates.items()), flush=True)
             rows.append((name, side, rates))
-    manifest = load_manifest(work / "data" / "hymenoptera_jpg")
-    original = measure({BASELINE: ImageFolderLoader(hymenoptera_root / "train", args.resolutions[-1], manifest["mean"],
-                                                    manifest["std"], batch_size=args.batch_size,
-                                                    workers=args.workers, device=device)}, args, device)[BASELINE]
+    if "hymenoptera" in args.datasets:
+        manifest = load_manifest(work / "data" / "hymenoptera_jpg")
+        original = measure({BASELINE: ImageFolderLoader(hymenoptera_root / "train", args.resolutions[-1],
+                                                        manifest["mean"], manifest["std"], batch_size=args.batch_size,
+                                                        workers=args.workers, device=device)}, args, device)[BASELINE]
 
     command = "python -m benchmarks.photo_loaders " + shlex.join(sys.argv[1:] if argv is None else argv)
     decoder = "nvJPEG (the device path)" if device.type == "cuda" else \
@@ -214,9 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                        "loaders taking turns, epochs chained",
               **{f"conversion, {key}": rate for key, rate in conversions.items()}, "command": command}
     lines = [f"- {key}: {value}" for key, value in header.items()]
-    columns = [f"{b} {e}" for b, e in itertools.product(BACKENDS[1:], ENCODINGS)]
-    ratios = [("photo", BASELINE, TARGET), ("photo", "ffcv", FFCV_TARGET), (PILLOW, BASELINE, TARGET),
-              (PILLOW, "ffcv", FFCV_TARGET), ("ffcv", BASELINE, TARGET)]
+    columns = [f"{b} {e}" for b, e in itertools.product(args.backends, ENCODINGS)]
+    ratios = [r for r in RATIOS if r[0] in args.backends and r[1] in (BASELINE, *args.backends)]
     lines += ["", "| dataset | side | torchvision ImageFolder + PIL (JPEG files) | " + " | ".join(columns) + " | "
               + " | ".join(f"{a} / {b}, jpg and mix (target {t:g}x)" for a, b, t in ratios) + " |",
               "|---|---:|" + "---:|" * (len(columns) + 1 + len(ratios))]
@@ -227,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             found = [rates[f"{a} {e}"] / (base if b == BASELINE else rates[f"{b} {e}"]) for e in ENCODINGS]
             cells.append(", ".join(f"{r:.2f}x" for r in found) + (" (met)" if min(found) >= target else " (not met)"))
         lines.append(f"| {name} | {side} | " + " | ".join(cells) + " |")
-    lines.append(f"| hymenoptera, baseline on the original files (up to 2592x1944) | {args.resolutions[-1]} | "
-                 f"{original:,.0f} |" + " |" * (len(columns) + len(ratios)))
+    if "hymenoptera" in args.datasets:
+        lines.append(f"| hymenoptera, baseline on the original files (up to 2592x1944) | {args.resolutions[-1]} | "
+                     f"{original:,.0f} |" + " |" * (len(columns) + len(ratios)))
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     (work / "photo_loaders.md").write_text(table)
