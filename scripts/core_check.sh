@@ -3,7 +3,8 @@
 # core's wheels, built from the tracked files with no compiler reachable (CC points nowhere: the optional crop
 # decoder must be skipped, not fail the install). There ffcv, numba and DALI must not import; then the core
 # converts MNIST and CIFAR-10 from DATA_ROOT, trains mnist_cnn_smoke and c10_cnn_smoke with the tensor backend,
-# refuses --loader ffcv with one line naming the extra, and executes the API notebook.
+# refuses --loader ffcv with one line naming the extra, converts the hymenoptera photos and trains the three photo
+# smoke recipes with the photo backend, and executes the API notebook.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATA_ROOT:?set DATA_ROOT to the folder holding mnist/ and cifar10-jpeg.tar.xz}"
@@ -46,5 +47,26 @@ if out=$("$PY" train.py --recipe mnist_cnn_smoke --data "$work/data/mnist" --loa
 fi
 [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q 'pip install .\[ffcv\]' \
   || fail "--loader ffcv without ffcv did not stop with one line naming the extra: $out"
+
+# ---- issue 38: the photo recipes train in the core, with the photo backend (no ffcv, numba or DALI) ----
+# Self-contained: the installed commands by their path in $ENV, every file under $work, any working directory.
+[ -f "$DATA_ROOT/hymenoptera_data.tar" ] || fail "DATA_ROOT holds no hymenoptera_data.tar (the photo recipes' data)"
+"$ENV/bin/beton-convert" imagefolder --src "$DATA_ROOT/hymenoptera_data.tar" --out "$work/data" --name hymenoptera \
+  --encode jpg --max-side 500 2>/dev/null | tail -1
+for recipe in hymenoptera_finetune_smoke imagenet_rn18_16_smoke imagenet_rn50_88_smoke; do
+  "$ENV/bin/beton-train" --recipe "$recipe" --data "$work/data/hymenoptera" --cpu --run-dir "$work/runs/$recipe" \
+    2>/dev/null | grep "^test accuracy" || fail "$recipe did not finish"
+  [ -s "$work/runs/$recipe/summary.json" ] || fail "$recipe wrote no summary.json"
+  grep -q '^loader = "photo"' "$work/runs/$recipe/config.toml" || fail "$recipe did not train with the photo backend"
+done
+if out=$("$ENV/bin/beton-train" --recipe imagenet_rn18_16 --data "$work/data/hymenoptera" --cpu \
+    --run-dir "$work/runs/imagenet-ffcv" 2>&1); then
+  fail "imagenet_rn18_16 (data.loader = ffcv) ran without ffcv"
+fi
+[ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q -- '--loader photo$' \
+  || fail "the ffcv recipe without ffcv did not stop with one line naming --loader photo: $out"
+echo "core check: trained the three photo smoke recipes with the photo backend; ffcv's refusal names it"
+# ---- end of issue 38's block ----
+
 "$PY" -m pytest -q -p no:cacheprovider tests/test_notebook.py
 echo "core check: passed"
