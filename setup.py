@@ -1,8 +1,9 @@
-"""The project's one compiled part, and it is optional: pipelines/crop_decode.c, the FFCV photo path's crop decoder
-(loaded with ctypes: no Python API, hence the version-free abi3 name). Everything else is in pyproject.toml.
+"""The project's one compiled part, and it is optional: pipelines/crop_decode.c, the photo paths' crop decoder
+(loaded with ctypes by pipelines/crop_library.py: no Python API, hence the version-free abi3 name). Everything else
+is in pyproject.toml.
 
 Where no C compiler or no libjpeg headers are found, or the build fails, the install goes on without it (one
-warning line): the FFCV backend then decodes photos with FFCV's own decoders, and nothing else uses it.
+warning line): the FFCV backend then decodes photos with FFCV's own decoders, and the photo backend with Pillow.
 """
 
 import sys
@@ -18,8 +19,9 @@ class OptionalBuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # no compiler (DistutilsExecError, FileNotFoundError), no jpeglib.h (CompileError)
-            print(f"warning: not building {ext.name} ({type(exc).__name__}: {exc}); the ffcv photo path will use "
-                  "FFCV's own decoders. Install a C compiler and libjpeg headers to build it.", file=sys.stderr)
+            print(f"warning: not building {ext.name} ({type(exc).__name__}: {exc}); the photo paths will decode "
+                  "with FFCV's own decoders and Pillow. Install a C compiler and libjpeg headers to build it.",
+                  file=sys.stderr)
 
 
 setup(ext_modules=[Extension("beton_trainer.pipelines._crop_decode", ["pipelines/crop_decode.c"],

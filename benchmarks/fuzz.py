@@ -12,6 +12,12 @@ Three kinds of case, each derived from (seed, kind, case number) alone, so any f
 - convert: a hostile source (a mutated or crafted CIFAR pickle, among them lists that expand when walked and
   labels of the wrong type; an IDX file, gzip, or ImageFolder tarball with unsafe members, non-images and bombs)
   through `convert.build.convert_dataset`.
+- photo: a converted set of JPEG photos of varied sizes with 1-3 records mutated in place (bytes of their
+  entropy-coded data changed, or as the jpeg cases mutate, then cut or zero-filled to the record's length, so
+  the file stays well formed) or their stored height
+  and width changed, through every decoder of the photo backend (`pipelines.photo_loader`: the compiled one where
+  built, Pillow, and the device path run on the CPU), every batch of an epoch; a refusal must name a mutated
+  record.
 
 Each case must end refused (UserError, or -1 from the decoder) or in a result that passes the checks here:
 never another exception ("wrong"), garbage ("wrong"), a crash or a hang. Cases run in child processes, so a
@@ -29,6 +35,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import select
 import shutil
 import signal
@@ -49,9 +56,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("jpeg", "beton", "convert")
+KINDS = ("jpeg", "beton", "convert", "photo")
 OUTCOMES = ("ok", "refused", "wrong", "crash", "hang")
-TIMEOUT_S = {"jpeg": 10.0, "beton": 60.0, "convert": 60.0}  # per case; the first also pays imports and JITs
+# per case; the first also pays imports and JITs
+TIMEOUT_S = {"jpeg": 10.0, "beton": 60.0, "convert": 60.0, "photo": 60.0}
 GUARD = 64  # guard bytes each side of every buffer the decoder writes
 GUARD_BYTE = 0xA5
 MAX_CAPACITY = 8 << 20  # the decoder's output buffer, at most
@@ -185,6 +193,8 @@ def _case_runner(kind: str, workdir: Path, library: str | None) -> Callable[[np.
         return JpegCases(Path(library)).run
     if kind == "beton":
         return BetonCases(workdir).run
+    if kind == "photo":
+        return PhotoCases(workdir).run
     return ConvertCases(workdir).run
 
 
@@ -431,8 +441,8 @@ BASES = ("rgb", "photos", "mnist")
 
 
 def prepare(kind: str, workdir: Path, seed: int) -> None:
-    """The converted datasets the beton cases mutate (once per work folder)."""
-    if kind != "beton" or (workdir / "base" / "done").exists():
+    """The converted datasets the beton and photo cases mutate (once per work folder)."""
+    if kind not in ("beton", "photo") or (workdir / "base" / "done").exists():
         return
     from beton_trainer.convert import convert_dataset
 
@@ -440,6 +450,11 @@ def prepare(kind: str, workdir: Path, seed: int) -> None:
     shutil.rmtree(base, ignore_errors=True)
     sources = base / "sources"
     quiet = dict(log=lambda _: None, workers=1)
+    if kind == "photo":
+        convert_dataset("imagefolder", write_photos(sources / "photos", seed), base / "photos", name="data",
+                        encode="jpg", **quiet)
+        (base / "done").touch()
+        return
     convert_dataset("cifar10", write_cifar10(sources / "rgb", rows=40, seed=seed), base / "rgb", name="data",
                     **quiet)
     convert_dataset("imagefolder", write_photos(sources / "photos", seed), base / "photos", name="data",
@@ -641,6 +656,102 @@ def batch_garbage(images, labels, split) -> str | None:
     if labels.dtype != torch.int64 or labels.min() < 0 or labels.max() >= split.num_classes:
         return f"labels outside [0, {split.num_classes})"
     return None
+
+
+# ---- photo: mutated JPEG records through the photo backend's decoders ----
+
+class PhotoCases:
+    """Mutated records of a converted photo set through `PhotoLoader` with each of its decoders."""
+
+    def __init__(self, workdir: Path):
+        import torch
+
+        from beton_trainer.common.schema import from_dict
+        from beton_trainer.pipelines.augment import AugmentSpec
+        from beton_trainer.pipelines.crop_library import available
+
+        torch.set_num_threads(1)
+        self.workdir = workdir
+        self.decoders = [d for d in ("library", "pillow", "device") if d != "library" or available()]
+        self.spec = from_dict(AugmentSpec, {"flip": {"p": 0.5}})
+        self.corpus = jpeg_corpus()
+        self.run = guarded(self._run)
+
+    def _run(self, rng: np.random.Generator) -> tuple[str, str]:
+        from beton_trainer.format.beton import BetonFile
+
+        data_dir = self.workdir / "case"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.copytree(self.workdir / "base" / "photos" / "data", data_dir)
+        split = str(rng.choice(["train", "test"]))
+        path = data_dir / f"{split}.beton"
+        beton = BetonFile(path)
+        mutated = sorted(set(rng.integers(len(beton), size=int(rng.integers(1, 4))).tolist()))
+        what = []
+        for i in mutated:
+            if rng.random() < 0.15:
+                what.append(f"record {i} size")
+                mutate_size(rng, path, i)
+            else:
+                stored = beton.stored_bytes(i).tobytes()
+                if rng.random() < 0.5:  # the entropy-coded data only: past the header check, into the decoders
+                    data = bytearray(stored)
+                    for _ in range(int(rng.integers(1, 9))):
+                        data[int(rng.integers(jpeg_segments(stored)[-1][2], len(data)))] = int(
+                            rng.choice([0, 0xFF, 0xD9, int(rng.integers(256))]))
+                    data = bytes(data)
+                else:
+                    data = mutate_jpeg(rng, stored, self.corpus[int(rng.integers(len(self.corpus)))])
+                with open(path, "r+b") as fh:
+                    fh.seek(int(beton.pointers()[i]))
+                    fh.write((data + bytes(len(stored)))[:len(stored)])
+                what.append(f"record {i}")
+        return self.check(data_dir, split, mutated, train=bool(rng.random() < 0.5), what=", ".join(what))
+
+    def check(self, data_dir: Path, split: str, mutated: list[int], *, train: bool, what: str) -> tuple[str, str]:
+        """Every decoder: a whole epoch of sound batches, or one line naming a mutated record."""
+        import torch
+
+        from beton_trainer.common.errors import UserError
+        from beton_trainer.pipelines.base import LoaderOptions, ResolutionSchedule
+        from beton_trainer.pipelines.photo_loader import PhotoLoader
+
+        options = LoaderOptions(data_dir=data_dir, split=split, batch_size=4, train=train, spec=self.spec,
+                                device=torch.device("cpu"), num_workers=2,
+                                resolution=ResolutionSchedule(train=8, eval=8))  # 2-8x crops: DCT scaling too
+        refused = []
+        for decoder in self.decoders:
+            try:
+                batches = list(PhotoLoader(options, decoder))
+            except UserError as exc:
+                message = str(exc)
+                cited = {int(n) for n in re.findall(r"record (\d+)", message)}
+                if listed := re.search(r"records \(([\d, .]+)\)", message):  # the device decoder's whole batch
+                    cited |= {int(n) for n in re.findall(r"\d+", listed.group(1))}
+                if "\n" in message or not cited & set(mutated):
+                    return "wrong", f"{decoder} ({what}): {message[:200]}"
+                refused.append(f"{decoder}: {message[:120]}")
+                continue
+            for images, labels in batches:
+                if not (images.dtype == torch.float32 and images.shape[1:] == (3, 8, 8) and len(images) == len(labels)
+                        and torch.isfinite(images).all() and labels.min() >= 0 and labels.max() <= 1):
+                    return "wrong", f"{decoder} ({what}): a batch of {tuple(images.shape)}"
+        return ("refused", "; ".join(refused)) if refused else ("ok", what)
+
+
+def mutate_size(rng: np.random.Generator, path: Path, i: int) -> None:
+    """Record i's stored height or width (the metadata the reader checks the frame header against) set to another
+    value, in place."""
+    from beton_trainer.format.beton import FIELD, HEADER, metadata_type
+
+    header = np.fromfile(path, dtype=HEADER, count=1)[0]
+    fields = np.fromfile(path, dtype=FIELD, count=int(header["num_fields"]), offset=HEADER.itemsize)
+    meta = np.memmap(path, dtype=metadata_type([int(t) for t in fields["type_id"]]), mode="r+",
+                     offset=HEADER.itemsize + fields.nbytes, shape=(int(header["num_samples"]),))
+    image = meta["f0"]  # the image field comes first, as the converters write it
+    key = str(rng.choice(["height", "width"]))
+    image[key][i] = int(rng.choice([0, 1, int(image[key][i]) - 1, int(image[key][i]) + 1, 65535]))
+    meta.flush()
 
 
 # ---- convert: hostile sources ----

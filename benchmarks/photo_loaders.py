@@ -1,15 +1,17 @@
 """`python -m benchmarks.photo_loaders`: training-loader throughput (images/s) on photos of varied sizes, at
-several crop sides, for the ffcv and dali backends against torchvision's ImageFolder + PIL RandomResizedCrop
-DataLoader with the same number of workers, side by side in one run; and conversion images/s.
+several crop sides, for the photo, ffcv and dali backends against torchvision's ImageFolder + PIL
+RandomResizedCrop DataLoader with the same number of workers, side by side in one run; and conversion images/s.
 
 Two datasets: the hymenoptera tarball (real photos up to 2592x1944) and a generated set of varied sizes,
 each converted twice with longer sides of at most 500: all JPEG quality 90 (the very JPEGs the baseline
 reads as files: for hymenoptera, re-encoded copies of the originals; a last row shows the baseline on the
 original files too), and ffcv-imagenet's mixed mode (half JPEG, half raw pixels). Every loader yields
 normalized float batches of random-resized crops with random flips: torchvision in its worker processes,
-ffcv and dali by decoding straight to the crop and running flip and normalize as device ops. Warm-up
-batches are not timed; epochs are chained, so each loader's per-epoch set-up counts, as in training; the
-loaders take turns over several rounds and each reports its median, since the machine may be shared.
+the others by decoding straight to the crop and running flip and normalize as device ops. The photo backend
+runs twice: with its default decoder (the compiled crop decoder where it is built, the one ffcv's path uses;
+nvJPEG with --device cuda) and with Pillow, the core install's. Warm-up batches are not timed; epochs are
+chained, so each loader's per-epoch set-up counts, as in training; the loaders take turns over several rounds
+and each reports its median, since the machine may be shared.
 """
 
 from __future__ import annotations
@@ -39,13 +41,20 @@ from beton_trainer.format.dataset import load_manifest
 from beton_trainer.pipelines import build_loader
 from beton_trainer.pipelines.augment import AugmentSpec
 from beton_trainer.pipelines.base import RRC_RATIO, RRC_SCALE, Loader, LoaderOptions, ResolutionSchedule
+from beton_trainer.pipelines.crop_library import available
+from beton_trainer.pipelines.photo_loader import PhotoLoader
 from beton_trainer.trainer.loop import cpu_threads
 
 BASELINE = "torchvision"
-BACKENDS = (BASELINE, "ffcv", "dali")
+PILLOW = "photo-Pillow"  # the photo backend with the core install's decoder
+BACKENDS = (BASELINE, "ffcv", "dali", "photo", PILLOW)
 MAX_SIDE, QUALITY = 500, 90  # ffcv-imagenet's ImageNet storage
 ENCODINGS = ("jpg", "mix")  # all JPEG; half JPEG and half raw pixels
-TARGET = 2.0  # ffcv >= 2x the baseline at equal workers (issue 13)
+TARGET = 2.0  # ffcv >= 2x the baseline at equal workers (issue 13); the photo backend too (issue 38)
+FFCV_TARGET = 0.8  # the photo backend >= 0.8x ffcv with its compiled crop decoder (issue 38)
+DATASETS = ("hymenoptera", "generated")
+RATIOS = (("photo", BASELINE, TARGET), ("photo", "ffcv", FFCV_TARGET), (PILLOW, BASELINE, TARGET),
+          (PILLOW, "ffcv", FFCV_TARGET), ("ffcv", BASELINE, TARGET))  # (loader, against, target)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of timing; the median is reported")
     parser.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every loader")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS[1:], default=list(BACKENDS[1:]),
+                        help="the loaders beside the baseline (default all; a bare GPU machine has no ffcv or DALI)")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--smoke", action="store_true", help="a tiny run that only proves the script works")
     return parser
 
@@ -168,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cpu_threads())  # as a training run sets them (importing FFCV left one)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    hymenoptera_root = extract(args.src, work / "hymenoptera_src")
-    sources = {"hymenoptera": (args.src, reencoded_copy(hymenoptera_root / "train", work / "hymenoptera_500"))}
-    generated_root = generated_photos(work / f"generated_{args.generated}", args.generated)
-    sources[f"generated_{args.generated}"] = (generated_root, generated_root / "train")
+    sources = {}
+    if "hymenoptera" in args.datasets:
+        hymenoptera_root = extract(args.src, work / "hymenoptera_src")
+        sources["hymenoptera"] = (args.src, reencoded_copy(hymenoptera_root / "train", work / "hymenoptera_500"))
+    if "generated" in args.datasets:
+        generated_root = generated_photos(work / f"generated_{args.generated}", args.generated)
+        sources[f"generated_{args.generated}"] = (generated_root, generated_root / "train")
     conversions = {}
     rows = []  # (dataset, side, {loader: images/s})
     for name, (src, image_folder) in sources.items():
@@ -183,37 +198,47 @@ def main(argv: list[str] | None = None) -> int:
             loaders: dict[str, Loader] = {BASELINE: ImageFolderLoader(
                 image_folder, side, manifest["mean"], manifest["std"], batch_size=args.batch_size,
                 workers=args.workers, device=device)}
-            for backend, encode in itertools.product(BACKENDS[1:], ENCODINGS):
-                loaders[f"{backend} {encode}"] = build_loader(backend, LoaderOptions(
+            for backend, encode in itertools.product(args.backends, ENCODINGS):
+                options = LoaderOptions(
                     data_dir=data[encode], split="train", batch_size=args.batch_size, train=True,
                     spec=from_dict(AugmentSpec, {"flip": {"p": 0.5}}), device=device, num_workers=args.workers,
-                    resolution=ResolutionSchedule(train=side)))
+                    resolution=ResolutionSchedule(train=side))
+                loaders[f"{backend} {encode}"] = PhotoLoader(options, "pillow") if backend == PILLOW else \
+                    build_loader(backend, options)
             rates = measure(loaders, args, device)
             del loaders
             print(f"{name:<16} {side:>4} " + "  ".join(f"{k} {v:,.0f}" for k, v in rates.items()), flush=True)
             rows.append((name, side, rates))
-    manifest = load_manifest(work / "data" / "hymenoptera_jpg")
-    original = measure({BASELINE: ImageFolderLoader(hymenoptera_root / "train", args.resolutions[-1], manifest["mean"],
-                                                    manifest["std"], batch_size=args.batch_size,
-                                                    workers=args.workers, device=device)}, args, device)[BASELINE]
+    if "hymenoptera" in args.datasets:
+        manifest = load_manifest(work / "data" / "hymenoptera_jpg")
+        original = measure({BASELINE: ImageFolderLoader(hymenoptera_root / "train", args.resolutions[-1],
+                                                        manifest["mean"], manifest["std"], batch_size=args.batch_size,
+                                                        workers=args.workers, device=device)}, args, device)[BASELINE]
 
     command = "python -m benchmarks.photo_loaders " + shlex.join(sys.argv[1:] if argv is None else argv)
+    decoder = "nvJPEG (the device path)" if device.type == "cuda" else \
+        "the compiled crop decoder" if available() else "Pillow (the compiled crop decoder is not built)"
     header = {**environment(device), "batch size": str(args.batch_size), "workers (every loader)": str(args.workers),
+              "photo's default decoder here": decoder,
               "timed": f"median of {args.rounds} rounds of {args.epochs} epochs (after {args.warmup} warm-up batches), "
                        "loaders taking turns, epochs chained",
               **{f"conversion, {key}": rate for key, rate in conversions.items()}, "command": command}
     lines = [f"- {key}: {value}" for key, value in header.items()]
-    columns = [f"{b} {e}" for b, e in itertools.product(BACKENDS[1:], ENCODINGS)]
-    lines += ["", "| dataset | side | torchvision ImageFolder + PIL (JPEG files) | " + " | ".join(columns)
-              + " | ffcv / torchvision, jpg and mix (target 2x) |", "|---|---:|" + "---:|" * (len(columns) + 2)]
+    columns = [f"{b} {e}" for b, e in itertools.product(args.backends, ENCODINGS)]
+    ratios = [r for r in RATIOS if r[0] in args.backends and r[1] in (BASELINE, *args.backends)]
+    lines += ["", "| dataset | side | torchvision ImageFolder + PIL (JPEG files) | " + " | ".join(columns) + " | "
+              + " | ".join(f"{a} / {b}, jpg and mix (target {t:g}x)" for a, b, t in ratios) + " |",
+              "|---|---:|" + "---:|" * (len(columns) + 1 + len(ratios))]
     for name, side, rates in rows:
         base = rates[BASELINE]
-        ratios = [rates[f"ffcv {e}"] / base for e in ENCODINGS]
-        verdict = ", ".join(f"{r:.2f}x ({'met' if r >= TARGET else 'not met'})" for r in ratios)
-        lines.append(f"| {name} | {side} | {base:,.0f} | " + " | ".join(f"{rates[c]:,.0f}" for c in columns)
-                     + f" | {verdict} |")
-    lines.append(f"| hymenoptera, baseline on the original files (up to 2592x1944) | {args.resolutions[-1]} | "
-                 f"{original:,.0f} |" + " |" * (len(columns) + 1))
+        cells = [f"{base:,.0f}"] + [f"{rates[c]:,.0f}" for c in columns]
+        for a, b, target in ratios:
+            found = [rates[f"{a} {e}"] / (base if b == BASELINE else rates[f"{b} {e}"]) for e in ENCODINGS]
+            cells.append(", ".join(f"{r:.2f}x" for r in found) + (" (met)" if min(found) >= target else " (not met)"))
+        lines.append(f"| {name} | {side} | " + " | ".join(cells) + " |")
+    if "hymenoptera" in args.datasets:
+        lines.append(f"| hymenoptera, baseline on the original files (up to 2592x1944) | {args.resolutions[-1]} | "
+                     f"{original:,.0f} |" + " |" * (len(columns) + len(ratios)))
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     (work / "photo_loaders.md").write_text(table)

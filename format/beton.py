@@ -256,6 +256,10 @@ class BetonFile:
         """Each record's byte offset in the file (checked against the allocation table), int64."""
         return self._ptrs.copy()
 
+    def record_sizes(self) -> np.ndarray:
+        """Each record's stored byte count (checked against the allocation table), int64."""
+        return self._sizes.copy()
+
     def stored_bytes(self, i: int) -> np.ndarray:
         """Sample i's image exactly as stored (pixels, or JPEG bytes): a read-only view into the file."""
         return self._data[self._ptrs[i]:self._ptrs[i] + self._sizes[i]]

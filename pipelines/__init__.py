@@ -1,4 +1,4 @@
-"""Loaders that feed the training device from converted `.beton` files: one interface, three backends."""
+"""Loaders that feed the training device from converted `.beton` files: one interface, four backends."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ BACKENDS = {
     "tensor": ("beton_trainer.pipelines.tensor_loader", "TensorLoader", None),
     "ffcv": ("beton_trainer.pipelines.ffcv_loader", "FfcvLoader", "ffcv"),
     "dali": ("beton_trainer.pipelines.dali_loader", "DaliLoader", "nvidia.dali"),
+    "photo": ("beton_trainer.pipelines.photo_loader", "PhotoLoader", None),
 }
 
 INSTALL_HINT = {
@@ -23,6 +24,18 @@ INSTALL_HINT = {
             "libopencv-dev and libturbojpeg0-dev)",
     "dali": "install it with `pip install .[dali-cu13]` (or .[dali-cu12])",
 }
+
+
+def _core_alternative(options: LoaderOptions) -> str:
+    """The core backend for the data an optional one was asked to load: photo for photos of varied sizes (it decodes
+    them with torchvision and Pillow), else tensor."""
+    from beton_trainer.format.dataset import load_manifest
+    from beton_trainer.pipelines.base import varied_sizes
+
+    try:
+        return "photo" if varied_sizes(load_manifest(options.data_dir)) else "tensor"
+    except UserError:  # no readable dataset there: the core backend will say so itself
+        return "tensor"
 
 
 def build_loader(backend: str, options: LoaderOptions) -> Loader:
@@ -36,6 +49,6 @@ def build_loader(backend: str, options: LoaderOptions) -> Loader:
             importlib.import_module(package)
         except ImportError:
             raise UserError(f"loader '{backend}' needs the {package} package, which is not installed: "
-                            f"{INSTALL_HINT[backend]}, or use --loader tensor") from None
+                            f"{INSTALL_HINT[backend]}, or use --loader {_core_alternative(options)}") from None
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls(options)

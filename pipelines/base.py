@@ -1,7 +1,7 @@
 """What every loader backend shares: the options it is built from, the per-rank index plan, and
 per-batch random generators.
 
-Every backend (tensor, ffcv, dali) yields `(images, targets)` already on the training device:
+Every backend (tensor, ffcv, dali, photo) yields `(images, targets)` already on the training device:
 images float, normalized, channels-last for 4-D; targets int64 labels, or float soft targets
 (N, num_classes) when MixUp/CutMix is on. Randomness is keyed by (seed, epoch, batch, rank), so a
 run resumed in the middle of an epoch sees exactly the same batches as one that never stopped.
@@ -216,7 +216,7 @@ def batch_generator(device: torch.device, *, seed: int, epoch: int, batch: int, 
 
 
 class ShardedLoader:
-    """What the three backends share: the exact length, the epoch/start-batch state, this rank's
+    """What the backends share: the exact length, the epoch/start-batch state, this rank's
     order, and the device transform keyed by (seed, epoch, batch, rank). Subclasses implement __iter__."""
 
     def __init__(self, options: LoaderOptions, *, n: int, mean: Sequence[float], std: Sequence[float],

@@ -31,10 +31,10 @@ from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import BetonFile
 from beton_trainer.pipelines.base import cache_pages, record_pages
 
-__all__ = ["ALLOCATION_FIX", "BUDGET_ENV", "MemoryNeed", "PAGE_AWARE_FIX", "TENSOR_CHUNK", "USE_FFCV",
+__all__ = ["ALLOCATION_FIX", "BUDGET_ENV", "MemoryNeed", "PAGE_AWARE_FIX", "PHOTO_FIX", "TENSOR_CHUNK", "USE_FFCV",
            "allocation_error", "allocations", "cgroup_free", "check", "choose_order", "dali_need", "decode_bytes",
-           "decoded_bytes", "ffcv_need", "free_host", "gb", "host_free", "largest_image", "out_of_memory",
-           "record_bytes", "tensor_need"]
+           "decoded_bytes", "ffcv_need", "free_host", "gb", "host_free", "largest_batch", "largest_image",
+           "out_of_memory", "photo_need", "record_bytes", "tensor_need"]
 
 GB = 1e9
 BUDGET_ENV = "BETON_MEMORY_BUDGET_GB"
@@ -51,6 +51,7 @@ USE_FFCV = "use --loader ffcv, which reads the .beton as it goes (with data.orde
 ALLOCATION_FIX = "lower data.batch_size, or stop what else holds memory on this machine, and start again"
 PAGE_AWARE_FIX = "use --loader ffcv with data.order = \"page_aware\" (or \"auto\"): FFCV then reads the .beton block " \
                  "by block with os_cache off, each page once an epoch"
+PHOTO_FIX = f"lower data.batch_size or data.num_workers, or {PAGE_AWARE_FIX}"
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,37 @@ def decode_bytes(beton: BetonFile, *, batch_size: int, workers: int) -> int:
     an epoch starts), and, in each of `workers` decoding at once, libjpeg's coefficient buffers for it."""
     height, width = largest_image(beton)
     return height * width * (3 * FFCV_BATCH_SLOTS * batch_size + JPEG_COEFFICIENT_BYTES * max(workers, 1))
+def largest_batch(values: np.ndarray, batch_size: int) -> int:
+    """The most a batch can add up to: the sum of the `batch_size` largest of `values` (one per record)."""
+    return int(np.sort(np.asarray(values, dtype=np.int64))[-batch_size:].sum()) if len(values) else 0
+
+
+def photo_need(beton: BetonFile, *, batch_size: int, side: int, workers: int, prefetch: int,
+               device_chunk: int) -> MemoryNeed:
+    """The .beton through the page cache in random order (as DALI's photo path), and the photo loader's batches:
+    `prefetch` + 1 of crops (`side` squared, or the stored size when `side` is 0). On the host path
+    (`device_chunk` 0) each of `workers` threads holds one record decoded at full size, 4 bytes a pixel as Pillow
+    lays RGB out. On CUDA the host stages `prefetch` + 1 batches of stored bytes in pinned memory, and the device
+    holds one batch decoded, one chunk of `device_chunk` records padded to the largest size (uint8 and float32),
+    its filter weights (float64, each axis) and its first product."""
+    sizes = beton.sizes()
+    pixels = np.prod(sizes, axis=1)
+    crop = side * side * 3 if side else record_bytes(beton)
+    crops = (prefetch + 1) * batch_size * crop
+    cache = beton.path.stat().st_size
+    if not device_chunk:
+        decoding = workers * int(pixels.max(initial=0)) * 4
+        return MemoryNeed("photo", 0, cache + crops + decoding,
+                          f"the .beton in the page cache, read in random order, {prefetch + 1} batches of crops and "
+                          f"{workers} records decoding")
+    height, width = (int(v) for v in sizes.max(axis=0, initial=0))
+    out = side or max(height, width)
+    chunk_records = min(device_chunk, batch_size)
+    chunk = chunk_records * (3 * height * width * 5 + 8 * 4 * out * (height + width) + 3 * height * out * 4)
+    staging = (prefetch + 1) * largest_batch(beton.record_sizes(), batch_size)
+    return MemoryNeed("photo", largest_batch(pixels, batch_size) * 3 + chunk + crops, cache + staging,
+                      f"a batch decoded, a chunk of {chunk_records} resizing and {prefetch + 1} batches of crops; the "
+                      f".beton in the page cache, read in random order, and {prefetch + 1} batches of records pinned")
 
 
 def ffcv_need(beton: BetonFile, order: np.ndarray | None, *, os_cache: bool, batch_size: int,

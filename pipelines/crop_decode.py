@@ -19,15 +19,13 @@ These decoders, and `FixedSizeDecoder` for images of one size, raise `Undecodabl
 worker thread (after the batch's parallel loop, which a raise inside would serialize); the FFCV backend turns
 it into one line.
 
-The library is optional: `pip install .[ffcv]` builds it where a C compiler and libjpeg headers are present,
-and a failed build never fails the install. Without it, `available()` is False and the FFCV backend falls
-back to FFCV's own decoders (`photo_decoders`), with one warning line.
+The library is loaded by `pipelines.crop_library` and is optional: `pip install .[ffcv]` builds it where a C
+compiler and libjpeg headers are present, and a failed build never fails the install. Without it,
+`photo_decoders` falls back to FFCV's own decoders, with one warning line.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import sys
 from collections.abc import Callable
 
@@ -41,68 +39,20 @@ from ffcv.fields.rgb_image import (
 from ffcv.libffcv import imdecode, memcpy, resize_crop
 from ffcv.pipeline.compiler import Compiler
 
+from beton_trainer.pipelines.crop_library import LIBRARY, available, dct_scale, decode_region, resize_area
+
 __all__ = ["CenterCropDecoder", "FixedSizeDecoder", "UndecodableRecord", "dct_scale", "decode_region",
            "photo_decoders", "resize_area"]
 
-LIBRARY = f"{__package__}._crop_decode"  # built from crop_decode.c by setup.py, where a compiler and libjpeg are
 NOT_BUILT = (f"warning: {LIBRARY} (the FFCV photo path's crop decoder) is not built, so FFCV's own decoders "
              "decode whole images (about 2x slower); install a C compiler and libjpeg headers (e.g. apt-get install "
              "gcc libjpeg-dev) and reinstall with `pip install .[ffcv]` to build it")
-
-
-def _load() -> ctypes.CDLL | None:
-    spec = importlib.util.find_spec(LIBRARY)
-    if spec is None or spec.origin is None:
-        return None
-    lib = ctypes.CDLL(spec.origin)
-    lib.decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
-                                  *[ctypes.c_uint32] * 5, ctypes.c_void_p]
-    lib.resize_area.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, *[ctypes.c_double] * 4,
-                                ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
-    lib.decode_region.restype = lib.resize_area.restype = ctypes.c_int
-    return lib
-
-
-_lib = _load()
-_decode_region_c, _resize_area_c = (_lib.decode_region, _lib.resize_area) if _lib else (None, None)
 _warned = False
 
 
 class UndecodableRecord(Exception):
     """A JPEG record that libjpeg could not decode, or decoded with a warning; args: (the record's index,).
     Raised from FFCV's compiled decoders in its worker thread."""
-
-
-def available() -> bool:
-    """Whether the compiled crop decoder is there (`pip install .[ffcv]` builds it where it can)."""
-    return _lib is not None
-
-
-def decode_region(source: np.ndarray, dst: np.ndarray, top: int, left: int, height: int, width: int,
-                  scale_denom: int, region: np.ndarray) -> int:
-    """Decodes rows [top, top + height) and columns [left, left + width) of the JPEG `source`, shrunk by
-    `scale_denom` (1, 2, 4 or 8), into `dst` as (region[0], region[1], 3) RGB pixels, a little more than asked;
-    region[2:6] (float64) receive where the crop lies in them: first row, end row, first column, end column,
-    fractional when shrunk. Returns 0, or -1 if libjpeg could not."""
-    return _decode_region_c(source.ctypes.data, source.size, dst.ctypes.data, dst.size, top, left, height, width,
-                            scale_denom, region.ctypes.data)
-
-
-def resize_area(source: np.ndarray, y_begin: float, y_end: float, x_begin: float, x_end: float,
-                dst: np.ndarray) -> int:
-    """Rows [y_begin, y_end) x columns [x_begin, x_end) (fractional bounds allowed) of the (rows, cols, 3) uint8
-    `source` (rows C-contiguous) shrunk into `dst` (h, w, 3) by area averaging, as OpenCV's INTER_AREA.
-    Returns 0, or -1 without writing when that is not a shrink."""
-    return _resize_area_c(source.ctypes.data, source.shape[0], source.shape[1], y_begin, y_end, x_begin, x_end,
-                          dst.ctypes.data, dst.shape[0], dst.shape[1])
-
-
-def dct_scale(crop_height: int, crop_width: int, out_height: int, out_width: int) -> int:
-    """The largest of 1, 2, 4, 8 that the crop can be shrunk by in the DCT and still cover the output."""
-    denom = 1
-    while denom < 8 and crop_height >= 2 * denom * out_height and crop_width >= 2 * denom * out_width:
-        denom *= 2
-    return denom
 
 
 class _RegionDecoding:

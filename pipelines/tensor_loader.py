@@ -32,7 +32,7 @@ class TensorLoader(ArrayLoader):
         manifest = load_manifest(options.data_dir)
         if varied_sizes(manifest):
             raise UserError(f"{options.data_dir} holds images of varied sizes, which the tensor loader cannot hold "
-                            "as one array; use --loader ffcv or --loader dali (they crop and resize while decoding)")
+                            "as one array; use --loader photo, ffcv or dali (they crop and resize while decoding)")
         beton = open_beton(options.data_dir, options.split, manifest, verify=options.verify)  # reads every record
         self.memory = tensor_need(beton)
         check(self.memory, options.device, options.memory_budget_gb, USE_FFCV)

@@ -5,8 +5,8 @@
 # environment installs that wheel and the core's dependencies only: there ffcv, numba and DALI must not import.
 # Then, from a folder outside the checkout that holds a user's own `models/` package and `common.py` (which fail
 # loudly if anything imports them), the commands run as installed: each --help, the conversion of MNIST and
-# CIFAR-10, two smoke trainings with the tensor backend, the one-line refusal of --loader ffcv, and the API
-# notebook.
+# CIFAR-10, two smoke trainings with the tensor backend, the one-line refusal of --loader ffcv, the hymenoptera
+# photos converted and the three photo smoke recipes trained with the photo backend, and the API notebook.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATA_ROOT:?set DATA_ROOT to the folder holding mnist/ and cifar10-jpeg.tar.xz}"
@@ -73,5 +73,23 @@ if out=$(beton-train --recipe mnist_cnn_smoke --data data/mnist --loader ffcv --
 fi
 [ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q 'pip install .\[ffcv\]' \
   || fail "--loader ffcv without ffcv did not stop with one line naming the extra: $out"
+# the photo recipes train in the core, with the photo backend (no ffcv, numba or DALI)
+[ -f "$DATA_ROOT/hymenoptera_data.tar" ] || fail "DATA_ROOT holds no hymenoptera_data.tar (the photo recipes' data)"
+beton-convert imagefolder --src "$DATA_ROOT/hymenoptera_data.tar" --out data --name hymenoptera \
+  --encode jpg --max-side 500 2>/dev/null | tail -1
+for recipe in hymenoptera_finetune_smoke imagenet_rn18_16_smoke imagenet_rn50_88_smoke; do
+  beton-train --recipe "$recipe" --data data/hymenoptera --cpu --run-dir "runs/$recipe" \
+    2>/dev/null | grep "^test accuracy" || fail "$recipe did not finish"
+  [ -s "runs/$recipe/summary.json" ] || fail "$recipe wrote no summary.json"
+  grep -q '^loader = "photo"' "runs/$recipe/config.toml" || fail "$recipe did not train with the photo backend"
+done
+if out=$(beton-train --recipe imagenet_rn18_16 --data data/hymenoptera --cpu \
+    --run-dir runs/imagenet-ffcv 2>&1); then
+  fail "imagenet_rn18_16 (data.loader = ffcv) ran without ffcv"
+fi
+[ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q -- '--loader photo$' \
+  || fail "the ffcv recipe without ffcv did not stop with one line naming --loader photo: $out"
+echo "core check: trained the three photo smoke recipes with the photo backend; ffcv's refusal names it"
+
 NOTEBOOK_DIR=$user python -m pytest -q -p no:cacheprovider "$src/tests/test_notebook.py"
 echo "core check: passed"

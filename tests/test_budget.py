@@ -19,6 +19,7 @@ from beton_trainer.common.errors import UserError
 from beton_trainer.format.beton import BetonFile
 from beton_trainer.pipelines import budget, build_loader
 from beton_trainer.pipelines.base import ResolutionSchedule
+from beton_trainer.pipelines.photo_loader import PREFETCH, PhotoLoader
 from tests.loader_helpers import installed, options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +145,25 @@ def test_jpeg_need_is_the_decoded_size(hymenoptera_data, device):
     if installed("nvidia.dali"):
         assert refusal("dali", hymenoptera_data, device, batch_size=4, memory_budget_gb=0.001) \
             .endswith(f"; {budget.PAGE_AWARE_FIX}")
+
+
+def test_photo_counts_the_file_its_batches_and_its_decoding(hymenoptera_data):
+    """The photo backend on the host: the .beton through the page cache (random order), PREFETCH + 1 batches of
+    crops and each thread's record decoded whole (4 bytes a pixel, as Pillow holds RGB); on the device path, the
+    pinned records of PREFETCH + 1 batches on the host and a batch decoded (and a chunk resizing) on the device.
+    Over the budget: one line with both figures and the fix."""
+    cpu = torch.device("cpu")
+    beton = BetonFile(hymenoptera_data / "train.beton")
+    pixels, crops = np.prod(beton.sizes(), axis=1), (PREFETCH + 1) * 8 * 224 * 224 * 3
+    host = build_loader("photo", options(hymenoptera_data, "train", cpu, train=True, batch_size=8, num_workers=2))
+    assert host.memory.device_bytes == 0
+    assert host.memory.host_bytes == beton.path.stat().st_size + crops + 2 * int(pixels.max()) * 4
+    device = PhotoLoader(options(hymenoptera_data, "train", cpu, train=True, batch_size=8), "device")
+    assert device.memory.host_bytes == beton.path.stat().st_size + (PREFETCH + 1) * budget.largest_batch(
+        beton.record_sizes(), 8)
+    assert device.memory.device_bytes > budget.largest_batch(pixels, 8) * 3 + crops
+    message = refusal("photo", hymenoptera_data, cpu, batch_size=8, memory_budget_gb=0.001)
+    assert message.startswith("the photo loader needs ") and message.endswith(f"; {budget.PHOTO_FIX}")
 
 
 def test_cuda_device_memory_is_checked(mnist_data, cuda_device):

@@ -73,12 +73,20 @@ def test_hymenoptera_finetune_numbers():
     r = load_recipe("hymenoptera_finetune")
     (p,) = r.phases
     assert (r.model.name, r.model.pretrained) == ("resnet18", False)
-    assert (r.data.resolution, r.data.eval_resolution, r.data.loader) == (224, 224, "ffcv")
+    assert (r.data.resolution, r.data.eval_resolution, r.data.loader) == (224, 224, "photo")
     assert (r.data.batch_size, r.augment.enabled(), r.augment.flip.p) == (4, ["flip"], 0.5)
     assert (p.epochs, p.optimizer.name, p.optimizer.lr, p.optimizer.momentum) == (25, "sgd", 1e-3, 0.9)
     assert (p.schedule.name, p.schedule.step_size, p.schedule.gamma) == ("step", 7, 0.1)
     r = load_recipe("hymenoptera_finetune", ["model.pretrained=\"weights/resnet18.pth\""])
     assert r.model.pretrained == "weights/resnet18.pth"
+
+
+def test_photo_smoke_twins_run_in_the_core_and_the_imagenet_recipes_keep_ffcv():
+    """The photo recipes' smoke twins (and hymenoptera_finetune) read with the core's photo loader, so CI's core-only
+    environment trains them; the ImageNet recipes keep ffcv-imagenet's own loader, whose figures they reproduce."""
+    for name in ("hymenoptera_finetune_smoke", "imagenet_rn18_16_smoke", "imagenet_rn50_88_smoke"):
+        assert load_recipe(name).data.loader == "photo", name
+    assert {load_recipe(name).data.loader for name in ("imagenet_rn18_16", "imagenet_rn50_88")} == {"ffcv"}
 
 
 def test_resolution_ramp_as_ffcv_imagenet():

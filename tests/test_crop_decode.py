@@ -25,7 +25,8 @@ from ffcv.libffcv import imdecode  # noqa: E402
 
 from beton_trainer.format import BetonFile  # noqa: E402
 from beton_trainer.pipelines.base import CENTER_CROP_RATIO  # noqa: E402
-from beton_trainer.pipelines.crop_decode import CenterCropDecoder, dct_scale, decode_region, resize_area  # noqa: E402
+from beton_trainer.pipelines.crop_decode import CenterCropDecoder  # noqa: E402
+from beton_trainer.pipelines.crop_library import dct_scale, decode_region, resize_area  # noqa: E402
 
 
 @pytest.fixture(scope="module")

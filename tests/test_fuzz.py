@@ -1,8 +1,9 @@
 """Fuzzing as part of the suite (benchmarks/fuzz.py, seeded: a failure names the command that reproduces it):
 mutated JPEGs through the C crop decoder with guard bytes, in a child process (and under ASan/UBSan where gcc
 has libasan); mutated .beton/manifest.json pairs through open_split and every installed backend's constructor
-and first batch; hostile converter sources through convert_dataset. Each case must be refused or give a
-correct result: never another exception, garbage, a crash or a hang. About 60 s together on 2 busy cores."""
+and first batch; mutated JPEG records through every decoder of the photo backend; hostile converter sources
+through convert_dataset. Each case must be refused or give a correct result: never another exception, garbage, a
+crash or a hang. About 75 s together on 2 busy cores."""
 
 from __future__ import annotations
 
@@ -52,6 +53,16 @@ def test_mutated_betons_and_manifests_through_open_split_and_every_backend(tmp_p
     classes; none fail since."""
     report = fuzz("beton", 150, seed=26, workdir=tmp_path)
     check(report, least_ok=10, least_refused=50)
+
+
+def test_mutated_records_through_every_photo_decoder(tmp_path: Path) -> None:
+    """The photo backend's decoding: JPEG records mutated in a .beton (their entropy-coded data, their headers, their
+    stored sizes) through the compiled decoder, Pillow and the device path on the CPU. Each case decodes a whole
+    epoch of sound batches or stops with one line naming a mutated record (the frame-header check at open, or the
+    decoder's failure); about half the refusals come from the decoders."""
+    report = fuzz("photo", 600, seed=26, workdir=tmp_path)
+    assert report.cases == 600
+    check(report, least_ok=50, least_refused=300)
 
 
 def test_hostile_sources_through_the_converter(tmp_path: Path) -> None:

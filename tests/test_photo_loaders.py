@@ -1,4 +1,4 @@
-"""Photos of varied sizes through the ffcv and dali backends: random-resized crops at the requested side with
+"""Photos of varied sizes through the ffcv, dali and photo backends: random-resized crops at the requested side with
 the crop statistics of torchvision's RandomResizedCrop, evaluation centre crops equal to a PIL reference,
 progressive resizing between epochs, the device ops after decoding, and the tensor backend's refusal.
 
@@ -30,7 +30,7 @@ from tests.loader_helpers import five_sigma, options, require
 
 require("ffcv")
 
-BACKENDS = ["ffcv", "dali"]
+BACKENDS = ["ffcv", "dali", "photo"]
 SIZES = [(240, 320), (320, 240), (200, 200), (180, 400), (400, 180), (256, 300), (300, 256), (224, 224)]  # (H, W)
 UNIT = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}  # normalize is then / 255: outputs read back as pixels
 
@@ -239,6 +239,7 @@ def test_tensor_backend_refuses_varied_sizes_in_one_line(photos):
         build_loader("tensor", photo_options(photos, "train", train=True, resolution=ResolutionSchedule()))
     message = str(info.value)
     assert "\n" not in message and "varied sizes" in message and "ffcv" in message and "dali" in message
+    assert "photo" in message
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

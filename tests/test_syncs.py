@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,9 @@ import torch
 
 from beton_trainer.convert import convert_dataset
 from beton_trainer.pipelines import BACKENDS, build_loader
+from beton_trainer.pipelines.base import ResolutionSchedule
+from beton_trainer.pipelines.crop_library import available
+from beton_trainer.pipelines.photo_loader import PhotoLoader
 from beton_trainer.trainer.config import RECIPES_DIR, OptimizerConfig, load_recipe
 from beton_trainer.trainer.optim import build_optimizer, param_groups
 from beton_trainer.trainer.step import TrainStep
@@ -175,10 +179,12 @@ def test_planted(monkeypatch, tmp_path):
 '''
 
 
-@pytest.mark.parametrize("loader", [b for b in BACKENDS if not BACKENDS[b][2] or installed(BACKENDS[b][2])])
+@pytest.mark.parametrize("loader", [b for b in BACKENDS if b != "photo" and (not BACKENDS[b][2]
+                                                                            or installed(BACKENDS[b][2]))])
 def test_a_planted_sync_fails_pytest_like_a_test(mnist_data, tmp_path, loader):
-    """pytest on a test with a host sync planted in the step, each loader, its output piped: exit status 1 and the
-    failure report with HostSyncError, not SIGABRT."""
+    """pytest on a test with a host sync planted in the step, each loader that reads MNIST (the photo backend reads
+    photo sets: test_photo_batches_never_sync), its output piped: exit status 1 and the failure report with
+    HostSyncError, not SIGABRT."""
     (tmp_path / "test_planted.py").write_text(PLANTED.format(data=str(mnist_data), loader=loader))
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
                           str(tmp_path / "test_planted.py")], cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -187,3 +193,19 @@ def test_a_planted_sync_fails_pytest_like_a_test(mnist_data, tmp_path, loader):
     assert "HostSyncError: host-device sync in a steady-state step: Tensor.item()" in run.stdout
     assert run.stdout.rstrip().splitlines()[-1].startswith("1 failed")
     assert "terminate called" not in run.stderr
+
+
+@pytest.mark.parametrize("decoder", ["library", "pillow", "device"])
+def test_photo_batches_never_sync(decoder, hymenoptera_data):
+    """The photo backend on real photos of varied sizes, with each of its decoders (the device path run on the CPU):
+    after the first batch, five batches of the full chain come out without a sync in the loop's thread."""
+    if decoder == "library" and not available():
+        pytest.skip("the compiled crop decoder is not built")
+    opts = replace(options(hymenoptera_data, "train", CPU, train=True, spec=FULL_CHAIN, batch_size=16, num_workers=2),
+                   resolution=ResolutionSchedule(train=64))
+    batches = iter(PhotoLoader(opts, decoder))
+    next(batches)
+    for _ in range(5):
+        with no_host_sync(CPU):
+            images, targets = next(batches)
+    assert images.shape == (16, 3, 64, 64) and targets.shape == (16, 2)

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field (dotted keys, repeatable): --set data.batch_size=256")
     parser.add_argument("--data", help="converted dataset folder (holds manifest.json); overrides data.path")
-    parser.add_argument("--loader", choices=["tensor", "ffcv", "dali"], help="overrides data.loader")
+    parser.add_argument("--loader", choices=["tensor", "ffcv", "dali", "photo"], help="overrides data.loader")
     parser.add_argument("--pretrained", metavar="PATH", help="torchvision-format state dict for model.pretrained")
     parser.add_argument("--run-dir", help="run folder (default runs/<recipe>-<timestamp>)")
     parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",

@@ -30,12 +30,12 @@ RECIPES_DIR = Path(recipes.__file__).resolve().parent  # package data: found the
 @dataclass
 class DataConfig:
     path: str = ""  # converted dataset folder (holds manifest.json); --data overrides
-    loader: Literal["tensor", "ffcv", "dali"] = "tensor"  # the backend feeding the device; --loader overrides
+    loader: Literal["tensor", "ffcv", "dali", "photo"] = "tensor"  # the backend feeding the device; --loader overrides
     batch_size: int = 128  # training batch per process
     eval_batch_size: int = 512  # evaluation batch per process
-    num_workers: int = 2  # ffcv workers, dali threads (the tensor backend has none)
+    num_workers: int = 2  # photo and ffcv workers, dali threads (the tensor backend has none)
     val_split: str = ""  # "val" to validate on val.beton (convert with --val-fraction); "" = no validation
-    # photos of varied sizes (ffcv, dali): decoded straight to square crops of these sides; fixed-size data ignores them
+    # photos of varied sizes (photo, ffcv, dali): decoded to square crops of these sides; fixed-size data ignores them
     resolution: int = 224  # training random-resized-crop side (when there is no ramp)
     eval_resolution: int = 224  # evaluation centre-crop side (crop 224/256 of the shorter side, then resize)
     min_res: int = 0  # progressive resizing: min_res up to start_ramp, max_res from end_ramp on; 0 = off

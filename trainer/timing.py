@@ -74,9 +74,9 @@ class StepTimer:
 class Feed:
     """What the advice of the starvation warning depends on: how this run is fed."""
 
-    loader: str  # tensor | ffcv | dali
+    loader: str  # tensor | ffcv | dali | photo
     device: str  # cuda | cpu
-    num_workers: int  # read by ffcv (workers) and dali (threads); the tensor backend has none
+    num_workers: int  # read by ffcv (workers), dali and photo (threads); the tensor backend has none
     batch_size: int
     fixed_size: bool  # one image shape (the tensor backend can hold it); False for photos of varied sizes
     augmentations: tuple[str, ...]  # the recipe's enabled stages

@@ -1,0 +1,67 @@
+"""The compiled crop decoder (`crop_decode.c`), loaded with ctypes where the install built it: decode only a crop
+of a JPEG, shrunk in the DCT when it is large, and resize by area averaging. The ffcv photo path calls it from
+FFCV's compiled threads (`pipelines.crop_decode`), the photo backend from its decoding threads
+(`pipelines.photo_decode`); ctypes releases the GIL for each call. Neither needs it: without it FFCV decodes with
+its own decoders and the photo backend with Pillow.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+
+import numpy as np
+
+__all__ = ["LIBRARY", "available", "dct_scale", "decode_region", "resize_area"]
+
+LIBRARY = f"{__package__}._crop_decode"  # built from crop_decode.c by setup.py, where a compiler and libjpeg are
+
+
+def _load() -> ctypes.CDLL | None:
+    spec = importlib.util.find_spec(LIBRARY)
+    if spec is None or spec.origin is None:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    lib.decode_region.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
+                                  *[ctypes.c_uint32] * 5, ctypes.c_void_p]
+    lib.resize_area.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, *[ctypes.c_double] * 4,
+                                ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    lib.decode_region.restype = lib.resize_area.restype = ctypes.c_int
+    return lib
+
+
+_lib = _load()
+_decode_region_c, _resize_area_c = (_lib.decode_region, _lib.resize_area) if _lib else (None, None)
+
+
+def available() -> bool:
+    """Whether the compiled crop decoder is there (`pip install .` builds it where a C compiler and libjpeg
+    headers are)."""
+    return _lib is not None
+
+
+def decode_region(source: np.ndarray, dst: np.ndarray, top: int, left: int, height: int, width: int,
+                  scale_denom: int, region: np.ndarray) -> int:
+    """Decodes rows [top, top + height) and columns [left, left + width) of the JPEG `source`, shrunk by
+    `scale_denom` (1, 2, 4 or 8), into `dst` as (region[0], region[1], 3) RGB pixels, a little more than asked;
+    region[2:6] (float64) receive where the crop lies in them: first row, end row, first column, end column,
+    fractional when shrunk. Returns 0, or -1 if libjpeg could not."""
+    return _decode_region_c(source.ctypes.data, source.size, dst.ctypes.data, dst.size, top, left, height, width,
+                            scale_denom, region.ctypes.data)
+
+
+def resize_area(source: np.ndarray, y_begin: float, y_end: float, x_begin: float, x_end: float,
+                dst: np.ndarray) -> int:
+    """Rows [y_begin, y_end) x columns [x_begin, x_end) (fractional bounds allowed) of the (rows, cols, 3) uint8
+    `source` (rows C-contiguous) shrunk into `dst` (h, w, 3) by area averaging, as OpenCV's INTER_AREA.
+    Returns 0, or -1 without writing when that is not a shrink."""
+    return _resize_area_c(source.ctypes.data, source.shape[0], source.shape[1], y_begin, y_end, x_begin, x_end,
+                          dst.ctypes.data, dst.shape[0], dst.shape[1])
+
+
+def dct_scale(crop_height: int, crop_width: int, out_height: int, out_width: int) -> int:
+    """The largest of 1, 2, 4, 8 that the crop can be shrunk by in the DCT and still cover the output twice."""
+    denom = 1
+    while denom < 8 and crop_height >= 2 * denom * out_height and crop_width >= 2 * denom * out_width:
+        denom *= 2
+    return denom
