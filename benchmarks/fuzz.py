@@ -14,10 +14,10 @@ Three kinds of case, each derived from (seed, kind, case number) alone, so any f
   through `convert.build.convert_dataset`.
 - photo: a converted set of JPEG photos of varied sizes with 1-3 records mutated in place (bytes of their
   entropy-coded data changed, or as the jpeg cases mutate, then cut or zero-filled to the record's length, so
-  the file stays well formed) or their stored height
-  and width changed, through every decoder of the photo backend (`pipelines.photo_loader`: the compiled one where
-  built, Pillow, and the device path run on the CPU), every batch of an epoch; a refusal must name a mutated
-  record.
+  the file stays well formed) or their stored height and width changed, through every decoder of the photo backend
+  (`pipelines.photo_loader`: the compiled one where built, Pillow, and the device path run on the CPU), every batch
+  of an epoch, with the page checksums off (they would refuse every case before a decoder saw it, as for a set
+  converted from damaged files, whose checksums match); a refusal must name a mutated record.
 
 Each case must end refused (UserError, or -1 from the decoder) or in a result that passes the checks here:
 never another exception ("wrong"), garbage ("wrong"), a crash or a hang. Cases run in child processes, so a
@@ -717,7 +717,7 @@ class PhotoCases:
         from beton_trainer.pipelines.photo_loader import PhotoLoader
 
         options = LoaderOptions(data_dir=data_dir, split=split, batch_size=4, train=train, spec=self.spec,
-                                device=torch.device("cpu"), num_workers=2,
+                                device=torch.device("cpu"), num_workers=2, verify="off",  # the decoders see them
                                 resolution=ResolutionSchedule(train=8, eval=8))  # 2-8x crops: DCT scaling too
         refused = []
         for decoder in self.decoders:

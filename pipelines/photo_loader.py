@@ -36,6 +36,7 @@ from PIL import Image
 
 from beton_trainer.common.errors import UserError
 from beton_trainer.format.dataset import load_manifest, open_beton
+from beton_trainer.format.integrity import check_integrity
 from beton_trainer.pipelines.base import LoaderOptions, ShardedLoader, varied_sizes
 from beton_trainer.pipelines.budget import PHOTO_FIX, check, largest_batch, photo_need
 from beton_trainer.pipelines.crop_library import available
@@ -65,7 +66,8 @@ class PhotoLoader(ShardedLoader):
 
     def __init__(self, options: LoaderOptions, decoder: str = "auto"):
         manifest = load_manifest(options.data_dir)
-        beton = open_beton(options.data_dir, options.split, manifest)  # frame headers and pixel limit: checked here
+        # frame headers and pixel limit checked here; the pages once the records read are known
+        beton = open_beton(options.data_dir, options.split, manifest, verify="off")
         if beton.storage == "ndarray":
             raise UserError(f"{beton.path} holds one-channel arrays, which the photo loader does not decode; use "
                             "--loader tensor")
@@ -86,6 +88,7 @@ class PhotoLoader(ShardedLoader):
         self.memory = photo_need(beton, batch_size=options.batch_size, side=side, workers=max(1, options.num_workers),
                                  prefetch=PREFETCH, device_chunk=DEVICE_CHUNK if decoder == "device" else 0)
         check(self.memory, options.device, options.memory_budget_gb, PHOTO_FIX)
+        check_integrity(beton, manifest, options.split, options.verify, self.records_read())
 
     def output_size(self) -> tuple[int, int]:
         """The (height, width) of this epoch's crops: the crop side, or the stored size of fixed-size data."""

@@ -17,6 +17,7 @@ import torch
 from beton_trainer.common.schema import from_dict
 from beton_trainer.pipelines.augment import AugmentSpec
 from beton_trainer.pipelines.base import LoaderOptions
+from beton_trainer.pipelines.crop_library import available
 
 SIZE = 16  # position-coded images: every pixel names its row and column
 UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # normalize is then just / 255
@@ -81,9 +82,17 @@ def options(data_dir: Path, split: str, device: torch.device, *, train: bool, sp
 def require(module: str) -> None:
     """Skip the calling test module when an optional backend is missing; fail instead under
     REQUIRE_BACKENDS=1 (CI installs every backend, so a missing one there is a broken set-up)."""
-    if installed(module):
-        return
-    message = f"{module} is not installed (pip install .[dali-cu13] / ffcv)"
+    if not installed(module):
+        skip_or_fail(f"{module} is not installed (pip install .[dali-cu13] / ffcv)")
+
+
+def require_crop_library() -> None:
+    """Skip the calling test when the compiled crop decoder is not built; fail instead under REQUIRE_BACKENDS=1."""
+    if not available():
+        skip_or_fail("the compiled crop decoder is not built (pip install . with a C compiler and libjpeg headers)")
+
+
+def skip_or_fail(message: str) -> None:
     if os.environ.get("REQUIRE_BACKENDS") == "1":
         pytest.fail(message, pytrace=False)
     pytest.skip(message, allow_module_level=True)

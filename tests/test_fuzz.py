@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.fuzz import Report, built_library, fuzz, sanitized_library
+from benchmarks.fuzz import Report, fuzz, sanitized_library
+from tests.loader_helpers import require_crop_library
 
 MAX_RSS_MIB = 3 * 1024  # no child may come near the memory a bomb would take
 
@@ -30,8 +31,7 @@ def check(report: Report, *, least_ok: int, least_refused: int) -> None:
 
 
 def test_mutated_jpegs_through_the_crop_decoder(tmp_path: Path) -> None:
-    if built_library() is None:
-        pytest.skip("pipelines/_crop_decode is not built (`python setup.py build_ext --inplace`)")
+    require_crop_library()
     report = fuzz("jpeg", 3000, seed=26, workdir=tmp_path)
     assert report.cases == 3000
     check(report, least_ok=300, least_refused=500)  # 387 ok: a decode with a libjpeg warning is refused (issue 40)

@@ -24,14 +24,13 @@ import torch
 from beton_trainer.convert import convert_dataset
 from beton_trainer.pipelines import BACKENDS, build_loader
 from beton_trainer.pipelines.base import ResolutionSchedule
-from beton_trainer.pipelines.crop_library import available
 from beton_trainer.pipelines.photo_loader import PhotoLoader
 from beton_trainer.trainer.config import RECIPES_DIR, OptimizerConfig, load_recipe
 from beton_trainer.trainer.optim import build_optimizer, param_groups
 from beton_trainer.trainer.step import TrainStep
 from beton_trainer.trainer.syncs import HostSyncError, no_host_sync
 from tests.data_fixtures import write_cifar10
-from tests.loader_helpers import installed, options, require
+from tests.loader_helpers import installed, options, require, require_crop_library
 from tests.train_helpers import run_train
 
 CPU = torch.device("cpu")
@@ -199,8 +198,8 @@ def test_a_planted_sync_fails_pytest_like_a_test(mnist_data, tmp_path, loader):
 def test_photo_batches_never_sync(decoder, hymenoptera_data):
     """The photo backend on real photos of varied sizes, with each of its decoders (the device path run on the CPU):
     after the first batch, five batches of the full chain come out without a sync in the loop's thread."""
-    if decoder == "library" and not available():
-        pytest.skip("the compiled crop decoder is not built")
+    if decoder == "library":
+        require_crop_library()
     opts = replace(options(hymenoptera_data, "train", CPU, train=True, spec=FULL_CHAIN, batch_size=16, num_workers=2),
                    resolution=ResolutionSchedule(train=64))
     batches = iter(PhotoLoader(opts, decoder))

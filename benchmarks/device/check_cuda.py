@@ -180,10 +180,11 @@ def check_erase(backend: str, device: torch.device) -> str:
     return f"erase rate {rate:.3f} (spec {p}), area {erased.min():.3f}-{erased.max():.3f} (spec 0.05-0.25)"
 
 
-def check_same_as_tensor(data: Path, device: torch.device, max_batches: int) -> str:
-    """FFCV applies the shared device ops: with one seed its batches are the tensor backend's, bit for bit."""
+def check_same_as_tensor(backend: str, data: Path, device: torch.device, max_batches: int) -> str:
+    """FFCV and the photo backend apply the shared device ops (and cut fixed-size images whole): with one seed their
+    batches are the tensor backend's, bit for bit."""
     opts = options(data, "train", device, train=True, spec=CHAIN, seed=11)
-    pairs = zip(build_loader("ffcv", opts), build_loader("tensor", opts))
+    pairs = zip(build_loader(backend, opts), build_loader("tensor", opts))
     count = 0
     for (x, y), (x_ref, y_ref) in pairs:
         torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
@@ -263,9 +264,9 @@ def loader_checks(args: argparse.Namespace, device: torch.device, out: Report) -
         for name, data in (("identity", args.data), ("identity, grey", args.grey_data)):
             if data:
                 out.add(run_check(backend, name, lambda b=backend, d=data: check_identity(b, d, device, batches)))
-        if backend == "ffcv":
+        if backend in ("ffcv", "photo"):
             out.add(run_check(backend, "same batches as tensor",
-                              lambda: check_same_as_tensor(args.data, device, 2 if args.smoke else 20)))
+                              lambda b=backend: check_same_as_tensor(b, args.data, device, 2 if args.smoke else 20)))
         else:
             out.add(run_check(backend, "crop+flip statistics", lambda b=backend: check_crop_flip(b, device)))
             out.add(run_check(backend, "erase statistics", lambda b=backend: check_erase(b, device)))

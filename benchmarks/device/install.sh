@@ -116,6 +116,6 @@ so=$(ls "$PREFIX"/ffcv/_libffcv*.so 2>/dev/null || true)
 if [ -n "$so" ] && ldd "$so" | grep -q "not found"; then
   echo "  _libffcv cannot find: $(ldd "$so" | awk '/not found/ {print $1}' | tr '\n' ' ')"
 fi
-check crop_decode "import pipelines.crop_decode as c; print(c._lib._name)"
+check crop_decode "from beton_trainer.pipelines.crop_library import available; assert available(), 'not built'; print('built')"
 check nvidia.dali "import nvidia.dali as dali, nvidia.dali.fn, nvidia.dali.plugin.pytorch; print(dali.__version__)"
 exit $status
