@@ -6,7 +6,9 @@ Three kinds of case, each derived from (seed, kind, case number) alone, so any f
 - jpeg: a mutated JPEG (bit flips, truncation, spliced or dropped segments, a frame header claiming other
   sizes or components) and a crop of it, some with hostile arguments, through the C crop decoder
   (pipelines/crop_decode.c), with guard bytes around the output buffers, decoded twice (the second time
-  after another image: the result must not change), then the area resize, also with hostile bounds.
+  after another image: the result must not change), then the area resize, also with hostile bounds, then
+  crop_batch (the photo backend's call) over it and a raw record, with boxes, sizes, offsets or lengths that are
+  hostile one time in five.
 - beton: a converted dataset (raw RGB, JPEG photos, single-channel arrays) with its .beton and manifest.json
   mutated, through `pipelines.dataset.open_split` and every installed backend's constructor and first batch.
 - convert: a hostile source (a mutated or crafted CIFAR pickle, among them lists that expand when walked and
@@ -347,7 +349,9 @@ class JpegCases:
                                            *[ctypes.c_uint32] * 5, ctypes.c_void_p]
         self.lib.resize_area.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, *[ctypes.c_double] * 4,
                                          ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
-        self.lib.decode_region.restype = self.lib.resize_area.restype = ctypes.c_int
+        self.lib.crop_batch.argtypes = [ctypes.c_void_p, ctypes.c_uint64, *[ctypes.c_void_p] * 5, ctypes.c_int32,
+                                        ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+        self.lib.decode_region.restype = self.lib.resize_area.restype = self.lib.crop_batch.restype = ctypes.c_int
         self.corpus = jpeg_corpus()
 
     def decode(self, data: bytes, args: tuple[int, ...], capacity: int) -> tuple[int, tuple, bytes] | str:
@@ -409,7 +413,56 @@ class JpegCases:
             return "wrong", "decoded differently after another image"
         if (why := self.resizes(rng, first)) is not None:
             return "wrong", why
+        if (why := self.batch(rng, data)) is not None:
+            return "wrong", why
         return ("ok" if first[0] == 0 else "refused"), f"{len(data)} bytes, region {args}"
+
+    def batch(self, rng: np.random.Generator, data: bytes) -> str | None:
+        """crop_batch over the mutated JPEG and a raw record, one of whose offsets, lengths, sizes or box values is
+        hostile one time in five: a status of 0 or -1 for each, their count returned, nothing written outside the
+        output; with honest arguments the raw record's crop succeeds and equals resize_area's (a shrink) or
+        `bilinear`'s (within one level)."""
+        h, w = jpeg_size(data) or (int(rng.integers(1, 300)), int(rng.integers(1, 300)))
+        rh, rw = int(rng.integers(1, 60)), int(rng.integers(1, 60))
+        raw = rng.integers(0, 256, (rh, rw, 3), dtype=np.uint8)
+        mapped = np.frombuffer(data + raw.tobytes(), dtype=np.uint8)
+        offsets = np.array([0, len(data)], dtype=np.int64)
+        lengths = np.array([len(data), raw.size], dtype=np.int64)
+        sizes = np.array([[h, w], [rh, rw]], dtype=np.int64)
+        boxes = np.array([random_box(rng, h, w), random_box(rng, rh, rw)], dtype=np.int64)
+        out = (int(rng.integers(1, 80)), int(rng.integers(1, 80)))
+        hostile = rng.random() < 0.2
+        if hostile:
+            target = [offsets, lengths, sizes.reshape(-1), boxes.reshape(-1)][int(rng.integers(4))]
+            target[int(rng.integers(len(target)))] = int(rng.choice([-1, 0, 1, 2**31, 2**32 + 3, 2**62, -2**63,
+                                                                     int(rng.integers(-1000, 100_000))]))
+        size = out[0] * out[1] * 3
+        dst = np.full(2 * size + 2 * GUARD, GUARD_BYTE, dtype=np.uint8)
+        status = np.full(2 + 2, 7, dtype=np.int32)
+        refused = self.lib.crop_batch(mapped.ctypes.data, mapped.size, offsets.ctypes.data, lengths.ctypes.data,
+                                      np.array([1, 0], dtype=np.uint8).ctypes.data, sizes.ctypes.data,
+                                      boxes.ctypes.data, 2, dst.ctypes.data + GUARD, *out, status.ctypes.data + 4)
+        if (dst[:GUARD] != GUARD_BYTE).any() or (dst[GUARD + 2 * size:] != GUARD_BYTE).any():
+            return "crop_batch wrote outside its output"
+        if status[0] != 7 or status[3] != 7:
+            return "crop_batch wrote outside its status array"
+        if not set(status[1:3].tolist()) <= {0, -1} or refused != -int(status[1:3].sum()):
+            return f"crop_batch returned {refused} with statuses {status[1:3].tolist()}"
+        if hostile:
+            return None
+        if status[2] != 0:
+            return f"crop_batch refused a raw {rh}x{rw} record's box {boxes[1].tolist()} to {out}"
+        got = dst[GUARD + size:GUARD + 2 * size].reshape(*out, 3)
+        top, left, ch, cw = boxes[1].tolist()
+        if ch >= out[0] and cw >= out[1]:
+            want = np.empty((*out, 3), dtype=np.uint8)
+            self.lib.resize_area(raw.ctypes.data, rh, rw, float(top), float(top + ch), float(left), float(left + cw),
+                                 want.ctypes.data, *out)
+            if not np.array_equal(got, want):
+                return f"crop_batch's area average of a raw record differs from resize_area's (box {boxes[1]})"
+        elif np.abs(got.astype(int) - bilinear(raw[top:top + ch, left:left + cw], out)).max() > 1:
+            return f"crop_batch's enlargement of a raw record is not bilinear (box {boxes[1].tolist()} to {out})"
+        return None
 
     def resizes(self, rng: np.random.Generator, decoded: tuple[int, tuple, bytes]) -> str | None:
         """The area resize of a decoded crop (must succeed), and of a small array with hostile bounds (must
@@ -433,6 +486,27 @@ class JpegCases:
         if got != (0 if valid else -1):
             return f"resize_area({src.shape[:2]}, {(y0, y1, x0, x1)}, {out}) gave {got}"
         return None
+
+
+def random_box(rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
+    """A box (top, left, height, width) inside an h x w image, uniform in size and place (a one-pixel box at the
+    origin of an image with no pixels)."""
+    ch, cw = int(rng.integers(1, max(h, 1) + 1)), int(rng.integers(1, max(w, 1) + 1))
+    return int(rng.integers(0, max(h - ch, 0) + 1)), int(rng.integers(0, max(w - cw, 0) + 1)), ch, cw
+
+
+def bilinear(pixels: np.ndarray, out: tuple[int, int]) -> np.ndarray:
+    """The (h, w, 3) `pixels` resized to `out` by bilinear interpolation at pixel centres, edges clamped (torch's
+    interpolate with align_corners=False), in float64: the reference for crop_batch's enlargement."""
+    def taps(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.maximum((np.arange(m) + 0.5) * (n / m) - 0.5, 0)
+        k = np.minimum(x.astype(np.int64), n - 1)
+        return k, np.minimum(k + 1, n - 1), x - k
+    y0, y1, wy = taps(pixels.shape[0], out[0])
+    x0, x1, wx = taps(pixels.shape[1], out[1])
+    p = pixels.astype(np.float64)
+    rows = p[y0] + wy[:, None, None] * (p[y1] - p[y0])
+    return np.rint(rows[:, x0] + wx[None, :, None] * (rows[:, x1] - rows[:, x0]))
 
 
 # ---- beton: converted datasets, mutated, through open_split and every backend ----

@@ -260,6 +260,15 @@ class BetonFile:
         """Each record's stored byte count (checked against the allocation table), int64."""
         return self._sizes.copy()
 
+    def jpeg_records(self) -> np.ndarray:
+        """Whether each record is stored as JPEG bytes (bool; else pixels, and all False for ndarray storage)."""
+        return self._jpg.copy() if self.storage != "ndarray" else np.zeros(self.num_samples, dtype=bool)
+
+    def mapped(self) -> np.ndarray:
+        """The whole file as mapped, read-only uint8: record i is bytes [pointers()[i], pointers()[i] +
+        record_sizes()[i]). For a compiled reader handed one buffer for many records."""
+        return self._data
+
     def stored_bytes(self, i: int) -> np.ndarray:
         """Sample i's image exactly as stored (pixels, or JPEG bytes): a read-only view into the file."""
         return self._data[self._ptrs[i]:self._ptrs[i] + self._sizes[i]]

@@ -3,14 +3,16 @@ training, centre for evaluation), and the ways of cutting them out of the stored
 the ffcv photo path does, or as near as Pillow can: an area average (OpenCV's INTER_AREA) when the crop shrinks both
 ways, else bilinear.
 
-- On the host, one record per call, on a pool of threads (the compiled decoder and Pillow release the GIL):
-  - `library_crop`, where the install built `crop_decode.c` (`crop_library.available()`): the ffcv path's own C,
-    decoding only the crop's rows and block columns of a JPEG, shrunk by 1/2-1/8 in the DCT when the crop is at
-    least twice that many times the output, then area-averaged.
-  - `pillow_crop`, the core install's: Pillow decodes the whole JPEG, shrunk in the DCT alike (`Image.draft`), so
-    a 500-px photo cropped to 160 px is not decoded at full size, then resizes with its bilinear filter, which
-    widens with the shrink: of Pillow's filters the closest to the area average on the hymenoptera photos (a
-    mean 0.8 levels away at 224 px centre crops; its box filter, which takes a pixel wholly or not at all, 2.7).
+- On the host, on a pool of threads (the compiled decoder and Pillow release the GIL):
+  - `crop_library.crop_batch`, where the install built `crop_decode.c` (`crop_library.available()`), a chunk of a
+    batch per call: the ffcv path's own C, decoding only the crop's rows and block columns of a JPEG, shrunk by
+    1/2-1/8 in the DCT when the crop is at least twice that many times the output, then area-averaged (bilinear
+    where a crop is enlarged), with no Python per record.
+  - `pillow_crop`, the core install's, one record per call: Pillow decodes the whole JPEG, shrunk in the DCT alike
+    (`Image.draft`), so a 500-px photo cropped to 160 px is not decoded at full size, then resizes with its
+    bilinear filter, which widens with the shrink: of Pillow's filters the closest to the area average on the
+    hymenoptera photos (a mean 0.8 levels away at 224 px centre crops; its box filter, which takes a pixel wholly
+    or not at all, 2.7).
 - On the device, a whole batch per call (`DeviceCrops`): torchvision decodes the batch's JPEGs in one call (nvJPEG
   on CUDA), raw records are copied up as they are, and each chunk of images is zero-padded to one size and
   resized by two batched matrix products with per-image filter weights (`filter_weights`), which reach no pixel
@@ -27,14 +29,13 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from beton_trainer.pipelines.base import CENTER_CROP_RATIO, RRC_RATIO, RRC_SCALE
-from beton_trainer.pipelines.crop_library import dct_scale, decode_region, resize_area
+from beton_trainer.pipelines.crop_library import dct_scale
 
-__all__ = ["DEVICE_CHUNK", "DeviceCrops", "centre_boxes", "filter_weights", "library_crop", "pillow_crop",
+__all__ = ["DEVICE_CHUNK", "DeviceCrops", "centre_boxes", "filter_weights", "pillow_crop",
            "random_boxes", "whole_boxes"]
 
 ATTEMPTS = 10  # random-resized-crop draws before the fallback, as torchvision and FFCV
@@ -99,30 +100,6 @@ def pillow_crop(record: np.ndarray, jpeg: bool, size: tuple[int, int], box: np.n
     bounds = (left / scale, top / scale, (left + crop_w) / scale, (top + crop_h) / scale)
     crop = image.resize((out[1], out[0]), Image.BILINEAR, box=bounds)
     return np.asarray(crop if crop.mode == "RGB" else crop.convert("RGB"))
-
-
-def library_crop(record: np.ndarray, jpeg: bool, size: tuple[int, int], box: np.ndarray,
-                 out: tuple[int, int]) -> np.ndarray:
-    """`pillow_crop` by the compiled decoder: only the crop's region of a JPEG decoded, then the area average (an
-    enlargement is torch's bilinear resize of the crop). A JPEG the library refuses goes to Pillow, which decodes
-    it or raises."""
-    h, w = size
-    top, left, crop_h, crop_w = (int(v) for v in box)
-    if jpeg:
-        decoded, region = np.empty(h * w * 3, dtype=np.uint8), np.empty(6, dtype=np.float64)
-        if decode_region(record, decoded, top, left, crop_h, crop_w, dct_scale(crop_h, crop_w, *out), region) != 0:
-            return pillow_crop(record, jpeg, size, box, out)
-        source = decoded[:int(region[0]) * int(region[1]) * 3].reshape(int(region[0]), int(region[1]), 3)
-        y0, y1, x0, x1 = region[2:].tolist()
-    else:
-        source = record.reshape(h, w, 3)
-        y0, y1, x0, x1 = top, top + crop_h, left, left + crop_w
-    crop = np.empty((*out, 3), dtype=np.uint8)
-    if resize_area(source, y0, y1, x0, x1, crop) == 0:
-        return crop
-    # enlarged (so decoded at full scale, whole-pixel bounds): torch's uint8 bilinear, 2.5x Pillow's speed here
-    window = torch.from_numpy(np.ascontiguousarray(source[int(y0):int(y1), int(x0):int(x1)])).permute(2, 0, 1)
-    return F.interpolate(window[None], size=out, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
 
 
 class DeviceCrops:

@@ -15,8 +15,9 @@ run with one line naming it (the first failure in batch order, whichever thread 
 stopped before the error reaches the loop.
 
 Two paths (`photo_decode` has the decoders):
-- The host (the CPU, MPS): `num_workers` threads decode a record each (the compiled decoder, or Pillow with
-  libjpeg-turbo's DCT scaling where the crop is 2-8 times the output) into one of PREFETCH + 1 batch buffers;
+- The host (the CPU, MPS): `num_workers` threads decode into one of PREFETCH + 1 batch buffers, a chunk of the
+  batch each in one call of the compiled decoder, or a record each with Pillow (libjpeg-turbo's DCT scaling where
+  the crop is 2-8 times the output);
   the loop takes batch b while the threads decode up to b + PREFETCH.
 - The device (CUDA): one thread stages each batch's encoded bytes in pinned memory and runs `DeviceCrops` (one
   batched nvJPEG decode, batched resizes) on a side stream, up to PREFETCH batches ahead; torchvision's decode
@@ -39,12 +40,11 @@ from beton_trainer.format.dataset import load_manifest, open_beton
 from beton_trainer.format.integrity import check_integrity
 from beton_trainer.pipelines.base import LoaderOptions, ShardedLoader, varied_sizes
 from beton_trainer.pipelines.budget import PHOTO_FIX, check, largest_batch, photo_need
-from beton_trainer.pipelines.crop_library import available
+from beton_trainer.pipelines.crop_library import available, crop_batch
 from beton_trainer.pipelines.photo_decode import (
     DEVICE_CHUNK,
     DeviceCrops,
     centre_boxes,
-    library_crop,
     pillow_crop,
     random_boxes,
     whole_boxes,
@@ -61,8 +61,9 @@ DECODERS = ("device", "library", "pillow")
 
 class PhotoLoader(ShardedLoader):
     """Implements `pipelines.base.Loader` over one split's `.beton` of RGB records, decoded as it goes. `decoder`:
-    "device" (`photo_decode.DeviceCrops`; the default on CUDA), "library" (`photo_decode.library_crop` on threads;
-    the default elsewhere where the compiled decoder is built) or "pillow" (`photo_decode.pillow_crop` on threads)."""
+    "device" (`photo_decode.DeviceCrops`; the default on CUDA), "library" (`crop_library.crop_batch` on threads,
+    a chunk of each batch per thread; the default elsewhere where the compiled decoder is built) or "pillow"
+    (`photo_decode.pillow_crop` on threads, a record each)."""
 
     def __init__(self, options: LoaderOptions, decoder: str = "auto"):
         manifest = load_manifest(options.data_dir)
@@ -83,6 +84,7 @@ class PhotoLoader(ShardedLoader):
         self.decoder = decoder
         self.varied = varied_sizes(manifest)
         self.sizes = beton.sizes()
+        self.pointers, self.lengths, self.jpeg = beton.pointers(), beton.record_sizes(), beton.jpeg_records()
         self.labels = torch.from_numpy(labels).to(options.device)
         side = max(self.crop_side(), options.resolution.max_res) if self.varied else 0
         self.memory = photo_need(beton, batch_size=options.batch_size, side=side, workers=max(1, options.num_workers),
@@ -139,7 +141,7 @@ class PhotoLoader(ShardedLoader):
     # ---- the CPU (and MPS): the pool's threads decode a record each into one of PREFETCH + 1 batch buffers ----
 
     def _host_decoder(self) -> Callable[[ThreadPoolExecutor, int, np.ndarray], Ready]:
-        crop, out = library_crop if self.decoder == "library" else pillow_crop, self.output_size()
+        out, chunks = self.output_size(), max(1, self.options.num_workers)
         # tensors made now, before the steady state: the threads write into their arrays
         buffers = [torch.empty((self.options.batch_size, *out, 3), dtype=torch.uint8) for _ in range(PREFETCH + 1)]
         arrays = [buffer.numpy() for buffer in buffers]
@@ -147,8 +149,13 @@ class PhotoLoader(ShardedLoader):
         def submit(pool: ThreadPoolExecutor, b: int, idx: np.ndarray) -> Ready:
             slot = b % len(buffers)  # batch b - PREFETCH - 1's: consumed before b is submitted
             buffer, pixels, boxes = buffers[slot][:len(idx)], arrays[slot], self.boxes(idx, b)
-            futures = [pool.submit(self._decode_into, crop, pixels[k], int(i), boxes[k], out)
-                       for k, i in enumerate(idx)]
+            if self.decoder == "library":  # a contiguous chunk a thread, one call of the library each
+                parts = [p for p in np.array_split(np.arange(len(idx)), chunks) if len(p)]
+                futures = [pool.submit(self._library_into, pixels[p[0]:p[-1] + 1], idx[p], boxes[p], out)
+                           for p in parts]
+            else:
+                futures = [pool.submit(self._decode_into, pillow_crop, pixels[k], int(i), boxes[k], out)
+                           for k, i in enumerate(idx)]
 
             def ready() -> torch.Tensor:
                 for future in futures:
@@ -156,6 +163,12 @@ class PhotoLoader(ShardedLoader):
                 return buffer.to(self.options.device).permute(0, 3, 1, 2)
             return ready
         return submit
+
+    def _library_into(self, dst: np.ndarray, idx: np.ndarray, boxes: np.ndarray, out: tuple[int, int]) -> None:
+        refused = crop_batch(self.beton.mapped(), self.pointers[idx], self.lengths[idx], self.jpeg[idx],
+                             self.sizes[idx], boxes, dst)
+        for k in refused.tolist():  # what the library refuses (a JPEG with a warning), Pillow decodes or raises on
+            self._decode_into(pillow_crop, dst[k], int(idx[k]), boxes[k], out)
 
     def _decode_into(self, crop: Callable[..., np.ndarray], dst: np.ndarray, i: int, box: np.ndarray,
                      out: tuple[int, int]) -> None:

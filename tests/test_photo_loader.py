@@ -21,10 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.fuzz import bilinear
 from beton_trainer.common.errors import UserError
 from beton_trainer.format import BetonFile
 from beton_trainer.pipelines import build_loader
 from beton_trainer.pipelines.base import CENTER_CROP_RATIO, ResolutionSchedule
+from beton_trainer.pipelines.crop_library import crop_batch, dct_scale, decode_region, resize_area
 from beton_trainer.pipelines.photo_decode import DeviceCrops, centre_boxes, random_boxes
 from beton_trainer.pipelines.photo_loader import PhotoLoader
 from beton_trainer.trainer.syncs import no_host_sync
@@ -98,6 +100,39 @@ def test_eval_crops_take_ffcvs_boxes_and_come_close_to_its_pixels(hymenoptera_da
         with capsys.disabled():
             print(f"\n{decoder}: mean {difference.mean():.3f}, largest {difference.max()} levels from ffcv's crops")
         assert difference.mean() < bounds[decoder][0] and difference.max() <= bounds[decoder][1]
+
+
+@pytest.mark.parametrize("side", [64, 224])
+def test_the_library_cuts_a_chunk_in_one_call_as_record_by_record(hymenoptera_data, side):
+    """crop_batch, the library path's one call per chunk, on 60 real photos with random-resized boxes: each crop
+    what decode_region and resize_area give record by record (at 64 px every crop shrinks, many in the DCT), an
+    enlarged one (at 224 px, 19 of them) the bilinear interpolation of the decoded crop within one level; a record
+    whose bytes lie outside the file is refused alone, by position."""
+    require_crop_library()
+    beton = BetonFile(hymenoptera_data / "train.beton")
+    idx = np.arange(60)
+    sizes, out = beton.sizes()[idx], (side, side)
+    boxes = random_boxes(sizes, np.random.default_rng(3))
+    pointers, lengths = beton.pointers()[idx], beton.record_sizes()[idx]
+    crops = np.empty((len(idx), side, side, 3), dtype=np.uint8)
+    assert crop_batch(beton.mapped(), pointers, lengths, beton.jpeg_records()[idx], sizes, boxes, crops).size == 0
+    enlarged = 0
+    for k, i in enumerate(idx.tolist()):
+        (h, w), (top, left, ch, cw) = sizes[k].tolist(), boxes[k].tolist()
+        decoded, bounds = np.empty(h * w * 3, dtype=np.uint8), np.empty(6)
+        assert decode_region(beton.stored_bytes(i), decoded, top, left, ch, cw, dct_scale(ch, cw, *out), bounds) == 0
+        rows, cols, y0, y1, x0, x1 = bounds.tolist()
+        source = decoded[:int(rows) * int(cols) * 3].reshape(int(rows), int(cols), 3)
+        want = np.empty((*out, 3), dtype=np.uint8)
+        if resize_area(source, y0, y1, x0, x1, want) == 0:
+            np.testing.assert_array_equal(crops[k], want)
+        else:
+            enlarged += 1
+            window = source[int(y0):int(y1), int(x0):int(x1)]
+            assert np.abs(crops[k].astype(int) - bilinear(window, out)).max() <= 1
+    assert enlarged == (0 if side == 64 else 19)
+    pointers[7] = beton.mapped().size - 2
+    assert crop_batch(beton.mapped(), pointers, lengths, beton.jpeg_records()[idx], sizes, boxes, crops).tolist() == [7]
 
 
 def area_reference(image: np.ndarray, box: np.ndarray, side: int) -> np.ndarray:
