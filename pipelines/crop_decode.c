@@ -41,6 +41,15 @@ static void on_error(j_common_ptr cinfo) { longjmp(((struct error_manager *)cinf
  * not printed, and fail the decode as errors do: libjpeg goes on past them with made-up pixels. */
 static void on_message(j_common_ptr cinfo) { (void)cinfo; }
 
+/* A progressive JPEG is read scan by scan before the first row comes out, each scan over every block: a few
+ * hundred KB of empty scans over a large frame would take minutes. Encoders write about ten; more than MAX_SCANS
+ * is refused (djpeg's -maxscans). */
+#define MAX_SCANS 100
+
+static void on_progress(j_common_ptr cinfo) {
+    if (cinfo->is_decompressor && ((j_decompress_ptr)cinfo)->input_scan_number > MAX_SCANS) on_error(cinfo);
+}
+
 /* Whether this image itself defined every table its first scan uses. libjpeg keeps tables from image to image
  * in one decompressor, and libjpeg-turbo substitutes its standard Huffman tables for missing ones; each call
  * has a fresh decompressor, so a table present here came from this image's own DQT/DHT markers. */
@@ -123,6 +132,8 @@ int decode_region(const unsigned char *src, uint64_t size, unsigned char *dst, u
         return -1;
     }
     jpeg_create_decompress(&cinfo);
+    struct jpeg_progress_mgr progress = {.progress_monitor = on_progress};
+    cinfo.progress = &progress;
     int status = decode_with(&cinfo, src, size, dst, capacity, top, left, height, width, scale_denom, region);
     jpeg_destroy_decompress(&cinfo);
     return status;
@@ -223,7 +234,7 @@ static int resize_bilinear(const unsigned char *src, int64_t cols, int64_t y0, i
         return -1;
     }
     float scale_x = (float)width / out_w, scale_y = (float)height / out_h;
-    for (int j = 0; j < out_w; j++) {
+    for (size_t j = 0; j < (size_t)out_w; j++) {
         float x = (j + 0.5f) * scale_x - 0.5f;
         if (x < 0) x = 0;
         int64_t k = (int64_t)x;
@@ -233,7 +244,7 @@ static int resize_bilinear(const unsigned char *src, int64_t cols, int64_t y0, i
         weights[j] = x - k;
     }
     size_t stride = (size_t)cols * 3;
-    for (int i = 0; i < out_h; i++) {
+    for (size_t i = 0; i < (size_t)out_h; i++) {
         float y = (i + 0.5f) * scale_y - 0.5f;
         if (y < 0) y = 0;
         int64_t k = (int64_t)y;
@@ -242,7 +253,7 @@ static int resize_bilinear(const unsigned char *src, int64_t cols, int64_t y0, i
         const unsigned char *a = src + (size_t)(y0 + k) * stride;
         const unsigned char *b = src + (size_t)(y0 + (k + 1 < height ? k + 1 : k)) * stride;
         unsigned char *out = dst + (size_t)i * out_w * 3;
-        for (int j = 0; j < out_w; j++) {
+        for (size_t j = 0; j < (size_t)out_w; j++) {
             size_t l = taps[2 * j], r = taps[2 * j + 1];
             float wx = weights[j];
             for (int c = 0; c < 3; c++) {
@@ -286,9 +297,9 @@ static int crop_one(const unsigned char *record, int64_t length, int jpeg, int64
     } else if (length != h * w * 3) {
         return -1;
     }
-    if (resize_area(src, (int32_t)rows, (int32_t)cols, bounds[2], bounds[3], bounds[4], bounds[5], out, out_h,
-                    out_w) == 0)
-        return 0;
+    if (height >= out_h && width >= out_w)
+        return resize_area(src, (int32_t)rows, (int32_t)cols, bounds[2], bounds[3], bounds[4], bounds[5], out,
+                           out_h, out_w);
     /* enlarged at least one way, so decoded at full scale (dct_scale 1): the bounds are whole pixels */
     return resize_bilinear(src, cols, (int64_t)bounds[2], (int64_t)bounds[4], (int64_t)(bounds[3] - bounds[2]),
                            (int64_t)(bounds[5] - bounds[4]), out, out_h, out_w);

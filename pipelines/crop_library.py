@@ -70,6 +70,9 @@ def crop_batch(mapped: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, jpe
     area average where the crop shrinks (a JPEG decoded only in the box, shrunk in the DCT by `dct_scale`), else
     bilinear. Returns the positions k of the records it refused (dst[k] then holds anything)."""
     n = len(offsets)
+    if mapped.dtype != np.uint8 or mapped.ndim != 1 or not mapped.flags.c_contiguous:
+        raise ValueError(f"crop_batch: mapped must be one C-contiguous run of uint8, got {mapped.dtype} "
+                         f"{mapped.shape}")
     if dst.shape[0] != n or dst.dtype != np.uint8 or dst.ndim != 4 or dst.shape[3] != 3 or \
             not dst.flags.c_contiguous:
         raise ValueError(f"crop_batch: dst must be ({n}, height, width, 3) C-contiguous uint8, got {dst.shape} "
