@@ -16,6 +16,7 @@ from benchmarks import train_throughput as tt
 from benchmarks.flops import flops_per_image, peak_flops
 from beton_trainer.common.errors import UserError
 from beton_trainer.models import build_model
+from beton_trainer.pipelines import BACKENDS
 from beton_trainer.trainer.config import load_recipe
 from beton_trainer.trainer.distributed import isolated_state
 from tests.loader_helpers import installed
@@ -57,8 +58,8 @@ def test_smoke_table(tiny_rgb_data, tmp_path):
                     "--ablations"]) == 0
     with open(out, newline="") as f:
         rows = {row["name"]: row for row in csv.DictReader(f)}
-    optional = (("ffcv", "ffcv"), ("dali", "nvidia.dali"))
-    backends = {"tensor"} | {backend for backend, module in optional if installed(module)}
+    backends = {backend for backend, (*_, package) in BACKENDS.items() if not package or installed(package)}
+    assert {"tensor", "photo"} <= backends
     # --smoke is eager, so the compile ablation does not apply; the other two do
     assert set(rows) == {"ceiling", "torchvision", *backends, "ceiling, channels-last off", "ceiling, fp32"}
     rates = {name: float(row["images_per_s"]) for name, row in rows.items()}
