@@ -79,7 +79,7 @@ def test_eval_crops_take_ffcvs_boxes_and_come_close_to_its_pixels(hymenoptera_da
     """The 153 test photos at 224 px: the boxes are FFCV's get_center_crop's; the pixels, against FFCV's (the
     compiled crop decoder, libjpeg's fast IDCT), differ by the decoders' rounding and filters only. Measured
     (2026-12-07, CPU-2): mean 0.005 / largest 18 levels with the compiled decoder (an enlarged crop is resized by
-    torch's bilinear, not OpenCV), 1.36 / 45 with Pillow (its bilinear filter for the area average, its accurate
+    bilinear in the C, not OpenCV), 1.36 / 45 with Pillow (its bilinear filter for the area average, its accurate
     IDCT), 0.95 / 21 on the device path (the area average exactly, torchvision's accurate IDCT)."""
     require("ffcv")  # compared with the ffcv backend
     require_crop_library()
