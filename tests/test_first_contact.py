@@ -25,12 +25,13 @@ def first_contact(real_data_root: Path, tmp_path: Path, *extra: str, env: dict |
 
 
 def test_the_first_steps_write_their_results_as_they_end(real_data_root, tmp_path):
-    proc = first_contact(real_data_root, tmp_path, "--only", "versions", "convert", "loaders")
+    proc = first_contact(real_data_root, tmp_path, "--only", "versions", "convert", "loaders", "photo")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}
     assert {"01-versions.json", "01-versions.log", "02-convert.json", "02-convert.log", "06-loaders.json",
-            "06-loaders.log", "check_cuda.md", "summary.md"} <= names
+            "06-loaders.log", "check_cuda.md", "08-photo.json", "08-photo.log", "photo_loaders.md",
+            "summary.md"} <= names
     steps = {n: json.loads((out / n).read_text()) for n in names if n.endswith(".json")}
     assert all(s["status"] == "ok" and s["seconds"] <= s["limit_s"] for s in steps.values())
     versions = steps["01-versions.json"]["results"]
@@ -40,10 +41,12 @@ def test_the_first_steps_write_their_results_as_they_end(real_data_root, tmp_pat
                                                               "cifar10-full": {"train": 400, "test": 100}}
     loaders = steps["06-loaders.json"]["results"]
     assert loaders["passed"] == 3 and loaders["failed"] == 0  # identity, crop+flip, erase of the tensor backend
+    photo = steps["08-photo.json"]["results"]  # the photo backend and its Pillow threads beside the baseline
+    assert len(photo["rows"]) == 1 and photo["rows"][0].startswith("| generated_40 | 64 | ")
     summary = (out / "summary.md").read_text()
     assert "- status: finished" in summary
     rows = [line.split(" | ")[1:3] for line in summary.splitlines() if line.startswith("| ")][1:]  # after the header
-    assert rows == [["versions", "ok"], ["convert", "ok"], ["loaders", "ok"]]
+    assert rows == [["versions", "ok"], ["convert", "ok"], ["loaders", "ok"], ["photo", "ok"]]
 
 
 def test_a_step_cut_at_its_limit_costs_that_step_alone(real_data_root, tmp_path):

@@ -17,7 +17,9 @@ a crash costs that step alone; the whole stays within --budget-s, counted from t
 5. time_to_94: c10_fast's time to 94% test accuracy (benchmarks.time_to_accuracy) on all 50,000 images;
 6. loaders: the tensor backend's identity and augmentation statistics on the device (check_cuda.py's checks);
 7. reduce_overhead: c10_fast with compile_mode "reduce-overhead" and flip TTA, inductor's cudagraph skips counted;
-8. finetune: c10_finetune from scratch (one head-only epoch) for whatever time is left, images/s per epoch.
+8. photo: the photo backend on the device (one batched nvJPEG decode a batch, batched resizes) beside its Pillow
+   threads and torchvision's ImageFolder + PIL, on photos generated on the machine (none is carried), at 224 px;
+9. finetune: c10_finetune from scratch (one head-only epoch) for whatever time is left, images/s per epoch.
 
 Each call trains into run folders of its own (`<work>/runs/<call>/`), and a step deletes what it reports from
 before reading it, so a rerun on a warm machine never reports an earlier call's numbers. Every step writes
@@ -350,6 +352,23 @@ def reduce_overhead(ctx: Context, log: Path) -> dict:
     return {**summary_of(run_dir), "epochs": epochs_of(run_dir), "cudagraphs": graphs, **ctx.uncompiled_note()}
 
 
+def photo(ctx: Context, log: Path) -> dict:
+    """benchmarks.photo_loaders on 300 generated photos of 240-500 px (JPEG, and half raw): images/s of each
+    loader and the ratios, the photo backend's CUDA path measured for the first time (issue 38)."""
+    work = ctx.work / "photo"
+    report = ctx.out / "photo_loaders.md"
+    ctx.fresh(report, work / "photo_loaders.md")
+    size = ["--smoke"] if ctx.args.smoke else ["--generated", "300", "--resolutions", "224", "--rounds", "1",
+                                               "--epochs", "2"]
+    ctx.run("-m", "benchmarks.photo_loaders", "--device", ctx.args.device, "--datasets", "generated", "--backends",
+            "photo", "photo-Pillow", "--workers", str(ctx.args.workers), "--work", str(work), *size, log=log)
+    if not (work / "photo_loaders.md").is_file():
+        return {}
+    table = (work / "photo_loaders.md").read_text()
+    write_text(report, table)
+    return {"rows": [line for line in table.splitlines() if line.startswith("| generated")], "report": report.name}
+
+
 def finetune(ctx: Context, log: Path) -> dict:
     """As long as the budget lasts: running out of time is this step's normal end, not a failure. From scratch
     (no network for ImageNet weights), so the head-only phase gets one epoch, not eight."""
@@ -370,10 +389,11 @@ class Step:
 
 
 # limits on a GPU (the device README's budget table: what each step cost on the CPU, and the GPU estimate);
-# they sum to 420 of the default 450 s, so the finetune step keeps at least 30 s (more when steps end early)
+# they sum to 450 s, the default budget: the finetune step runs on what the steps before it leave unused
 STEPS = (Step("versions", versions, 40), Step("convert", convert, 40), Step("syncs", syncs, 100),
          Step("throughput", throughput, 120), Step("time_to_94", time_to_94, 60), Step("loaders", loaders, 20),
-         Step("reduce_overhead", reduce_overhead, 40), Step("finetune", finetune, float("inf")))
+         Step("reduce_overhead", reduce_overhead, 40), Step("photo", photo, 30),
+         Step("finetune", finetune, float("inf")))
 NAMES = [s.name for s in STEPS]
 MIN_STEP_S = 15  # a step with less time left than this is skipped
 
