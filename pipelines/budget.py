@@ -222,6 +222,8 @@ def decode_bytes(beton: BetonFile, *, batch_size: int, workers: int) -> int:
     an epoch starts), and, in each of `workers` decoding at once, libjpeg's coefficient buffers for it."""
     height, width = largest_image(beton)
     return height * width * (3 * FFCV_BATCH_SLOTS * batch_size + JPEG_COEFFICIENT_BYTES * max(workers, 1))
+
+
 def largest_batch(values: np.ndarray, batch_size: int) -> int:
     """The most a batch can add up to: the sum of the `batch_size` largest of `values` (one per record)."""
     return int(np.sort(np.asarray(values, dtype=np.int64))[-batch_size:].sum()) if len(values) else 0

@@ -10,7 +10,7 @@
  * covers), which FFCV's resize calls, in two separable passes: a vertical one over whole rows, which the
  * compiler vectorizes, then a horizontal one. OpenCV's took 1.8-2.5x as long for 230-450 px inputs to 224.
  *
- * crop_batch: the photo backend's host path (pipelines/photo_decode.py), a chunk of a batch in one call: each
+ * crop_batch: the photo backend's host path (pipelines/photo_loader.py), a chunk of a batch in one call: each
  * record (JPEG or raw pixels) cut to its crop box with the two above, or enlarged by bilinear interpolation, so
  * that no Python runs per record.
  *
@@ -223,7 +223,8 @@ static uint32_t dct_scale(int64_t crop_h, int64_t crop_w, int32_t out_h, int32_t
 
 /* Rows [y0, y0 + height) x columns [x0, x0 + width) of src, a (rows, cols, 3) RGB array, resized into dst
  * (out_h, out_w, 3) by bilinear interpolation at pixel centres, edges clamped: torch's interpolate with
- * align_corners=False, as the photo backend's other paths enlarge. */
+ * align_corners=False. (Pillow's bilinear filter, on the photo backend's other paths, widens on an axis that
+ * shrinks; this one does not: a crop enlarged one way and shrunk the other differs from theirs there.) */
 static int resize_bilinear(const unsigned char *src, int64_t cols, int64_t y0, int64_t x0, int64_t height,
                            int64_t width, unsigned char *dst, int32_t out_h, int32_t out_w) {
     size_t *taps = malloc(sizeof(size_t) * 2 * (size_t)out_w);

@@ -41,8 +41,7 @@ from ffcv.pipeline.compiler import Compiler
 
 from beton_trainer.pipelines.crop_library import LIBRARY, available, dct_scale, decode_region, resize_area
 
-__all__ = ["CenterCropDecoder", "FixedSizeDecoder", "UndecodableRecord", "dct_scale", "decode_region",
-           "photo_decoders", "resize_area"]
+__all__ = ["CenterCropDecoder", "FixedSizeDecoder", "UndecodableRecord", "photo_decoders"]
 
 NOT_BUILT = (f"warning: {LIBRARY} (the FFCV photo path's crop decoder) is not built, so FFCV's own decoders "
              "decode whole images (about 2x slower); install a C compiler and libjpeg headers (e.g. apt-get install "

@@ -1,8 +1,8 @@
 """The compiled crop decoder (`crop_decode.c`), loaded with ctypes where the install built it: decode only a crop
 of a JPEG, shrunk in the DCT when it is large, and resize by area averaging. The ffcv photo path calls it from
 FFCV's compiled threads (`pipelines.crop_decode`), the photo backend from its decoding threads
-(`pipelines.photo_decode`); ctypes releases the GIL for each call. Neither needs it: without it FFCV decodes with
-its own decoders and the photo backend with Pillow.
+(`pipelines.photo_loader`, a chunk of a batch a call: `crop_batch`); ctypes releases the GIL for each call.
+Neither needs it: without it FFCV decodes with its own decoders and the photo backend with Pillow.
 """
 
 from __future__ import annotations

@@ -35,10 +35,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from beton_trainer.pipelines.base import CENTER_CROP_RATIO, RRC_RATIO, RRC_SCALE
 from beton_trainer.pipelines.crop_library import dct_scale
 
-__all__ = ["DEVICE_CHUNK", "DeviceCrops", "centre_boxes", "filter_weights", "pillow_crop",
-           "random_boxes", "whole_boxes"]
+__all__ = ["DEVICE_CHUNK", "MAX_SCANS", "DeviceCrops", "centre_boxes", "check_scans", "filter_weights",
+           "pillow_crop", "random_boxes", "whole_boxes"]
 
 ATTEMPTS = 10  # random-resized-crop draws before the fallback, as torchvision and FFCV
+MAX_SCANS = 100  # crop_decode.c's limit on a progressive JPEG's scans, which Pillow and torchvision do not have
 DEVICE_CHUNK = 64  # images resized together on the device: bounds the padded float batch and the filter weights
 
 
@@ -80,15 +81,26 @@ def whole_boxes(sizes: np.ndarray) -> np.ndarray:
     return np.concatenate([np.zeros_like(sizes), sizes], axis=1)
 
 
+def check_scans(record: np.ndarray) -> None:
+    """Raises ValueError for a JPEG of more than MAX_SCANS scans: a decoder reads each over every block before
+    any row comes out, so a few hundred KB of empty scans would hold it for minutes (crop_decode.c refuses them
+    alike). Entropy-coded data never holds 0xFF 0xDA (0xFF is followed by 0x00 or a marker there): each is a scan
+    marker, or a byte pair in a header segment, which counts against the record."""
+    scans = record.tobytes().count(b"\xff\xda")
+    if scans > MAX_SCANS:
+        raise ValueError(f"a progressive JPEG of {scans} scans; at most {MAX_SCANS} are decoded")
+
+
 def pillow_crop(record: np.ndarray, jpeg: bool, size: tuple[int, int], box: np.ndarray,
                 out: tuple[int, int]) -> np.ndarray:
     """Record `record` (JPEG bytes, or raw (height, width, 3) pixels when not `jpeg`) of (height, width) `size`: its
     crop `box` (top, left, height, width) resized to `out` (height, width), uint8 RGB, by Pillow. Raises what Pillow
-    raises for a damaged JPEG, and ValueError for a JPEG of another size than `size`."""
+    raises for a damaged JPEG, and ValueError for a JPEG of another size than `size` or of too many scans."""
     h, w = size
     top, left, crop_h, crop_w = (int(v) for v in box)
     scale = 1
     if jpeg:
+        check_scans(record)
         image = Image.open(io.BytesIO(record), formats=["JPEG"])
         if image.size != (w, h):
             raise ValueError(f"a {image.size[1]}x{image.size[0]} JPEG where the file says {h}x{w}")
@@ -138,6 +150,8 @@ class DeviceCrops:
         images: list[torch.Tensor | None] = [None] * len(records)
         where = np.flatnonzero(jpeg).tolist()
         if where:
+            for k in where:
+                check_scans(records[k].numpy())
             decoded = decode_jpeg([records[k] for k in where], mode=ImageReadMode.RGB, device=self.device)
             for k, image in zip(where, decoded):
                 images[k] = image

@@ -138,7 +138,8 @@ class PhotoLoader(ShardedLoader):
         return UserError(f"{self.beton.path}: record {i} could not be decoded ({detail}); convert the dataset "
                          "again with --force")
 
-    # ---- the CPU (and MPS): the pool's threads decode a record each into one of PREFETCH + 1 batch buffers ----
+    # ---- the CPU (and MPS): the pool's threads decode into one of PREFETCH + 1 batch buffers, a chunk or a record
+    # each ----
 
     def _host_decoder(self) -> Callable[[ThreadPoolExecutor, int, np.ndarray], Ready]:
         out, chunks = self.output_size(), max(1, self.options.num_workers)
@@ -154,8 +155,7 @@ class PhotoLoader(ShardedLoader):
                 futures = [pool.submit(self._library_into, pixels[p[0]:p[-1] + 1], idx[p], boxes[p], out)
                            for p in parts]
             else:
-                futures = [pool.submit(self._decode_into, pillow_crop, pixels[k], int(i), boxes[k], out)
-                           for k, i in enumerate(idx)]
+                futures = [pool.submit(self._pillow_into, pixels[k], int(i), boxes[k], out) for k, i in enumerate(idx)]
 
             def ready() -> torch.Tensor:
                 for future in futures:
@@ -167,13 +167,13 @@ class PhotoLoader(ShardedLoader):
     def _library_into(self, dst: np.ndarray, idx: np.ndarray, boxes: np.ndarray, out: tuple[int, int]) -> None:
         refused = crop_batch(self.beton.mapped(), self.pointers[idx], self.lengths[idx], self.jpeg[idx],
                              self.sizes[idx], boxes, dst)
-        for k in refused.tolist():  # what the library refuses (a JPEG with a warning), Pillow decodes or raises on
-            self._decode_into(pillow_crop, dst[k], int(idx[k]), boxes[k], out)
+        if refused.size:  # not passed on to Pillow, which decodes damaged data libjpeg only warns about as made up
+            raise self._unreadable(int(idx[refused[0]]), ValueError("the compiled decoder refused it: damaged data, "
+                                                                     "or over its size or scan limits"))
 
-    def _decode_into(self, crop: Callable[..., np.ndarray], dst: np.ndarray, i: int, box: np.ndarray,
-                     out: tuple[int, int]) -> None:
+    def _pillow_into(self, dst: np.ndarray, i: int, box: np.ndarray, out: tuple[int, int]) -> None:
         try:
-            dst[...] = crop(self.beton.stored_bytes(i), self.beton.is_jpeg(i), tuple(self.sizes[i]), box, out)
+            dst[...] = pillow_crop(self.beton.stored_bytes(i), self.beton.is_jpeg(i), tuple(self.sizes[i]), box, out)
         except DECODE_ERRORS as exc:
             raise self._unreadable(i, exc) from None
 

@@ -288,7 +288,6 @@ def test_a_header_over_the_pixel_limit_is_refused_before_allocating():
                          16, 1, np.zeros(6)) == -1
 
 
-
 def test_a_progressive_jpeg_stops_at_the_scan_limit():
     """Each scan of a progressive JPEG is read over every block before any row comes out: without a limit, 1,000
     extra copies of the last scan of a 2048x2048 image took 43 times as long as 20 (2.6 s against 0.06 s here;
@@ -309,6 +308,7 @@ def test_a_progressive_jpeg_stops_at_the_scan_limit():
 
     few, many = min(seconds(20) for _ in range(3)), min(seconds(1000) for _ in range(3))
     assert many < 12 * few, (few, many)
+
 
 def test_data_libjpeg_only_warns_about_is_refused():
     """libjpeg decodes a JPEG whose entropy data is damaged with a warning ("premature end of data segment", here

@@ -88,17 +88,20 @@ def test_install_rejects_a_corrupt_part(tmp_path):
     assert not (tmp_path / "pydeps" / "env.sh").exists()  # nothing was installed
 
 
-def test_check_cuda_smoke_on_cpu(tiny_rgb_data, tmp_path):
+def test_check_cuda_smoke_on_cpu(tiny_rgb_data, mnist_data, tmp_path):
     report = tmp_path / "check.md"
     command = [sys.executable, "-m", "benchmarks.device.check_cuda", "--device", "cpu", "--smoke", "--data",
-               str(tiny_rgb_data), "--out", str(report), "--run-root", str(tmp_path / "runs")]
+               str(tiny_rgb_data), "--grey-data", str(mnist_data), "--out", str(report), "--run-root",
+               str(tmp_path / "runs")]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = report.read_text()
     assert text in proc.stdout and "FAIL" not in text
     rows = {tuple(line.split(" | ")[:3]) for line in text.splitlines()}
-    expected = {("| tensor", "identity", "PASS"), ("| tensor", "crop+flip statistics", "PASS"),
-                ("| tensor", "erase statistics", "PASS")}
+    expected = {("| tensor", "identity", "PASS"), ("| tensor", "identity, grey", "PASS"),
+                ("| tensor", "crop+flip statistics", "PASS"), ("| tensor", "erase statistics", "PASS"),
+                ("| photo", "identity", "PASS"), ("| photo", "same batches as tensor", "PASS"),
+                ("| photo", "grey refused", "PASS")}
     if installed("ffcv"):
         expected |= {("| ffcv", "identity", "PASS"), ("| ffcv", "same batches as tensor", "PASS")}
     if installed("nvidia.dali"):

@@ -60,6 +60,7 @@ def test_mutated_records_through_every_photo_decoder(tmp_path: Path) -> None:
     stored sizes) through the compiled decoder, Pillow and the device path on the CPU. Each case decodes a whole
     epoch of sound batches or stops with one line naming a mutated record (the frame-header check at open, or the
     decoder's failure); about half the refusals come from the decoders."""
+    require_crop_library()  # else the fuzz leaves the compiled decoder out
     report = fuzz("photo", 600, seed=26, workdir=tmp_path)
     assert report.cases == 600
     check(report, least_ok=50, least_refused=300)

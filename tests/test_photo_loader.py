@@ -27,7 +27,7 @@ from beton_trainer.format import BetonFile
 from beton_trainer.pipelines import build_loader
 from beton_trainer.pipelines.base import CENTER_CROP_RATIO, ResolutionSchedule
 from beton_trainer.pipelines.crop_library import crop_batch, dct_scale, decode_region, resize_area
-from beton_trainer.pipelines.photo_decode import DeviceCrops, centre_boxes, random_boxes
+from beton_trainer.pipelines.photo_decode import MAX_SCANS, DeviceCrops, centre_boxes, pillow_crop, random_boxes
 from beton_trainer.pipelines.photo_loader import PhotoLoader
 from beton_trainer.trainer.syncs import no_host_sync
 from tests.loader_helpers import as_pixels, options, require, require_crop_library
@@ -207,6 +207,51 @@ def test_a_record_that_fails_to_decode_stops_the_run_with_one_line_naming_it(dec
     assert "\n" not in message and "record 37 " in message and str(damaged / "train.beton") in message
     assert not [t for t in threading.enumerate() if t.name.startswith("photo")], "decoding threads left running"
 
+
+
+def test_data_libjpeg_only_warns_about_stops_the_compiled_decoder(hymenoptera_data, tmp_path):
+    """A record whose entropy-coded data is overwritten (markers intact) decodes in Pillow, with no error, as
+    made-up pixels; the compiled decoder refuses it (issue 40), and its refusal is not handed to Pillow."""
+    require_crop_library()
+    copy = shutil.copytree(hymenoptera_data, tmp_path / "data")
+    beton = BetonFile(copy / "train.beton")
+    jpeg = beton.stored_bytes(37).tobytes()
+    sos = jpeg.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(jpeg[sos + 2:sos + 4], "big")
+    with open(copy / "train.beton", "r+b") as fh:
+        fh.seek(int(beton.pointers()[37]) + start)
+        fh.write(b"\xff" * (len(jpeg) - start - 2))
+    damaged = np.frombuffer(BetonFile(copy / "train.beton").stored_bytes(37).tobytes(), dtype=np.uint8)
+    assert pillow_crop(damaged, True, tuple(beton.sizes()[37]), centre_boxes(beton.sizes()[37:38])[0],
+                       (64, 64)).shape == (64, 64, 3)  # Pillow: no error
+    loader = PhotoLoader(photo_options(copy, "train", train=False, batch_size=8, verify="off"), "library")
+    with pytest.raises(UserError, match=r"record 37 could not be decoded \(the compiled decoder refused it"):
+        list(loader)
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_by_every_decoder():
+    """Pillow and torchvision read every scan of a progressive JPEG over every block, with no limit: each decoder
+    refuses a record of more than MAX_SCANS scans before decoding it (the compiled one at its own limit)."""
+    out = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(out, format="JPEG", progressive=True)
+    data = out.getvalue()
+    last = data[data.rfind(b"\xff\xda"):-2]  # the last scan, up to EOI
+    box, size = np.array([0, 0, 64, 64]), np.array([[64, 64]])
+    for extra, refused in ((MAX_SCANS - 20, False), (MAX_SCANS, True)):
+        record = np.frombuffer(data[:-2] + last * extra + data[-2:], dtype=np.uint8)
+        staged, offsets = torch.from_numpy(record.copy()), np.array([0, len(record)])
+        if refused:
+            with pytest.raises(ValueError, match=rf"a progressive JPEG of \d+ scans; at most {MAX_SCANS}"):
+                pillow_crop(record, True, (64, 64), box, (32, 32))
+            with pytest.raises(ValueError, match=r"scans"):
+                DeviceCrops(CPU).decode(staged, offsets, np.array([True]), size)
+        else:  # repeated scans: Pillow and torchvision decode them (libjpeg only warns)
+            assert pillow_crop(record, True, (64, 64), box, (32, 32)).shape == (32, 32, 3)
+            assert DeviceCrops(CPU).decode(staged, offsets, np.array([True]), size)[0].shape == (3, 64, 64)
+    require_crop_library()
+    crops = np.empty((1, 32, 32, 3), dtype=np.uint8)
+    assert crop_batch(record, np.array([0]), np.array([len(record)]), np.array([True]), size, box[None],
+                      crops).tolist() == [0]
 
 def test_a_frame_header_that_lies_is_refused_before_any_decode(hymenoptera_data, tmp_path):
     copy = shutil.copytree(hymenoptera_data, tmp_path / "data")

@@ -145,6 +145,17 @@ def check_identity(backend: str, data: Path, device: torch.device, max_batches: 
     return f"{seen:,} test + {checked:,} train images equal the stored ones, on {x.device}"
 
 
+def check_grey_refused(data: Path, device: torch.device) -> str:
+    """The photo backend decodes RGB records only: one-channel arrays stop it with one line naming the tensor
+    backend."""
+    try:
+        build_loader("photo", options(data, "train", device, train=True))
+    except UserError as exc:
+        assert "--loader tensor" in str(exc) and "\n" not in str(exc), str(exc)
+        return f"refused in one line: {exc}"
+    raise AssertionError("the photo backend took one-channel arrays")
+
+
 def _position_batches(backend: str, device: torch.device, spec: dict) -> list:
     """One train epoch over 2,000 position-coded images (the CPU tests' `run_arrays`, on `device`)."""
     from beton_trainer.pipelines.dali_loader import DaliLoader
@@ -262,7 +273,9 @@ def loader_checks(args: argparse.Namespace, device: torch.device, out: Report) -
             out.add(f"{backend}: not checked, {package} is not installed (source /tmp/pydeps/env.sh?)")
             continue
         for name, data in (("identity", args.data), ("identity, grey", args.grey_data)):
-            if data:
+            if data and backend == "photo" and name == "identity, grey":  # RGB only: its one-line refusal
+                out.add(run_check(backend, "grey refused", lambda d=data: check_grey_refused(d, device)))
+            elif data:
                 out.add(run_check(backend, name, lambda b=backend, d=data: check_identity(b, d, device, batches)))
         if backend in ("ffcv", "photo"):
             out.add(run_check(backend, "same batches as tensor",
