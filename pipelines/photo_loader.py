@@ -173,7 +173,7 @@ class PhotoLoader(ShardedLoader):
 
     def _pillow_into(self, dst: np.ndarray, i: int, box: np.ndarray, out: tuple[int, int]) -> None:
         try:
-            dst[...] = pillow_crop(self.beton.stored_bytes(i), self.beton.is_jpeg(i), tuple(self.sizes[i]), box, out)
+            dst[...] = pillow_crop(self.beton.stored_bytes(i), bool(self.jpeg[i]), tuple(self.sizes[i]), box, out)
         except DECODE_ERRORS as exc:
             raise self._unreadable(i, exc) from None
 
@@ -194,10 +194,10 @@ class PhotoLoader(ShardedLoader):
             if copied[slot] is not None:
                 copied[slot].synchronize()  # this thread waits on an event: not a sync CUDA's debug mode counts
             stored = [self.beton.stored_bytes(int(i)) for i in idx]
-            offsets = np.concatenate([[0], np.cumsum([len(r) for r in stored])])
+            offsets = np.concatenate([[0], np.cumsum(self.lengths[idx])])
             np.concatenate(stored, out=arrays[slot][0][:offsets[-1]])
             arrays[slot][1][:len(idx)] = np.concatenate([self.sizes[idx], self.boxes(idx, b)], axis=1)
-            jpeg = np.array([self.beton.is_jpeg(int(i)) for i in idx])
+            jpeg = self.jpeg[idx]
             records, geometry = staging[slot]
             with torch.cuda.stream(stream):  # None (not CUDA): no stream
                 try:

@@ -20,7 +20,7 @@ from beton_trainer.format.beton import BetonFile
 from beton_trainer.pipelines import budget, build_loader
 from beton_trainer.pipelines.base import ResolutionSchedule
 from beton_trainer.pipelines.photo_loader import PREFETCH, PhotoLoader
-from tests.loader_helpers import installed, options
+from tests.loader_helpers import installed, options, require
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_PIXELS = 60_000 * 28 * 28
@@ -112,8 +112,7 @@ def test_ffcv_random_order_refuses_then_page_aware_fits(mnist_data, device):
     """The random order with os_cache needs the whole file in the page cache; the page-aware order with os_cache
     off needs two blocks of pages (here 4 of 2 MiB) and FFCV's batches in flight; a block too large for the
     budget is refused with its own fix."""
-    if not installed("ffcv"):
-        pytest.skip("ffcv is not installed")
+    require("ffcv")
     size = (mnist_data / "train.beton").stat().st_size
     message = refusal("ffcv", mnist_data, device, order="random", memory_budget_gb=0.03)
     assert message.startswith(f"the ffcv loader needs {budget.gb(size + 5 * 64 * 784)} on the host (the .beton in "
@@ -129,8 +128,7 @@ def test_ffcv_random_order_refuses_then_page_aware_fits(mnist_data, device):
 
 
 def test_auto_order_turns_page_aware_when_the_file_exceeds_half_the_budget(mnist_data, device):
-    if not installed("ffcv"):
-        pytest.skip("ffcv is not installed")
+    require("ffcv")
     large = build_loader("ffcv", options(mnist_data, "train", device, train=True, memory_budget_gb=0.09))
     assert large.pages is not None and not large.os_cache  # a 0.051 GB file > 0.5 x 0.09 GB
     small = build_loader("ffcv", options(mnist_data, "train", device, train=True, memory_budget_gb=0.12))
@@ -217,8 +215,7 @@ def test_ffcv_counts_the_decode_buffers_of_the_largest_image_the_headers_allow(h
     1.53 to 2.4 GB, uncounted, and one run in seven failed in FFCV's allocation with a traceback: FFCV sets aside
     the largest image (max height x max width x 3) for every image in flight, and libjpeg a progressive image's
     coefficients in each worker. The budget now counts both, and names --max-side as the fix."""
-    if not installed("ffcv"):
-        pytest.skip("ffcv is not installed")
+    require("ffcv")
     data = Path(shutil.copytree(hymenoptera_data, tmp_path / "claims"))
     assert claim_huge_images(data, list(range(8))) < 1000
     kw = dict(batch_size=16, num_workers=2, resolution=ResolutionSchedule(train=64, eval=64), memory_budget_gb=4)

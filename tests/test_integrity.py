@@ -22,7 +22,7 @@ from beton_trainer.pipelines import build_loader
 from beton_trainer.pipelines.base import ResolutionSchedule
 from beton_trainer.trainer.cli import main as train_main
 from beton_trainer.trainer.config import load_recipe
-from tests.loader_helpers import installed, options
+from tests.loader_helpers import installed, options, require
 from tests.test_crafted_beton import Layout, refused_everywhere
 
 CPU = torch.device("cpu")
@@ -103,7 +103,6 @@ def test_jpeg_records_with_damaged_data_are_refused_at_start_up(hymenoptera_data
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.skipif(not installed("ffcv"), reason="needs ffcv")
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_a_jpeg_record_that_does_not_decode_stops_an_ffcv_run_naming_it(hymenoptera_data: Path, tmp_path: Path,
                                                                         capfd: pytest.CaptureFixture,
@@ -111,6 +110,7 @@ def test_a_jpeg_record_that_does_not_decode_stops_an_ffcv_run_naming_it(hymenopt
     """With the page check off (or a file converted before it), a record libjpeg decodes only with a warning (its
     data overwritten) stopped nothing: FFCV's decoders ignore the decoder's status. Now the epoch stops with one line
     naming the record, and no traceback."""
+    require("ffcv")
     data = copy(hymenoptera_data, tmp_path / "damaged")
     damage_scans(data, [5])
     loader = build_loader("ffcv", options(data, "train", CPU, train=train, batch_size=16, num_workers=2,
@@ -124,10 +124,10 @@ def test_a_jpeg_record_that_does_not_decode_stops_an_ffcv_run_naming_it(hymenopt
     assert "Traceback" not in capfd.readouterr().err
 
 
-@pytest.mark.skipif(not installed("ffcv"), reason="needs ffcv")
 def test_a_fixed_size_jpeg_record_that_does_not_decode_stops_an_ffcv_run(tmp_path: Path) -> None:
     """Images of one size stored as JPEG (--encode jpg) go through FFCV's whole-image decoder, which ignored its
     status too."""
+    require("ffcv")
     from beton_trainer.convert import convert_dataset
     from tests.data_fixtures import write_cifar10
 

@@ -14,7 +14,7 @@ from beton_trainer.format.dataset import open_split
 from beton_trainer.pipelines import build_loader
 from beton_trainer.pipelines.base import cache_pages, num_batches, page_aware_indices, record_pages
 from beton_trainer.trainer.config import load_recipe
-from tests.loader_helpers import check_identity, installed, options
+from tests.loader_helpers import check_identity, options, require
 
 BATCH = 256
 
@@ -49,8 +49,7 @@ def test_pages_per_batch_and_cached_pages_stay_within_two_blocks(pages, block_pa
 
 def test_cached_pages_match_ffcv_schedule(pages):
     """`cache_pages` (what the budget counts) is the slot count FFCV's process cache allocates."""
-    if not installed("ffcv"):
-        pytest.skip("ffcv is not installed")
+    require("ffcv")
     from ffcv.memory_managers.process_cache.schedule import compute_schedule
 
     for mine in (order(pages, block_pages=3), np.random.default_rng(1).permutation(len(pages))[:5000]):
@@ -92,8 +91,7 @@ def test_page_aware_is_an_ffcv_order():
 def test_ffcv_runs_the_page_aware_order_and_resumes(mnist_data, pages, device):
     """A real epoch through FFCV with os_cache off: the batches the order predicts, pixel for pixel; a resume at
     batch 200 yields that epoch's batches from 200 on."""
-    if not installed("ffcv"):
-        pytest.skip("ffcv is not installed")
+    require("ffcv")
     from ffcv.memory_managers import ProcessCacheManager
 
     split = open_split(mnist_data, "train")
